@@ -1,0 +1,95 @@
+"""aggregator.yaml: what the aggregator service reads at start."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from fedwire.chunking import DEFAULT_MAX_CHUNK_BYTES
+from fedwire.config import ConfigError, load_config, require
+from fedwire.mqtt import parse_broker_url
+from fedwire.topics import Topics
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "mobilefacenet"
+    act: Literal["relu", "prelu"] = "relu"
+    embedding_size: int = 128
+    seed: int = 0
+    init_checkpoint: Path | None = None  # start from these weights instead of a seeded init
+
+    def check(self) -> None:
+        require(self.embedding_size >= 8, "embedding_size", "must be >= 8")
+        if self.init_checkpoint is not None:
+            require(self.init_checkpoint.is_file(), "init_checkpoint", f"no such file: {self.init_checkpoint}")
+
+
+@dataclass
+class TrainSettings:
+    """Announced with each round; devices use them over their profile defaults."""
+
+    local_epochs: int = 1
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+
+    def check(self) -> None:
+        require(self.local_epochs >= 1, "local_epochs", "must be >= 1")
+        require(0 < self.lr <= 10, "lr", "must be in (0, 10]")
+        require(0 <= self.momentum < 1, "momentum", "must be in [0, 1)")
+        require(self.weight_decay >= 0, "weight_decay", "must be >= 0")
+
+
+@dataclass
+class EvalConfig:
+    data: Path | None = None  # held-out identities, any of the three dataset layouts
+    every: int = 1
+
+    def check(self) -> None:
+        require(self.every >= 1, "every", "must be >= 1")
+        if self.data is not None:
+            require(self.data.is_dir(), "data", f"no such directory: {self.data}")
+
+
+@dataclass
+class AggregatorConfig:
+    state_dir: Path
+    broker: str | None = None  # None: start an embedded broker on 127.0.0.1:embedded_port
+    embedded_port: int = 1883
+    topic_prefix: str = "facefed"
+    protocol: Literal["auto", "3.1.1", "5"] = "auto"
+    client_id: str = "facefed-aggregator"
+    rounds: int = 10
+    min_clients: int = 2
+    round_timeout_s: float = 600.0
+    max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES
+    max_update_bytes: int = 64 * 1024 * 1024
+    strategy: Literal["fedavg"] = "fedavg"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainSettings = field(default_factory=TrainSettings)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def check(self) -> None:
+        if self.broker is not None:
+            try:
+                parse_broker_url(self.broker)
+            except ValueError as exc:
+                raise ConfigError("broker", str(exc)) from None
+        require(0 <= self.embedded_port <= 65535, "embedded_port", "must be a TCP port (0 = any free port)")
+        require(bool(self.topic_prefix) and not any(c in self.topic_prefix for c in "#+"),
+                "topic_prefix", "must be non-empty without MQTT wildcards")
+        require(self.rounds >= 1, "rounds", "must be >= 1")
+        require(self.min_clients >= 1, "min_clients", "must be >= 1")
+        require(self.round_timeout_s > 0, "round_timeout_s", "must be > 0")
+        require(1024 <= self.max_chunk_bytes <= 256 * 1024 * 1024, "max_chunk_bytes", "must be in [1 KiB, 256 MiB]")
+        require(self.max_update_bytes >= self.max_chunk_bytes, "max_update_bytes", "must be >= max_chunk_bytes")
+
+    @property
+    def topics(self) -> Topics:
+        return Topics(self.topic_prefix)
+
+
+def load_aggregator_config(path: str | Path, overrides: dict | None = None) -> AggregatorConfig:
+    return load_config(AggregatorConfig, path, overrides)

@@ -1,0 +1,387 @@
+"""The aggregator service: announce a round, collect updates, FedAvg, publish, repeat.
+
+All MQTT callbacks only enqueue; one thread owns the round state, so no locks are
+needed around it. Every inbound message is checked and a bad one is logged and
+dropped without stopping the service.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from aggregator.config import AggregatorConfig
+from aggregator.state import StateDir
+from aggregator.strategy import FedAvg
+from aggregator.validation import UpdateRejected, check_finite, check_update_manifest
+from fedwire.broker import EmbeddedBroker
+from fedwire.chunking import Reassembler, build_transfer
+from fedwire.codec import tensor_specs
+from fedwire.errors import ProtocolError
+from fedwire.messages import DeviceStatus, RoundAnnouncement, RoundSummary, TransferManifest, UpdateAck
+from fedwire.mqtt import MqttLink
+from model_zoo.backbones import build_backbone
+from model_zoo.checkpoint import load_checkpoint, load_shared_tensors, shared_tensors
+
+log = logging.getLogger("facefed.aggregator")
+
+STREAM_POLL_S = 0.2
+
+
+@dataclass
+class OpenRound:
+    """Book-keeping of the round being collected."""
+
+    number: int
+    model_version: int
+    announcement: RoundAnnouncement
+    started: float
+    accepted: dict[str, int] = field(default_factory=dict)  # device -> n_k
+    train_losses: dict[str, float] = field(default_factory=dict)
+    bytes_up: int = 0
+    rejected: int = 0
+
+
+class AggregatorService:
+    def __init__(self, config: AggregatorConfig) -> None:
+        self.config = config
+        self.topics = config.topics
+        self.state = StateDir(config.state_dir)
+        self.strategy = FedAvg(train=_train_dict(config))
+        self.reassembler = Reassembler(max_payload_bytes=config.max_update_bytes, timeout_s=config.round_timeout_s)
+        self.events: queue.Queue[tuple[str, bytes]] = queue.Queue()
+        self.backbone = build_backbone(config.model.arch, embedding_size=config.model.embedding_size, act=config.model.act)
+        self.global_tensors: dict[str, np.ndarray] = {}
+        self.model_version = 0
+        self.global_bytes = 0
+        self.current: OpenRound | None = None
+        self.devices: dict[str, str] = {}
+        self._eval_data = None
+        self._broker: EmbeddedBroker | None = None
+        self._link: MqttLink | None = None
+
+    # ---- lifecycle -------------------------------------------------------
+
+    def run(self) -> None:
+        """Serve until all configured rounds are complete."""
+        self._restore_or_init()
+        try:
+            self._connect()
+            self._publish_global()
+            if self.model_version >= self.config.rounds:
+                log.info("all %d rounds already complete in %s", self.config.rounds, self.state.root)
+            else:
+                self._open_round(self.model_version + 1)
+                self._serve_until_done()
+            self._announce_finished()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self._link is not None:
+            self._link.close()
+            self._link = None
+        if self._broker is not None:
+            self._broker.stop()
+            self._broker = None
+
+    def _restore_or_init(self) -> None:
+        latest = self.state.latest_round()
+        if latest is not None:
+            self.global_tensors = self.state.load_round(latest)
+            self.model_version = latest
+            log.info("resuming from %s: round %d complete", self.state.checkpoint_path(latest), latest)
+        else:
+            self.global_tensors = self._initial_tensors()
+            self.model_version = 0
+            load_shared_tensors(self.backbone, self.global_tensors)
+            # Round 0 is the starting point of the curves: the initial model, evaluated.
+            entry = {"round": 0, "model_version": 0, "clients": 0, "client_ids": [], "num_samples": 0,
+                     "bytes_up": 0, "bytes_down": 0, "bytes": 0, "rejected": 0, "train_loss": None,
+                     "seconds": 0.0, "time": time.time(), **self._evaluate(0)}
+            self.state.save_round(0, self.backbone, self._checkpoint_meta(), entry)
+            log.info("initial global model written to %s", self.state.checkpoint_path(0))
+        load_shared_tensors(self.backbone, self.global_tensors)
+
+    def _initial_tensors(self) -> dict[str, np.ndarray]:
+        model = self.config.model
+        if model.init_checkpoint is not None:
+            backbone, _ = load_checkpoint(model.init_checkpoint)
+            return shared_tensors(backbone)
+        import torch
+
+        torch.manual_seed(model.seed)
+        backbone = build_backbone(model.arch, embedding_size=model.embedding_size, act=model.act)
+        return shared_tensors(backbone)
+
+    def _connect(self) -> None:
+        url = self.config.broker
+        if url is None:
+            self._broker = EmbeddedBroker(port=self.config.embedded_port)
+            url = self._broker.start()
+            log.info("embedded broker listening at %s", url)
+        self._link = MqttLink(
+            url,
+            client_id=self.config.client_id,
+            on_message=lambda topic, payload: self.events.put((topic, payload)),
+            subscriptions=self.topics.aggregator_subscriptions(),
+            protocol=self.config.protocol,
+        )
+        self._link.connect()
+        log.info("connected to %s (MQTT %s)", url, self._link.protocol_version)
+
+    # ---- rounds ------------------------------------------------------------
+
+    def _serve_until_done(self) -> None:
+        while self.model_version < self.config.rounds:
+            try:
+                topic, payload = self.events.get(timeout=STREAM_POLL_S)
+            except queue.Empty:
+                pass
+            else:
+                self.handle_message(topic, payload)
+            self._check_round_close(time.time())
+
+    def _open_round(self, number: int) -> None:
+        deadline = time.time() + self.config.round_timeout_s
+        announcement = RoundAnnouncement(
+            round=number,
+            model_version=self.model_version,
+            state="open",
+            announce_id=secrets.token_hex(16),
+            deadline=deadline,
+            min_clients=self.config.min_clients,
+            train=self.strategy.configure_round(number),
+        )
+        self.strategy.begin_round(self.global_tensors)
+        self.current = OpenRound(number, self.model_version, announcement, time.time())
+        self._link.publish(self.topics.round, announcement.to_json(), retain=True)
+        log.info("round %d open: model v%d, quorum %d, deadline in %.0f s",
+                 number, self.model_version, self.config.min_clients, self.config.round_timeout_s)
+
+    def _check_round_close(self, now: float) -> None:
+        current = self.current
+        if current is None:
+            return
+        for dropped in self.reassembler.expire(now):
+            log.warning("dropped incomplete transfer %s (chunks missing past timeout)", dropped)
+        if self.strategy.num_updates >= self.config.min_clients:
+            self._close_round()
+        elif now >= current.announcement.deadline:
+            if self.strategy.num_updates > 0:
+                log.warning("round %d deadline: closing with %d of %d clients",
+                            current.number, self.strategy.num_updates, self.config.min_clients)
+                self._close_round()
+            else:
+                log.warning("round %d deadline passed with no updates: announcing it again", current.number)
+                self._open_round(current.number)
+
+    def _close_round(self) -> None:
+        current = self.current
+        new_tensors = self.strategy.aggregate()
+        self.global_tensors = new_tensors
+        self.model_version = current.number
+        load_shared_tensors(self.backbone, new_tensors)
+        metrics = self._evaluate(current.number)
+        self.current = None
+        summary = RoundSummary(
+            round=current.number,
+            model_version=self.model_version,
+            clients=sorted(current.accepted),
+            num_samples=sum(current.accepted.values()),
+            bytes_up=current.bytes_up,
+            bytes_down=0,
+            train_loss=_weighted_loss(current),
+            metrics=metrics,
+            seconds=time.time() - current.started,
+        )
+        self._publish_global()
+        summary.bytes_down = self.global_bytes * len(current.accepted)
+        entry = _log_entry(summary, current)
+        self.state.save_round(current.number, self.backbone, self._checkpoint_meta(), entry)
+        self._link.publish(self.topics.round_summary, summary.to_json(), retain=True)
+        log.info(_round_line(summary))
+        if self.model_version < self.config.rounds:
+            self._open_round(self.model_version + 1)
+
+    def _publish_global(self) -> None:
+        manifest, chunks = build_transfer(
+            "global", "aggregator", self.model_version, self.model_version, self.global_tensors,
+            max_chunk_bytes=self.config.max_chunk_bytes,
+        )
+        self.global_bytes = self._link.publish_transfer(
+            self.topics.global_manifest, self.topics.global_chunk, manifest, chunks, retain=True
+        )
+        log.debug("published global model v%d (%d bytes in %d chunks)", self.model_version, self.global_bytes, len(chunks))
+
+    def _announce_finished(self) -> None:
+        announcement = RoundAnnouncement(
+            round=self.model_version,
+            model_version=self.model_version,
+            state="finished",
+            announce_id=secrets.token_hex(16),
+            deadline=time.time(),
+            min_clients=self.config.min_clients,
+            train={},
+        )
+        self._link.publish(self.topics.round, announcement.to_json(), retain=True)
+        log.info("federation finished after round %d; final model %s",
+                 self.model_version, self.state.checkpoint_path(self.model_version))
+
+    # ---- inbound messages ---------------------------------------------------
+
+    def handle_message(self, topic: str, payload: bytes) -> None:
+        """Route one inbound message; anything malformed is logged and dropped."""
+        try:
+            parsed = self.topics.parse(topic)
+            if parsed.kind == "update_manifest":
+                self._on_update_manifest(parsed.device_id, payload)
+            elif parsed.kind == "update_chunk":
+                self._on_update_chunk(parsed.device_id, payload)
+            elif parsed.kind == "status":
+                self._on_status(parsed.device_id, payload)
+        except ProtocolError as exc:
+            log.warning("dropped message on %s (%d bytes): %s", topic, len(payload), exc)
+
+    def _on_status(self, device_id: str, payload: bytes) -> None:
+        if not payload:
+            return  # a cleared retained status
+        status = DeviceStatus.from_json(payload)
+        if self.devices.get(device_id) != status.state:
+            log.info("device %s is %s%s", device_id, status.state, f" ({status.detail})" if status.detail else "")
+            self.devices[device_id] = status.state
+
+    def _on_update_manifest(self, device_id: str, payload: bytes) -> None:
+        manifest = TransferManifest.from_json(payload)
+        current = self.current
+        if current is None:
+            self._reject(device_id, manifest, "no round is open")
+            return
+        current.bytes_up += len(payload)
+        if device_id in current.accepted:
+            log.info("ignored duplicate update from %s for round %d", device_id, current.number)
+            return
+        try:
+            check_update_manifest(
+                manifest,
+                device_id=device_id,
+                current_round=current.number,
+                model_version=current.model_version,
+                expected=tensor_specs(self.global_tensors),
+                max_payload_bytes=self.config.max_update_bytes,
+            )
+        except UpdateRejected as exc:
+            current.rejected += 1
+            self._reject(device_id, manifest, str(exc))
+            return
+        self._complete(device_id, self.reassembler.add_manifest(device_id, manifest, time.time()))
+
+    def _on_update_chunk(self, device_id: str, payload: bytes) -> None:
+        if self.current is not None:
+            self.current.bytes_up += len(payload)
+        try:
+            completed = self.reassembler.add_chunk(device_id, payload, time.time())
+        except ProtocolError as exc:
+            log.warning("dropped update transfer from %s: %s", device_id, exc)
+            if self.current is not None:
+                self._send_ack(UpdateAck(device_id, self.current.number, "", False, f"transfer fault: {exc}"))
+            return
+        self._complete(device_id, completed)
+
+    def _complete(self, device_id: str, completed) -> None:
+        if completed is None:
+            return
+        manifest = completed.manifest
+        current = self.current
+        if current is None or manifest.round != current.number or device_id in current.accepted:
+            log.info("ignored late or duplicate update from %s (round %d)", device_id, manifest.round)
+            return
+        try:
+            check_finite(completed.tensors)
+            self.strategy.accumulate(completed.tensors, manifest.num_samples)
+        except (UpdateRejected, ValueError) as exc:
+            current.rejected += 1
+            self._reject(device_id, manifest, str(exc))
+            return
+        current.accepted[device_id] = manifest.num_samples
+        if "train_loss" in manifest.metrics:
+            current.train_losses[device_id] = float(manifest.metrics["train_loss"])
+        self._send_ack(UpdateAck(device_id, current.number, manifest.transfer_id, True, ""))
+        log.info("round %d: update from %s accepted (n=%d, %d/%d)", current.number, device_id,
+                 manifest.num_samples, len(current.accepted), self.config.min_clients)
+
+    def _reject(self, device_id: str, manifest: TransferManifest, reason: str) -> None:
+        log.warning("rejected update from %s: %s", device_id, reason)
+        self._send_ack(UpdateAck(device_id, manifest.round, manifest.transfer_id, False, reason))
+
+    def _send_ack(self, ack: UpdateAck) -> None:
+        self._link.publish(self.topics.ack(ack.device_id), ack.to_json(), qos=1)
+
+    # ---- evaluation ------------------------------------------------------------
+
+    def _evaluate(self, round_number: int) -> dict[str, float]:
+        eval_cfg = self.config.eval
+        if eval_cfg.data is None or round_number % eval_cfg.every:
+            return {}
+        from model_zoo.data import load_dataset
+        from model_zoo.evaluate import evaluate_backbone
+
+        if self._eval_data is None:
+            self._eval_data = load_dataset(eval_cfg.data)
+        report = evaluate_backbone(self.backbone, self._eval_data)
+        metrics = {"val_accuracy": report["accuracy"], "eer": report["eer"], "rank1": report["rank1"]}
+        metrics.update({f"tar_at_far_{k}": v for k, v in report["tar_at_far"].items()})
+        return metrics
+
+    def _checkpoint_meta(self) -> dict[str, Any]:
+        return {"model_version": self.model_version, "strategy": self.strategy.name}
+
+
+def _train_dict(config: AggregatorConfig) -> dict[str, Any]:
+    t, m = config.train, config.model
+    return {
+        "local_epochs": t.local_epochs, "lr": t.lr, "momentum": t.momentum, "weight_decay": t.weight_decay,
+        # Devices build the same backbone from this before loading the global tensors.
+        "model": {"arch": m.arch, "act": m.act, "embedding_size": m.embedding_size},
+    }
+
+
+def _weighted_loss(current: OpenRound) -> float | None:
+    losses = {d: l for d, l in current.train_losses.items() if d in current.accepted}
+    if not losses:
+        return None
+    total = sum(current.accepted[d] for d in losses)
+    return sum(current.accepted[d] * l for d, l in losses.items()) / total
+
+
+def _log_entry(summary: RoundSummary, current: OpenRound) -> dict[str, Any]:
+    return {
+        "round": summary.round,
+        "model_version": summary.model_version,
+        "clients": len(summary.clients),
+        "client_ids": summary.clients,
+        "num_samples": summary.num_samples,
+        "bytes_up": summary.bytes_up,
+        "bytes_down": summary.bytes_down,
+        "bytes": summary.bytes_up + summary.bytes_down,
+        "rejected": current.rejected,
+        "train_loss": summary.train_loss,
+        "seconds": round(summary.seconds, 3),
+        "time": time.time(),
+        **summary.metrics,
+    }
+
+
+def _round_line(summary: RoundSummary) -> str:
+    loss = "n/a" if summary.train_loss is None else f"{summary.train_loss:.4f}"
+    acc = summary.metrics.get("val_accuracy")
+    acc_text = "n/a" if acc is None else f"{acc:.4f}"
+    return (f"round {summary.round}: {len(summary.clients)} clients, n={summary.num_samples}, "
+            f"{(summary.bytes_up + summary.bytes_down) / 1e6:.2f} MB moved, train loss {loss}, "
+            f"held-out accuracy {acc_text}, {summary.seconds:.1f} s")

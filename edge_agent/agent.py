@@ -1,0 +1,220 @@
+"""The edge agent: wait for a round, fetch the global model, train locally, upload.
+
+MQTT callbacks only enqueue; the main thread owns all state and does the training,
+so a long local epoch never blocks the network thread (keepalives keep flowing).
+Only backbone tensors, n_k and scalar training metrics are ever published.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from edge_agent.config import AgentConfig
+from edge_agent.trainer import LocalTrainer
+from fedwire.chunking import Reassembler, build_transfer
+from fedwire.errors import ProtocolError
+from fedwire.messages import DeviceStatus, RoundAnnouncement, TransferManifest, UpdateAck
+from fedwire.mqtt import MqttLink
+
+log = logging.getLogger("facefed.agent")
+
+POLL_S = 0.2
+GLOBAL_REFETCH_S = 15.0  # re-request retained global chunks if a transfer stalls this long
+
+
+@dataclass
+class GlobalModel:
+    version: int
+    tensors: dict[str, np.ndarray]
+
+
+@dataclass
+class PendingUpload:
+    round: int
+    manifest: TransferManifest
+    chunks: list[bytes]
+    attempts: int = 1
+
+
+class EdgeAgent:
+    def __init__(self, config: AgentConfig, trainer: LocalTrainer, progress: bool = False) -> None:
+        self.config = config
+        self.topics = config.topics
+        self.device_id = config.device_id
+        self.trainer = trainer
+        self.progress = progress
+        self.events: queue.Queue[tuple[str, bytes]] = queue.Queue()
+        self.reassembler = Reassembler(timeout_s=120.0)
+        self.global_model: GlobalModel | None = None
+        self.announcement: RoundAnnouncement | None = None
+        self.handled: set[str] = set()  # announce ids already answered
+        self.upload: PendingUpload | None = None
+        self.finished = False
+        self.rounds_trained = 0
+        self._waiting_since: float | None = None
+        self._link: MqttLink | None = None
+
+    # ---- lifecycle -----------------------------------------------------------
+
+    def run(self) -> None:
+        self._connect()
+        try:
+            while not (self.finished and self.config.exit_when_finished):
+                self._step()
+        finally:
+            self._set_status("offline", detail="agent stopped")
+            self._link.close()
+
+    def _connect(self) -> None:
+        offline = DeviceStatus(self.device_id, "offline", None, time.time(), "connection lost").to_json()
+        self._link = MqttLink(
+            self.config.broker,
+            client_id=f"facefed-agent-{self.device_id}",
+            on_message=lambda topic, payload: self.events.put((topic, payload)),
+            subscriptions=self.topics.agent_subscriptions(self.device_id),
+            will=(self.topics.status(self.device_id), offline, True),
+            protocol=self.config.protocol,
+        )
+        self._link.connect()
+        log.info("%s connected to %s (MQTT %s), %d local samples", self.device_id, self.config.broker,
+                 self._link.protocol_version, self.trainer.num_samples)
+        self._set_status("online")
+
+    def _step(self) -> None:
+        try:
+            topic, payload = self.events.get(timeout=POLL_S)
+        except queue.Empty:
+            pass
+        else:
+            self.handle_message(topic, payload)
+        now = time.time()
+        for dropped in self.reassembler.expire(now):
+            log.warning("dropped incomplete global model transfer %s", dropped)
+        self._maybe_train(now)
+
+    # ---- inbound -------------------------------------------------------------
+
+    def handle_message(self, topic: str, payload: bytes) -> None:
+        try:
+            parsed = self.topics.parse(topic)
+            if parsed.kind == "round":
+                self._on_announcement(RoundAnnouncement.from_json(payload))
+            elif parsed.kind == "global_manifest":
+                self._on_global(self.reassembler.add_manifest("global", TransferManifest.from_json(payload), time.time()))
+            elif parsed.kind == "global_chunk":
+                if payload:  # an empty retained payload only clears the topic
+                    self._on_global(self.reassembler.add_chunk("global", payload, time.time()))
+            elif parsed.kind == "ack":
+                self._on_ack(UpdateAck.from_json(payload))
+        except ProtocolError as exc:
+            log.warning("dropped message on %s (%d bytes): %s", topic, len(payload), exc)
+            if "global" in topic:
+                self._refetch_global()
+
+    def _on_announcement(self, announcement: RoundAnnouncement) -> None:
+        self.announcement = announcement
+        if announcement.state == "finished":
+            if not self.finished:
+                log.info("federation finished at round %d", announcement.round)
+            self.finished = True
+        else:
+            self.finished = False
+
+    def _on_global(self, completed) -> None:
+        if completed is None:
+            return
+        manifest = completed.manifest
+        if manifest.kind != "global" or manifest.sender != "aggregator":
+            log.warning("ignored a global-topic transfer of kind %r from %r", manifest.kind, manifest.sender)
+            return
+        self.global_model = GlobalModel(manifest.model_version, completed.tensors)
+        self._waiting_since = None
+        log.info("global model v%d received (%d tensors, %d bytes)", manifest.model_version,
+                 len(completed.tensors), completed.payload_bytes)
+
+    def _on_ack(self, ack: UpdateAck) -> None:
+        upload = self.upload
+        if ack.accepted:
+            log.info("round %d: update accepted", ack.round)
+            self.upload = None
+            self._set_status("idle", ack.round)
+            return
+        log.warning("round %d: update rejected: %s", ack.round, ack.reason)
+        retryable = ack.reason.startswith("transfer fault")
+        open_round = self.announcement is not None and self.announcement.round == ack.round
+        if upload is not None and retryable and open_round and upload.attempts <= self.config.upload_retries:
+            upload.attempts += 1
+            log.info("resending round %d update (attempt %d)", upload.round, upload.attempts)
+            self._publish_upload(upload)
+        else:
+            self.upload = None
+
+    # ---- training ------------------------------------------------------------
+
+    def _maybe_train(self, now: float) -> None:
+        ann = self.announcement
+        if ann is None or ann.state != "open" or ann.announce_id in self.handled:
+            return
+        if not self.config.device.training:
+            self.handled.add(ann.announce_id)
+            return
+        if ann.deadline < now:
+            log.info("round %d already past its deadline; waiting for the next one", ann.round)
+            self.handled.add(ann.announce_id)
+            return
+        if self.global_model is None or self.global_model.version != ann.model_version:
+            self._wait_for_global(now, ann)
+            return
+        self.handled.add(ann.announce_id)
+        self._train_and_upload(ann)
+
+    def _wait_for_global(self, now: float, ann: RoundAnnouncement) -> None:
+        if self._waiting_since is None:
+            self._waiting_since = now
+        elif now - self._waiting_since > GLOBAL_REFETCH_S:
+            log.warning("still waiting for global model v%d; re-requesting it", ann.model_version)
+            self._refetch_global()
+            self._waiting_since = now
+
+    def _train_and_upload(self, ann: RoundAnnouncement) -> None:
+        self._set_status("training", ann.round)
+        settings = dict(ann.train)
+        model_spec = settings.pop("model", {})
+        start = time.time()
+        outcome = self.trainer.train_round(ann.round, self.global_model.tensors, model_spec, settings,
+                                           self.config.device.local_epochs, progress=self.progress)
+        result = outcome.result
+        log.info("round %d: trained %d epoch(s) on %d samples in %.1f s, loss %.4f, accuracy %.3f",
+                 ann.round, result.epochs, result.num_samples, time.time() - start, result.loss, result.accuracy)
+        metrics = {"train_loss": result.loss, "train_accuracy": result.accuracy, "train_seconds": result.seconds,
+                   "local_epochs": float(result.epochs)}
+        manifest, chunks = build_transfer(
+            "update", self.device_id, ann.round, ann.model_version, outcome.tensors,
+            num_samples=result.num_samples, metrics=metrics, max_chunk_bytes=self.config.device.max_chunk_bytes,
+        )
+        self.upload = PendingUpload(ann.round, manifest, chunks)
+        self._set_status("uploading", ann.round)
+        self._publish_upload(self.upload)
+        self.rounds_trained += 1
+
+    def _publish_upload(self, upload: PendingUpload) -> None:
+        sent = self._link.publish_transfer(
+            self.topics.update_manifest(self.device_id),
+            lambda i: self.topics.update_chunk(self.device_id, i),
+            upload.manifest, upload.chunks,
+        )
+        log.info("round %d: uploaded %d bytes in %d chunks", upload.round, sent, len(upload.chunks))
+
+    def _refetch_global(self) -> None:
+        # Retained messages are delivered again on a fresh subscription.
+        self._link.resubscribe(self.topics.global_manifest)
+        self._link.resubscribe(self.topics.global_chunk("+"))
+
+    def _set_status(self, state: str, round_number: int | None = None, detail: str = "") -> None:
+        status = DeviceStatus(self.device_id, state, round_number, time.time(), detail)
+        self._link.publish(self.topics.status(self.device_id), status.to_json(), retain=True)

@@ -1,0 +1,81 @@
+"""agent.yaml plus the device profile it names, merged and validated at start.
+
+Precedence (later wins): the profile in firmware_configs/, the config's `device:`
+section, then command-line overrides.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from fedwire.config import ConfigError, merge_dicts, parse_config, read_yaml, require
+from fedwire.mqtt import parse_broker_url
+from fedwire.topics import Topics, validate_device_id
+from firmware_configs import profile_path
+
+DEFAULT_BROKER = "mqtt://127.0.0.1:1883"
+
+
+@dataclass
+class DeviceProfile:
+    name: str
+    backend: Literal["torch"] = "torch"
+    threads: int = 1
+    training: bool = True
+    batch_size: int = 32
+    local_epochs: int = 1
+    max_chunk_bytes: int = 256 * 1024
+
+    def check(self) -> None:
+        require(1 <= self.threads <= 256, "threads", "must be in [1, 256]")
+        require(1 <= self.batch_size <= 4096, "batch_size", "must be in [1, 4096]")
+        require(1 <= self.local_epochs <= 1000, "local_epochs", "must be in [1, 1000]")
+        require(1024 <= self.max_chunk_bytes <= 256 * 1024 * 1024, "max_chunk_bytes", "must be in [1 KiB, 256 MiB]")
+
+
+@dataclass
+class AgentConfig:
+    device_id: str
+    data: Path  # this device's own labelled faces (ORL, Yale or folder-per-identity layout)
+    state_dir: Path  # the private classifier head and agent state; never uploaded
+    device: DeviceProfile
+    profile: str = "x86-dev"
+    broker: str = DEFAULT_BROKER
+    topic_prefix: str = "facefed"
+    protocol: Literal["auto", "3.1.1", "5"] = "auto"
+    augment: bool = True
+    seed: int = 0
+    upload_retries: int = 2
+    exit_when_finished: bool = False  # a fleet device keeps waiting for the next federation
+
+    def check(self) -> None:
+        try:
+            validate_device_id(self.device_id)
+        except ValueError as exc:
+            raise ConfigError("device_id", str(exc)) from None
+        try:
+            parse_broker_url(self.broker)
+        except ValueError as exc:
+            raise ConfigError("broker", str(exc)) from None
+        require(self.data.is_dir(), "data", f"no such directory: {self.data}")
+        require(0 <= self.upload_retries <= 10, "upload_retries", "must be in [0, 10]")
+
+    @property
+    def topics(self) -> Topics:
+        return Topics(self.topic_prefix)
+
+
+def load_agent_config(path: str | Path, overrides: dict | None = None) -> AgentConfig:
+    path = Path(path)
+    raw = merge_dicts(read_yaml(path), overrides or {})
+    profile_name = raw.get("profile", "x86-dev")
+    if not isinstance(profile_name, str):
+        raise ConfigError("profile", f"expected a profile name or YAML path, got {profile_name!r}", str(path))
+    try:
+        profile_file = profile_path(profile_name)
+    except FileNotFoundError as exc:
+        raise ConfigError("profile", str(exc), str(path)) from None
+    device = merge_dicts(read_yaml(profile_file), raw.get("device") or {})
+    return parse_config(AgentConfig, {**raw, "device": device}, source=str(path), base_dir=path.parent)

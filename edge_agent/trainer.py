@@ -1,0 +1,96 @@
+"""Local training on the device: global backbone in, updated backbone out.
+
+The classifier head is this device's own (its identities never leave it): it is kept
+in the state directory between rounds and never returned for upload.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors.torch import load_file, save_file
+
+from model_zoo.backbones import build_backbone
+from model_zoo.checkpoint import load_shared_tensors, shared_tensors
+from model_zoo.data import FaceDataset
+from model_zoo.losses import ArcFaceHead
+from model_zoo.train import TrainConfig, TrainResult, train_local
+
+# Model settings an announcement may carry; anything else is the device's business.
+MODEL_KEYS = ("arch", "act", "embedding_size")
+
+
+@dataclass
+class RoundResult:
+    tensors: dict[str, np.ndarray]
+    result: TrainResult
+
+
+class LocalTrainer:
+    def __init__(self, dataset: FaceDataset, state_dir: Path, batch_size: int, augment: bool, seed: int) -> None:
+        self.dataset = dataset
+        self.state_dir = Path(state_dir)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.head_path = self.state_dir / "head.safetensors"
+        self.batch_size = batch_size
+        self.augment = augment
+        self.seed = seed
+        self._backbone = None
+        self._model_spec: dict[str, Any] | None = None
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.dataset)
+
+    def train_round(self, round_number: int, global_tensors: dict[str, np.ndarray],
+                    model_spec: dict[str, Any], settings: dict[str, Any], default_epochs: int,
+                    progress: bool = False) -> RoundResult:
+        backbone = self._backbone_for(model_spec)
+        load_shared_tensors(backbone, global_tensors)
+        head = self._load_head(model_spec.get("embedding_size", 128))
+        cfg = TrainConfig(
+            epochs=int(settings.get("local_epochs", default_epochs)),
+            batch_size=self.batch_size,
+            lr=float(settings.get("lr", TrainConfig.lr)),
+            momentum=float(settings.get("momentum", TrainConfig.momentum)),
+            weight_decay=float(settings.get("weight_decay", TrainConfig.weight_decay)),
+            augment=self.augment,
+            seed=self.seed + round_number,
+        )
+        result = train_local(backbone, head, self.dataset, cfg, progress=progress)
+        self._save_head(head, model_spec.get("embedding_size", 128))
+        return RoundResult(shared_tensors(backbone), result)
+
+    def _backbone_for(self, model_spec: dict[str, Any]):
+        spec = {k: model_spec[k] for k in MODEL_KEYS if k in model_spec}
+        if self._backbone is None or spec != self._model_spec:
+            arch = spec.get("arch", "mobilefacenet")
+            kwargs = {k: v for k, v in spec.items() if k != "arch"}
+            self._backbone = build_backbone(arch, **kwargs)
+            self._model_spec = spec
+        return self._backbone
+
+    def _load_head(self, embedding_size: int) -> ArcFaceHead:
+        num_classes = len(self.dataset.identities)
+        head = ArcFaceHead(embedding_size, num_classes)
+        meta_path = self.head_path.with_suffix(".json")
+        if self.head_path.exists() and meta_path.exists():
+            meta = json.loads(meta_path.read_text())
+            if meta.get("identities") == self.dataset.identities and meta.get("embedding_size") == embedding_size:
+                head.load_state_dict(load_file(str(self.head_path)))
+        return head
+
+    def _save_head(self, head: ArcFaceHead, embedding_size: int) -> None:
+        # The head stays on the device: written here, never published.
+        tmp = self.head_path.with_suffix(".tmp")
+        save_file({k: v.detach().contiguous() for k, v in head.state_dict().items()}, str(tmp))
+        os.replace(tmp, self.head_path)
+        meta = {"identities": self.dataset.identities, "embedding_size": embedding_size}
+        self.head_path.with_suffix(".json").write_text(json.dumps(meta))
+        os.chmod(self.head_path, 0o600)
+

@@ -1,0 +1,160 @@
+"""facefed: local tools for a workstation (simulate a federation, evaluate a model)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+NO_DATA_HELP = """\
+facefed: no face dataset found. Looked in:
+{places}
+Give one with --data DIR or the environment variable FACEFED_DATA. DIR may be:
+  - the ORL layout:   DIR/s1/1.pgm ... (AT&T "ORL Database of Faces")
+  - the Yale layout:  DIR/subject01.normal ... (Yale Face Database, full frames)
+  - one folder per person: DIR/<name>/<image>.jpg|png|pgm
+In this repository's workspace the datasets live in ../shared/datasets (orl/, yale/, celeb-dev/)."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="facefed",
+        description="FaceFed Edge workstation tools: run a whole federation locally, evaluate face models.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sim = sub.add_parser(
+        "simulate",
+        help="run broker + aggregator + K agent processes over MQTT on this machine",
+        description="Start an MQTT broker (embedded unless --broker), the aggregator and K agent processes, each "
+        "holding only its own partition on disk, and run R federated rounds over loopback. Prints one line per "
+        "round and writes metrics.jsonl, training_curves.png and final.safetensors into --out.",
+    )
+    sim.add_argument("--data", action="append", type=Path,
+                     help="dataset folder (repeat to mix datasets); default: $FACEFED_DATA or ../shared/datasets/orl")
+    sim.add_argument("--out", type=Path, default=Path("runs/simulate"), help="run folder (must be new or empty)")
+    sim.add_argument("--clients", type=int, default=3, help="number of agent processes (default 3)")
+    sim.add_argument("--rounds", type=int, default=10, help="federated rounds (default 10)")
+    sim.add_argument("--local-epochs", type=int, default=2, help="local epochs per round (default 2)")
+    sim.add_argument("--lr", type=float, default=0.05, help="local SGD learning rate (default 0.05)")
+    sim.add_argument("--split", choices=["identity", "dirichlet"], default="identity",
+                     help="by-identity (disjoint people per client) or Dirichlet non-IID (default identity)")
+    sim.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration (default 0.5)")
+    sim.add_argument("--holdout", type=int, help="held-out identities for evaluation (default: a quarter)")
+    sim.add_argument("--seed", type=int, default=0)
+    sim.add_argument("--act", choices=["relu", "prelu"], default="relu", help="backbone activation (default relu)")
+    sim.add_argument("--broker", help="use this broker (mqtt://host:port) instead of the embedded one")
+    sim.add_argument("--max-chunk-bytes", type=int, default=256 * 1024, help="largest MQTT payload (default 256 KiB)")
+
+    ev = sub.add_parser(
+        "evaluate",
+        help="verification and identification metrics of a model on a labelled folder",
+        description="Embed every image of DIR, score all genuine and impostor pairs (cosine) and report "
+        "best-threshold accuracy, EER, TAR at FAR 1e-2/1e-3/1e-4 and rank-1 identification "
+        "(first image per person enrolled).",
+    )
+    ev.add_argument("--model", required=True, type=Path, help="a FaceFed checkpoint (.safetensors)")
+    ev.add_argument("--data", required=True, type=Path, help="labelled faces: ORL, Yale or folder-per-identity")
+    ev.add_argument("--json", type=Path, help="write the report here")
+    ev.add_argument("--roc", type=Path, help="write a ROC curve PNG here")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if args.command == "simulate":
+        return _simulate(args)
+    return _evaluate(args)
+
+
+def _resolve_data(given: list[Path] | None) -> list[Path] | None:
+    from model_zoo.data import candidate_data_roots, default_data_root
+
+    if given:
+        return given
+    root = default_data_root()
+    if root is not None:
+        return [root]
+    places = [f"  FACEFED_DATA={os.environ.get('FACEFED_DATA', '(not set)')}"]
+    places += [f"  {p}" for p in candidate_data_roots()]
+    print(NO_DATA_HELP.format(places="\n".join(places)), file=sys.stderr)
+    return None
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from facefed.simulate import SimulationConfig, SimulationError, run_simulation
+
+    data = _resolve_data(args.data)
+    if data is None:
+        return 2
+    missing = [p for p in data if not p.is_dir()]
+    if missing:
+        print(f"facefed: no such dataset folder: {missing[0]}", file=sys.stderr)
+        return 2
+    cfg = SimulationConfig(
+        data=data, out=args.out, clients=args.clients, rounds=args.rounds, local_epochs=args.local_epochs,
+        lr=args.lr, split=args.split, alpha=args.alpha, holdout=args.holdout, seed=args.seed,
+        broker=args.broker, act=args.act, max_chunk_bytes=args.max_chunk_bytes,
+    )
+    print(f"facefed simulate: {args.clients} clients, {args.rounds} rounds, data {', '.join(map(str, data))}")
+    bar = tqdm(total=args.rounds, unit="round", desc="federation", file=sys.stderr)
+
+    def on_round(entry: dict) -> None:
+        tqdm.write(_round_line(entry))
+        if entry["round"] > 0:
+            bar.update(1)
+
+    try:
+        result = run_simulation(cfg, on_round)
+    except (SimulationError, ValueError) as exc:
+        bar.close()
+        print(f"facefed simulate: {exc}", file=sys.stderr)
+        return 1
+    bar.close()
+    print(f"done in {result.seconds:.0f} s: {result.metrics_path}, {result.plot_path}, {result.final_checkpoint}")
+    return 0
+
+
+def _round_line(entry: dict) -> str:
+    def fmt(value, spec: str) -> str:
+        return "-" if value is None else format(value, spec)
+
+    return (f"round {entry['round']:3d} | clients {entry['clients']} | {entry['bytes'] / 1e6:7.2f} MB | "
+            f"train loss {fmt(entry.get('train_loss'), '6.3f')} | "
+            f"held-out acc {fmt(entry.get('val_accuracy'), '.3f')} | EER {fmt(entry.get('eer'), '.3f')}")
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from model_zoo.checkpoint import load_checkpoint
+    from model_zoo.data import load_dataset
+    from model_zoo.evaluate import evaluate_backbone
+
+    try:
+        backbone, _ = load_checkpoint(args.model)
+        dataset = load_dataset(args.data)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"facefed evaluate: {exc}", file=sys.stderr)
+        return 2
+    report = evaluate_backbone(backbone, dataset)
+    roc = report.pop("roc", None)
+    text = json.dumps(report, indent=2, sort_keys=True)
+    print(text)
+    if args.json:
+        args.json.write_text(text + "\n")
+    if args.roc and roc is not None:
+        from facefed.plots import plot_roc
+
+        plot_roc({args.model.name: roc}, args.roc, title=f"ROC on {args.data.name}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

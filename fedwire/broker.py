@@ -1,0 +1,142 @@
+"""Embedded MQTT broker (amqtt) for tests and single-machine simulations.
+
+amqtt speaks MQTT 3.1.1 only; clients in "auto" mode fall back to it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import socket
+import threading
+from types import TracebackType
+
+log = logging.getLogger(__name__)
+
+START_TIMEOUT_S = 10.0
+STOP_TIMEOUT_S = 10.0
+
+
+def _import_amqtt_broker() -> type:
+    try:
+        from amqtt.broker import Broker
+    except ImportError as exc:  # amqtt is an aggregator-side extra, not a fedwire dependency
+        raise RuntimeError(
+            "EmbeddedBroker needs amqtt==0.12.1 (pip install 'facefed-edge[aggregator]') "
+            "or use an external broker such as mosquitto"
+        ) from exc
+    return Broker
+
+
+def _quiet_amqtt_logging() -> None:
+    # amqtt logs every connection at INFO, and every refused MQTT 5 probe (expected: clients
+    # fall back to 3.1.1) as a WARNING; real faults still show at ERROR.
+    for name in ("amqtt", "transitions"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port that was free a moment ago (small race, acceptable for local brokers)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def _broker_config(host: str, port: int) -> dict:
+    return {
+        "listeners": {"default": {"type": "tcp", "bind": f"{host}:{port}"}},
+        # Only anonymous auth: no $SYS publisher and no packet/event logger plugins.
+        "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}},
+    }
+
+
+class EmbeddedBroker:
+    """amqtt broker on its own asyncio loop in a daemon thread."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.host = host
+        self.port = port
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop_requested: asyncio.Event | None = None
+        self._started = threading.Event()
+        self._error: BaseException | None = None
+
+    @property
+    def url(self) -> str:
+        if self._thread is None:
+            raise RuntimeError("broker not started")
+        return f"mqtt://{self.host}:{self.port}"
+
+    def start(self) -> str:
+        if self._thread is not None:
+            raise RuntimeError("broker already started")
+        broker_class = _import_amqtt_broker()
+        _quiet_amqtt_logging()
+        if self.port == 0:
+            self.port = free_port(self.host)
+        self._thread = threading.Thread(target=self._run, args=(broker_class,), name="fedwire-broker", daemon=True)
+        self._thread.start()
+        if not self._started.wait(START_TIMEOUT_S) or self._error is not None:
+            self._thread = None
+            where = f"{self.host}:{self.port}"
+            raise RuntimeError(f"embedded broker failed to start on {where}: {self._error}") from self._error
+        log.info("embedded broker listening on %s", self.url)
+        return self.url
+
+    def stop(self) -> None:
+        if self._thread is None:
+            return
+        if self._loop is not None and self._stop_requested is not None:
+            self._loop.call_soon_threadsafe(self._stop_requested.set)
+        self._thread.join(STOP_TIMEOUT_S)
+        self._thread = None
+
+    def __enter__(self) -> EmbeddedBroker:
+        self.start()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    def _run(self, broker_class: type) -> None:
+        try:
+            asyncio.run(self._serve(broker_class))
+        except Exception as exc:  # the thread must not die silently
+            if self._started.is_set():
+                log.exception("embedded broker on %s:%s stopped with an error", self.host, self.port)
+            self._error = exc
+            self._started.set()  # unblocks start() when the broker never came up
+
+    async def _serve(self, broker_class: type) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stop_requested = asyncio.Event()
+        broker = broker_class(_broker_config(self.host, self.port))
+        await broker.start()  # returns once the listening socket is bound, so start() can return the url
+        self._started.set()
+        try:
+            await self._stop_requested.wait()
+        finally:
+            await broker.shutdown()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description="Run the embedded FaceFed MQTT broker (amqtt, MQTT 3.1.1) on 127.0.0.1 until SIGTERM/SIGINT."
+    )
+    parser.add_argument("--port", type=int, default=1883, help="0 picks a free port")
+    args = parser.parse_args(argv)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    with EmbeddedBroker(port=args.port) as broker:
+        print(broker.url, flush=True)
+        stop.wait()
+
+
+if __name__ == "__main__":
+    main()

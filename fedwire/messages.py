@@ -1,0 +1,370 @@
+"""JSON control messages of the FaceFed protocol.
+
+Every message carries "protocol": PROTOCOL_VERSION. `from_json` checks types and
+ranges and raises ProtocolError naming the offending field; unknown fields are
+ignored so later versions can add optional fields. `to_json` runs the same
+checks first, so a sender can never emit what a receiver would reject.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import numbers
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from .errors import ProtocolError
+from .topics import validate_device_id
+
+PROTOCOL_VERSION = 1
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024  # bounds JSON parsing; a 512 MiB manifest at 64 KiB chunks is ~0.6 MiB
+SAFETENSORS_DTYPES = frozenset(
+    {"BOOL", "U8", "I8", "U16", "I16", "U32", "I32", "U64", "I64", "F16", "BF16", "F32", "F64"}
+)
+CODECS = frozenset({"safetensors"})
+TRANSFER_KINDS = frozenset({"global", "update"})
+ROUND_STATES = frozenset({"open", "finished"})
+DEVICE_STATES = frozenset({"online", "training", "uploading", "idle", "offline"})
+
+_ID_HEX = re.compile(r"[0-9a-f]{32}")
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+_MISSING = object()
+_M = TypeVar("_M", bound="_Message")
+_T = TypeVar("_T")
+
+
+def _reject_constant(name: str) -> float:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _load_object(data: bytes) -> dict[str, Any]:
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise ProtocolError("json", f"expected bytes, got {type(data).__name__}")
+    if len(data) > MAX_MESSAGE_BYTES:
+        raise ProtocolError("json", f"{len(data)} bytes exceeds the {MAX_MESSAGE_BYTES} byte message limit")
+    try:
+        obj = json.loads(bytes(data).decode("utf-8"), parse_constant=_reject_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise ProtocolError("json", f"not UTF-8 JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError("json", f"expected an object, got {type(obj).__name__}")
+    return obj
+
+
+def _dump(obj: Mapping[str, Any]) -> bytes:
+    try:
+        text = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise ProtocolError("json", f"not JSON-serialisable: {exc}") from None
+    return text.encode("utf-8")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+class _Fields:
+    """Typed reads from a decoded JSON object; errors carry the field's path."""
+
+    def __init__(self, obj: Mapping[str, Any], path: str = "") -> None:
+        self._obj = obj
+        self._path = path
+
+    def name(self, key: str) -> str:
+        return f"{self._path}{key}"
+
+    def raw(self, key: str, default: Any = _MISSING) -> Any:
+        if key in self._obj:
+            return self._obj[key]
+        if default is _MISSING:
+            raise ProtocolError(self.name(key), "missing")
+        return default
+
+    def fail(self, key: str, reason: str) -> ProtocolError:
+        return ProtocolError(self.name(key), reason)
+
+    def protocol(self) -> int:
+        version = self.integer("protocol")
+        if version != PROTOCOL_VERSION:
+            raise self.fail("protocol", f"unsupported version {version} (this side speaks {PROTOCOL_VERSION})")
+        return version
+
+    def text(self, key: str, *, default: Any = _MISSING, pattern: re.Pattern | None = None,
+            choices: frozenset[str] | None = None) -> str:
+        value = self.raw(key, default)
+        if not isinstance(value, str):
+            raise self.fail(key, f"expected a string, got {type(value).__name__}")
+        if pattern is not None and not pattern.fullmatch(value):
+            raise self.fail(key, f"{value!r} does not match {pattern.pattern}")
+        if choices is not None and value not in choices:
+            raise self.fail(key, f"{value!r} is not one of {sorted(choices)}")
+        return value
+
+    def integer(self, key: str, *, minimum: int | None = 0, nullable: bool = False) -> int | None:
+        value = self.raw(key)
+        if value is None and nullable:
+            return None
+        if not _is_int(value):
+            raise self.fail(key, f"expected an integer, got {type(value).__name__}")
+        if minimum is not None and value < minimum:
+            raise self.fail(key, f"{value} is below the minimum {minimum}")
+        return int(value)
+
+    def number(self, key: str, *, minimum: float | None = None, nullable: bool = False) -> float | None:
+        value = self.raw(key)
+        if value is None and nullable:
+            return None
+        if not _is_real(value) or not math.isfinite(value):
+            raise self.fail(key, f"expected a finite number, got {value!r}")
+        if minimum is not None and value < minimum:
+            raise self.fail(key, f"{value} is below the minimum {minimum}")
+        return float(value)
+
+    def flag(self, key: str) -> bool:
+        value = self.raw(key)
+        if not isinstance(value, bool):
+            raise self.fail(key, f"expected true/false, got {type(value).__name__}")
+        return value
+
+    def device_id(self, key: str) -> str:
+        return validate_device_id(self.raw(key), self.name(key))
+
+    def array(self, key: str) -> list[Any]:
+        value = self.raw(key)
+        if not isinstance(value, (list, tuple)):
+            raise self.fail(key, f"expected a list, got {type(value).__name__}")
+        return list(value)
+
+    def mapping(self, key: str, default: Any = _MISSING) -> dict[str, Any]:
+        value = self.raw(key, default)
+        if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+            raise self.fail(key, f"expected an object, got {type(value).__name__}")
+        return dict(value)
+
+    def float_map(self, key: str, default: Any = _MISSING) -> dict[str, float]:
+        inner = _Fields(self.mapping(key, default), f"{self.name(key)}.")
+        return {name: inner.number(name) for name in inner._obj}
+
+    def items(self, key: str) -> list[_Fields]:
+        """The list under `key`, each element read as an object."""
+        elements = self.array(key)
+        paths = [f"{self.name(key)}[{i}]" for i in range(len(elements))]
+        for path, element in zip(paths, elements):
+            if not isinstance(element, Mapping):
+                raise ProtocolError(path, f"expected an object, got {type(element).__name__}")
+        return [_Fields(element, path + ".") for path, element in zip(paths, elements)]
+
+    def each(self, key: str, read: Callable[[object, str], _T]) -> list[_T]:
+        """The list under `key` with `read(value, field_name)` applied to each element."""
+        return [read(value, f"{self.name(key)}[{i}]") for i, value in enumerate(self.array(key))]
+
+
+def _matching(pattern: re.Pattern) -> Callable[[object, str], str]:
+    def read(value: object, name: str) -> str:
+        if not isinstance(value, str) or not pattern.fullmatch(value):
+            raise ProtocolError(name, f"{value!r} does not match {pattern.pattern}")
+        return value
+
+    return read
+
+
+class _Message:
+    """JSON encoding shared by all top-level messages."""
+
+    @classmethod
+    def from_fields(cls: type[_M], f: _Fields) -> _M:
+        raise NotImplementedError
+
+    @classmethod
+    def from_dict(cls: type[_M], obj: Mapping[str, Any]) -> _M:
+        f = _Fields(obj)
+        f.protocol()  # checked first: a newer sender gets a version error, not a confusing field error
+        return cls.from_fields(f)
+
+    @classmethod
+    def from_json(cls: type[_M], data: bytes) -> _M:
+        return cls.from_dict(_load_object(data))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> bytes:
+        # Re-reading validates (naming the field) and turns numpy scalars into plain numbers.
+        return _dump(type(self).from_dict(self.to_dict()).to_dict())
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str  # safetensors dtype name: "F32", "F16", "I64", ...
+
+    @classmethod
+    def from_fields(cls, f: _Fields) -> TensorSpec:
+        name = f.text("name")
+        if not name:
+            raise f.fail("name", "empty")
+        shape = tuple(f.each("shape", _read_dim))
+        return cls(name, shape, f.text("dtype", choices=SAFETENSORS_DTYPES))
+
+
+def _read_dim(value: object, name: str) -> int:
+    if not _is_int(value) or value < 0:
+        raise ProtocolError(name, f"expected a non-negative integer, got {value!r}")
+    return int(value)
+
+
+@dataclass
+class TransferManifest(_Message):
+    """Describes one chunked tensor transfer; published after all of its chunks."""
+
+    kind: str  # "global" | "update"
+    transfer_id: str  # 32 lowercase hex
+    sender: str  # device id or "aggregator"
+    round: int
+    model_version: int
+    num_samples: int  # n_k, the FedAvg weight; 0 for global
+    tensors: list[TensorSpec]
+    payload_bytes: int
+    payload_sha256: str
+    chunk_size: int  # data bytes per chunk (the last may be shorter)
+    chunk_sha256: list[str]  # sha256 of each chunk's data, header excluded
+    metrics: dict[str, float] = field(default_factory=dict)
+    codec: str = "safetensors"
+    protocol: int = PROTOCOL_VERSION
+
+    @property
+    def chunk_count(self) -> int:
+        return len(self.chunk_sha256)
+
+    @classmethod
+    def from_fields(cls, f: _Fields) -> TransferManifest:
+        manifest = cls(
+            kind=f.text("kind", choices=TRANSFER_KINDS),
+            transfer_id=f.text("transfer_id", pattern=_ID_HEX),
+            sender=f.device_id("sender"),
+            round=f.integer("round"),
+            model_version=f.integer("model_version"),
+            num_samples=f.integer("num_samples"),
+            tensors=[TensorSpec.from_fields(item) for item in f.items("tensors")],
+            payload_bytes=f.integer("payload_bytes", minimum=1),
+            payload_sha256=f.text("payload_sha256", pattern=_SHA256_HEX),
+            chunk_size=f.integer("chunk_size", minimum=1),
+            chunk_sha256=f.each("chunk_sha256", _matching(_SHA256_HEX)),
+            metrics=f.float_map("metrics", {}),
+            codec=f.text("codec", default="safetensors", choices=CODECS),
+        )
+        _check_manifest_consistency(manifest)
+        return manifest
+
+
+def _check_manifest_consistency(m: TransferManifest) -> None:
+    expected_chunks = -(-m.payload_bytes // m.chunk_size)
+    if m.chunk_count != expected_chunks:
+        raise ProtocolError(
+            "chunk_sha256",
+            f"{m.chunk_count} hashes, but {m.payload_bytes} bytes in chunks of {m.chunk_size} make {expected_chunks}",
+        )
+    names = [spec.name for spec in m.tensors]
+    if len(set(names)) != len(names):
+        raise ProtocolError("tensors", "duplicate tensor names")
+
+
+@dataclass
+class RoundAnnouncement(_Message):
+    round: int
+    model_version: int
+    state: str  # "open" | "finished"
+    announce_id: str  # 32 lowercase hex, new for every announcement
+    deadline: float  # unix seconds
+    min_clients: int
+    train: dict[str, Any]  # local training hyper-parameters, e.g. {"local_epochs": 1, "lr": 0.05}
+    protocol: int = PROTOCOL_VERSION
+
+    @classmethod
+    def from_fields(cls, f: _Fields) -> RoundAnnouncement:
+        return cls(
+            round=f.integer("round"),
+            model_version=f.integer("model_version"),
+            state=f.text("state", choices=ROUND_STATES),
+            announce_id=f.text("announce_id", pattern=_ID_HEX),
+            deadline=f.number("deadline", minimum=0.0),
+            min_clients=f.integer("min_clients"),
+            train=f.mapping("train"),
+        )
+
+
+@dataclass
+class DeviceStatus(_Message):
+    device_id: str
+    state: str  # "online" | "training" | "uploading" | "idle" | "offline"
+    round: int | None
+    timestamp: float  # unix seconds
+    detail: str = ""
+    protocol: int = PROTOCOL_VERSION
+
+    @classmethod
+    def from_fields(cls, f: _Fields) -> DeviceStatus:
+        return cls(
+            device_id=f.device_id("device_id"),
+            state=f.text("state", choices=DEVICE_STATES),
+            round=f.integer("round", nullable=True),
+            timestamp=f.number("timestamp", minimum=0.0),
+            detail=f.text("detail", default=""),
+        )
+
+
+@dataclass
+class UpdateAck(_Message):
+    device_id: str
+    round: int
+    transfer_id: str
+    accepted: bool
+    reason: str = ""
+    protocol: int = PROTOCOL_VERSION
+
+    @classmethod
+    def from_fields(cls, f: _Fields) -> UpdateAck:
+        return cls(
+            device_id=f.device_id("device_id"),
+            round=f.integer("round"),
+            transfer_id=f.text("transfer_id", pattern=_ID_HEX),
+            accepted=f.flag("accepted"),
+            reason=f.text("reason", default=""),
+        )
+
+
+@dataclass
+class RoundSummary(_Message):
+    round: int
+    model_version: int
+    clients: list[str]
+    num_samples: int
+    bytes_up: int
+    bytes_down: int
+    train_loss: float | None
+    metrics: dict[str, float]  # e.g. val_accuracy
+    seconds: float
+    protocol: int = PROTOCOL_VERSION
+
+    @classmethod
+    def from_fields(cls, f: _Fields) -> RoundSummary:
+        return cls(
+            round=f.integer("round"),
+            model_version=f.integer("model_version"),
+            clients=f.each("clients", validate_device_id),
+            num_samples=f.integer("num_samples"),
+            bytes_up=f.integer("bytes_up"),
+            bytes_down=f.integer("bytes_down"),
+            train_loss=f.number("train_loss", nullable=True),
+            metrics=f.float_map("metrics"),
+            seconds=f.number("seconds", minimum=0.0),
+        )

@@ -1,0 +1,61 @@
+"""Backbone weights as numpy tensors (the federated payload) and safetensors checkpoints with JSON metadata."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.numpy import save_file
+from torch import nn
+
+from .backbones import backbone_spec, build_backbone
+
+CHECKPOINT_FORMAT = "facefed-checkpoint"
+
+
+def shared_tensors(backbone: nn.Module) -> dict[str, np.ndarray]:
+    """Float state_dict entries, BN running stats included; integer counters (num_batches_tracked) left out."""
+    return {name: np.ascontiguousarray(t.detach().cpu().numpy()).copy()
+            for name, t in backbone.state_dict().items() if t.is_floating_point()}
+
+
+def load_shared_tensors(backbone: nn.Module, tensors) -> None:
+    """Copy tensors into the backbone; names and shapes must match shared_tensors(backbone) exactly."""
+    state = {name: t for name, t in backbone.state_dict().items() if t.is_floating_point()}
+    missing, unexpected = sorted(set(state) - set(tensors)), sorted(set(tensors) - set(state))
+    if missing or unexpected:
+        raise ValueError(f"tensor names do not match the backbone: missing {missing[:5]} ({len(missing)}), "
+                         f"unexpected {unexpected[:5]} ({len(unexpected)})")
+    wrong = [f"{n}: {tuple(np.shape(tensors[n]))} != {tuple(t.shape)}"
+             for n, t in state.items() if tuple(np.shape(tensors[n])) != tuple(t.shape)]
+    if wrong:
+        raise ValueError(f"tensor shapes do not match the backbone: {wrong[:5]}")
+    with torch.no_grad():
+        for name, target in state.items():
+            target.copy_(torch.tensor(np.asarray(tensors[name])))  # copies: inputs may be read-only buffers
+
+
+def save_checkpoint(path, backbone: nn.Module, meta: dict) -> None:
+    """Write atomically, so a device that loses power mid-write keeps its previous checkpoint."""
+    arch, arch_kwargs = backbone_spec(backbone)
+    metadata = {"format": CHECKPOINT_FORMAT, "arch": arch, "arch_kwargs": json.dumps(arch_kwargs),
+                "meta": json.dumps(meta)}
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(shared_tensors(backbone), str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path) -> tuple[nn.Module, dict]:
+    """(backbone in eval mode, user meta), the backbone rebuilt from the architecture recorded in the file."""
+    with safe_open(str(path), framework="np") as f:
+        metadata = f.metadata() or {}
+        if metadata.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"{path} is not a {CHECKPOINT_FORMAT} file (format={metadata.get('format')!r})")
+        tensors = {name: f.get_tensor(name) for name in f.keys()}
+    backbone = build_backbone(metadata["arch"], **json.loads(metadata["arch_kwargs"]))
+    load_shared_tensors(backbone, tensors)
+    return backbone.eval(), json.loads(metadata.get("meta", "{}"))

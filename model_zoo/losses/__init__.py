@@ -1,0 +1,4 @@
+"""Margin-based classification heads for training embedders."""
+from .arcface import ArcFaceHead
+
+__all__ = ["ArcFaceHead"]

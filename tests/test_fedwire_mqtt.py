@@ -1,0 +1,273 @@
+"""MqttLink against both brokers: the embedded amqtt (MQTT 3.1.1) and mosquitto (MQTT 5)."""
+
+from __future__ import annotations
+
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+
+import numpy as np
+import pytest
+
+from fedwire.broker import EmbeddedBroker, free_port
+from fedwire.chunking import Reassembler, build_transfer
+from fedwire.errors import ProtocolError
+from fedwire.messages import DeviceStatus
+from fedwire.mqtt import BrokerAddress, MqttLink, TlsFiles, parse_broker_url
+from fedwire.topics import Topics
+
+WAIT_S = 10.0
+
+
+class Inbox:
+    """Collects (topic, payload) from paho's thread, as real callers do."""
+
+    def __init__(self) -> None:
+        self.queue: queue.Queue[tuple[str, bytes]] = queue.Queue()
+
+    def __call__(self, topic: str, payload: bytes) -> None:
+        self.queue.put((topic, payload))
+
+    def get(self, timeout: float = WAIT_S) -> tuple[str, bytes]:
+        return self.queue.get(timeout=timeout)
+
+    def wait_for(self, topic: str, timeout: float = WAIT_S) -> bytes:
+        deadline = time.monotonic() + timeout
+        while True:
+            got_topic, payload = self.get(max(deadline - time.monotonic(), 0.01))
+            if got_topic == topic:
+                return payload
+
+
+@pytest.fixture
+def links():
+    """Factory for connected links that are closed after the test."""
+    opened: list[MqttLink] = []
+
+    def make(url: str, subscriptions: list[str], on_message=None, **kwargs) -> MqttLink:
+        link = MqttLink(url, f"test-{uuid.uuid4().hex[:8]}", on_message or Inbox(), subscriptions, **kwargs)
+        link.connect()
+        opened.append(link)
+        return link
+
+    yield make
+    for link in opened:
+        link.close()
+
+
+def test_connect_publish_and_receive(broker_url, links):
+    inbox = Inbox()
+    receiver = links(broker_url, ["t/+"], inbox)
+    sender = links(broker_url, [])
+    assert receiver.connected and sender.connected
+    sender.publish("t/a", b"hello", qos=1)
+    sender.publish("t/b", b"", qos=0)
+    assert inbox.get() == ("t/a", b"hello")
+    assert inbox.get() == ("t/b", b"")
+    receiver.close()
+    assert not receiver.connected
+
+
+def test_retained_message_reaches_a_late_subscriber(broker_url, links):
+    big = bytes(range(256)) * 1024  # 256 KiB: above the default chunk size
+    sender = links(broker_url, [])
+    sender.publish("r/big", big, retain=True)
+    sender.publish("r/small", b"state", retain=True)
+    inbox = Inbox()
+    links(broker_url, ["r/#"], inbox)
+    assert dict([inbox.get(), inbox.get()]) == {"r/big": big, "r/small": b"state"}
+
+
+def test_only_subscribed_topics_reach_on_message(broker_url, links):
+    # amqtt 0.12.1 pushes retained messages matching *other* clients' subscriptions to a new client.
+    other = links(broker_url, ["x/#"])
+    other.publish("x/retained", b"not for you", retain=True)
+    inbox = Inbox()
+    sender = links(broker_url, [])
+    links(broker_url, ["y"], inbox)
+    sender.publish("y", b"for you")
+    assert inbox.get() == ("y", b"for you")
+    assert inbox.queue.empty()
+
+
+def test_resubscribe_delivers_retained_messages_again(broker_url, links):
+    sender = links(broker_url, [])
+    sender.publish("s/x", b"retained", retain=True)
+    inbox = Inbox()
+    receiver = links(broker_url, ["s/x"], inbox)
+    assert inbox.wait_for("s/x") == b"retained"
+    receiver.resubscribe("s/x")
+    assert inbox.wait_for("s/x") == b"retained"
+
+
+def test_chunked_transfer_of_3mb_between_two_links(broker_url, links):
+    rng = np.random.default_rng(0)
+    tensors = {
+        "backbone.w": rng.standard_normal((600, 1000)).astype(np.float32),  # 2.4 MB
+        "backbone.h": rng.standard_normal((300, 500)).astype(np.float16),   # 0.3 MB
+        "steps": rng.integers(0, 2**60, size=(40000,), dtype=np.int64),      # 0.32 MB
+    }
+    manifest, chunks = build_transfer("update", "dev-1", 1, 0, tensors, num_samples=10, max_chunk_bytes=64 * 1024)
+    assert len(chunks) > 40 and all(len(c) <= 64 * 1024 for c in chunks)
+    topics = Topics("facefed/test")
+    inbox = Inbox()
+    links(broker_url, topics.aggregator_subscriptions(), inbox)
+    sender = links(broker_url, [])
+    sent = sender.publish_transfer(topics.update_manifest("dev-1"), lambda i: topics.update_chunk("dev-1", i),
+                                   manifest, chunks)
+    assert sent == sum(map(len, chunks)) + len(manifest.to_json())
+
+    reassembler = Reassembler()
+    completed = None
+    while completed is None:
+        topic, payload = inbox.get()
+        parsed = topics.parse(topic)
+        if parsed.kind == "update_chunk":
+            completed = reassembler.add_chunk(parsed.device_id, payload, time.time())
+        elif parsed.kind == "update_manifest":
+            completed = reassembler.add_manifest(parsed.device_id, type(manifest).from_json(payload), time.time())
+    assert completed.manifest == manifest
+    for name, array in tensors.items():
+        assert completed.tensors[name].dtype == array.dtype
+        assert completed.tensors[name].tobytes() == array.tobytes()
+
+
+def _hard_drop(link: MqttLink) -> None:
+    """Cut the TCP connection without an MQTT DISCONNECT, as a crash or network loss would."""
+    link._client.socket().shutdown(socket.SHUT_RDWR)
+
+
+def test_last_will_on_hard_drop_then_reconnect_and_resubscribe(broker_url, links):
+    topics = Topics()
+    offline = DeviceStatus("dev-9", "offline", None, 1.0, "connection lost").to_json()
+    watcher_inbox, device_inbox = Inbox(), Inbox()
+    links(broker_url, [topics.aggregator_subscriptions()[2]], watcher_inbox)  # status/+
+    device = links(broker_url, [topics.ack("dev-9")], device_inbox, will=(topics.status("dev-9"), offline, True))
+    _hard_drop(device)
+    assert watcher_inbox.wait_for(topics.status("dev-9")) == offline
+
+    deadline = time.monotonic() + WAIT_S
+    while not device.connected and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert device.connected, "link did not reconnect after the drop"
+    # Subscriptions were restored on reconnect (clean session), so the device still hears its acks.
+    links(broker_url, []).publish(topics.ack("dev-9"), b"ack")
+    assert device_inbox.wait_for(topics.ack("dev-9")) == b"ack"
+    # The will was retained, so a late subscriber sees the device as offline.
+    late = Inbox()
+    links(broker_url, [topics.status("dev-9")], late)
+    assert late.wait_for(topics.status("dev-9")) == offline
+
+
+def test_clean_close_does_not_fire_the_will(broker_url, links):
+    watcher = Inbox()
+    links(broker_url, ["w/+"], watcher)
+    device = links(broker_url, [], will=("w/dev", b"offline", False))
+    device.close()
+    links(broker_url, []).publish("w/marker", b"m")
+    assert watcher.get() == ("w/marker", b"m")
+
+
+def test_publish_from_the_network_thread_is_refused(broker_url, links):
+    errors: queue.Queue = queue.Queue()
+    holder: list[MqttLink] = []
+
+    def on_message(topic: str, payload: bytes) -> None:
+        try:
+            holder[0].publish("p/echo", payload)
+        except RuntimeError as exc:
+            errors.put(exc)
+
+    holder.append(links(broker_url, ["p/in"], on_message))
+    links(broker_url, []).publish("p/in", b"x")
+    assert "deadlock" in str(errors.get(timeout=WAIT_S))
+
+
+def test_publish_refused_by_the_broker_raises_under_mqtt5(mosquitto_acl_broker, links):
+    link = links(mosquitto_acl_broker, [])
+    link.publish("open/x", b"fine")
+    with pytest.raises(ConnectionError, match="Not authorized"):
+        link.publish("closed/x", b"refused")
+
+
+def test_protocol_detection(embedded_broker, mosquitto_broker, links):
+    assert links(mosquitto_broker, []).protocol_version == "5"
+    assert links(embedded_broker, []).protocol_version == "3.1.1"
+    assert links(mosquitto_broker, [], protocol="3.1.1").protocol_version == "3.1.1"
+    with pytest.raises(ConnectionError, match="MQTT 5"):
+        links(embedded_broker, [], protocol="5")
+
+
+def test_first_connect_failure_raises_connection_error():
+    url = f"mqtt://127.0.0.1:{free_port()}"
+    link = MqttLink(url, "nobody-home", Inbox(), [])
+    with pytest.raises(ConnectionError, match="cannot reach"):
+        link.connect(timeout=2.0)
+    assert not link.connected
+    with pytest.raises(RuntimeError):
+        link.protocol_version
+
+
+def test_publish_before_connect_raises():
+    with pytest.raises(ConnectionError, match="connect"):
+        MqttLink("mqtt://127.0.0.1:1", "x", Inbox(), []).publish("a", b"b")
+
+
+@pytest.mark.parametrize("url, expected", [
+    ("mqtt://broker.local:1884", BrokerAddress("broker.local", 1884, False)),
+    ("mqtt://10.0.0.2", BrokerAddress("10.0.0.2", 1883, False)),
+    ("mqtts://broker.example.com", BrokerAddress("broker.example.com", 8883, True)),
+    ("mqtts://[::1]:9000", BrokerAddress("::1", 9000, True)),
+])
+def test_parse_broker_url(url, expected):
+    assert parse_broker_url(url) == expected
+
+
+@pytest.mark.parametrize("url", ["http://h:1", "mqtt://", "mqtt://h:99999", "mqtt://h:x", "mqtt://h:0",
+                                 "mqtt://u:p@h:1", "mqtt://h:1/path", "h:1883", ""])
+def test_bad_broker_urls_raise_protocol_error(url):
+    with pytest.raises(ProtocolError) as info:
+        parse_broker_url(url)
+    assert info.value.field == "url"
+
+
+def test_link_argument_checks():
+    with pytest.raises(ProtocolError, match="protocol"):
+        MqttLink("mqtt://h:1", "x", Inbox(), [], protocol="4")
+    with pytest.raises(ProtocolError, match="mqtts"):
+        MqttLink("mqtt://h:1", "x", Inbox(), [], tls=TlsFiles(ca_cert="ca.pem"))
+
+
+def test_mqtts_with_tls_files(mosquitto_tls_broker, tls_certificate, links):
+    cert, _ = tls_certificate
+    inbox = Inbox()
+    link = links(mosquitto_tls_broker, ["tls/x"], inbox, tls=TlsFiles(ca_cert=str(cert)))
+    link.publish("tls/x", b"secret")
+    assert inbox.get() == ("tls/x", b"secret")
+    untrusting = MqttLink(mosquitto_tls_broker, "no-ca", Inbox(), [])  # system CAs do not know this certificate
+    with pytest.raises(ConnectionError, match="certificate"):
+        untrusting.connect(timeout=5.0)
+
+
+def test_embedded_broker_on_a_busy_port_fails_clearly(embedded_broker):
+    port = parse_broker_url(embedded_broker).port
+    with pytest.raises(RuntimeError, match="address already in use"):
+        EmbeddedBroker(port=port).start()
+
+
+def test_broker_cli_serves_until_sigterm(links):
+    process = subprocess.Popen([sys.executable, "-m", "fedwire.broker", "--port", "0"],
+                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        url = process.stdout.readline().strip()
+        assert parse_broker_url(url).host == "127.0.0.1"
+        link = links(url, [])
+        assert link.protocol_version == "3.1.1"
+        link.close()
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=10) == 0
