@@ -44,7 +44,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "found far more often at a coarse input (128) than at face-api's 416 or 320")
     parser.add_argument("--score-threshold", type=float, default=0.5)
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (0: torch's default); the detect route runs one image at a "
+                             "time, where intra-op threads cost more than they save, badly so on a busy machine")
     parser.add_argument("--json", type=Path, default=None, help="write the results here as JSON")
     return parser.parse_args(argv)
 

@@ -57,7 +57,13 @@ def build_parser() -> argparse.ArgumentParser:
         "best-threshold accuracy, EER, TAR at FAR 1e-2/1e-3/1e-4 and rank-1 identification "
         "(first image per person enrolled).",
     )
-    ev.add_argument("--model", required=True, type=Path, help="a FaceFed checkpoint (.safetensors)")
+    ev.add_argument("--model", required=True,
+                    help="a FaceFed checkpoint (.safetensors), or 'faceapi' for the pretrained face-api descriptor "
+                    "through the detect/landmark/align pipeline (weights from $FACEFED_FACEAPI_DIR or "
+                    "../shared/models/faceapi)")
+    ev.add_argument("--aligned", choices=["auto", "yes", "no"], default="auto",
+                    help="faceapi only: are the images ArcFace-aligned crops? auto: yes for folder-per-identity "
+                    "datasets, no for ORL/Yale (then faces are detected and aligned by landmarks)")
     ev.add_argument("--data", required=True, type=Path, help="labelled faces: ORL, Yale or folder-per-identity")
     ev.add_argument("--json", type=Path, help="write the report here")
     ev.add_argument("--roc", type=Path, help="write a ROC curve PNG here")
@@ -133,27 +139,48 @@ def _round_line(entry: dict) -> str:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from model_zoo.checkpoint import load_checkpoint
-    from model_zoo.data import load_dataset
-    from model_zoo.evaluate import evaluate_backbone
+    from model_zoo.data import detect_layout, load_dataset
+    from model_zoo.metrics import rank1_accuracy, verification_report
 
     try:
-        backbone, _ = load_checkpoint(args.model)
         dataset = load_dataset(args.data)
+        embeddings = _embed_for_evaluation(args.model, dataset, args.aligned, detect_layout(args.data))
     except (ValueError, FileNotFoundError) as exc:
         print(f"facefed evaluate: {exc}", file=sys.stderr)
         return 2
-    report = evaluate_backbone(backbone, dataset)
-    roc = report.pop("roc", None)
-    text = json.dumps(report, indent=2, sort_keys=True)
+    report = verification_report(embeddings, dataset.labels)
+    result = {"model": str(args.model), "data": str(args.data), "images": len(dataset),
+              "identities": len(dataset.identities), **report.to_dict(),
+              "rank1": rank1_accuracy(embeddings, dataset.labels)}
+    text = json.dumps(result, indent=2, sort_keys=True)
     print(text)
     if args.json:
         args.json.write_text(text + "\n")
-    if args.roc and roc is not None:
+    if args.roc:
         from facefed.plots import plot_roc
 
-        plot_roc({args.model.name: roc}, args.roc, title=f"ROC on {args.data.name}")
+        plot_roc({Path(args.model).name: (report.fpr, report.tpr)}, args.roc, title=f"ROC on {args.data.name}")
     return 0
+
+
+def _embed_for_evaluation(model: str, dataset, aligned: str, layout: str):
+    """Embeddings of every image: a FaceFed checkpoint, or the pretrained face-api descriptor."""
+    if model == "faceapi":
+        import torch
+
+        from model_zoo.pipeline import FacePipeline
+
+        torch.set_num_threads(1)  # one-image detector/landmark passes are far slower with 2 threads here
+        if aligned == "auto":
+            # Folder datasets of 112x112 faces (celeb-dev) are ArcFace-aligned crops; ORL and Yale are not.
+            aligned = "yes" if layout == "folders" else "no"
+        pipeline = FacePipeline(detector_input_size=128)
+        return pipeline.embed_images(dataset.images, aligned=aligned == "yes")
+    from model_zoo.checkpoint import load_checkpoint
+    from model_zoo.train import embed_images
+
+    backbone, _ = load_checkpoint(Path(model))
+    return embed_images(backbone, dataset.images)
 
 
 if __name__ == "__main__":

@@ -117,11 +117,6 @@ def apply_transform(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
     return points @ matrix[:, :2].T + matrix[:, 2]
 
 
-def invert_transform(matrix: np.ndarray) -> np.ndarray:
-    """Inverse of a 2x3 affine matrix."""
-    return cv2.invertAffineTransform(np.asarray(matrix, dtype=np.float64))
-
-
 def warp(image: np.ndarray, matrix: np.ndarray, size: int,
          border: int = cv2.BORDER_REPLICATE) -> np.ndarray:
     """Resample image into a size x size output through the 2x3 image->output matrix (bilinear)."""

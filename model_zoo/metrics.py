@@ -16,8 +16,11 @@ DEFAULT_FARS = (1e-2, 1e-3, 1e-4)
 class VerificationReport:
     genuine_pairs: int
     impostor_pairs: int
-    accuracy: float  # best pair accuracy over all thresholds
+    # Best-threshold verification accuracy on a balanced pair set, (TAR + TRR) / 2: all-pairs accuracy
+    # would be dominated by impostor pairs (rejecting everything scores 0.9 with 10 identities).
+    accuracy: float
     threshold: float  # the threshold reaching it (highest one on ties)
+    pair_accuracy: float  # accuracy over all pairs at that threshold, for reference
     eer: float  # equal error rate, linearly interpolated where FPR crosses FNR
     # max TPR with FPR <= FAR; with fewer than 1/FAR impostor pairs that means zero false accepts, and it
     # is 0.0 when even the single best-scored pair is an impostor
@@ -27,7 +30,8 @@ class VerificationReport:
 
     def to_dict(self) -> dict:
         return {"genuine_pairs": self.genuine_pairs, "impostor_pairs": self.impostor_pairs,
-                "accuracy": self.accuracy, "threshold": self.threshold, "eer": self.eer,
+                "accuracy": self.accuracy, "threshold": self.threshold, "pair_accuracy": self.pair_accuracy,
+                "eer": self.eer,
                 "tar_at_far": dict(self.tar_at_far)}
 
 
@@ -88,13 +92,15 @@ def report_from_scores(scores, genuine, fars=DEFAULT_FARS) -> VerificationReport
         raise ValueError(f"verification needs genuine and impostor pairs, got {num_genuine} and {num_impostor} "
                          "(every identity needs >= 2 images, and >= 2 identities)")
     thresholds, false_accepts, true_accepts = roc_counts(scores, genuine)
-    correct = true_accepts + (num_impostor - false_accepts)
-    best = int(np.argmax(correct))
     fpr, tpr = false_accepts / num_impostor, true_accepts / num_genuine
+    balanced = (tpr + 1.0 - fpr) / 2.0
+    best = int(np.argmax(balanced >= balanced.max() - 1e-12))  # ties (up to rounding) go to the higher threshold
+    correct = true_accepts[best] + (num_impostor - false_accepts[best])
     # Compare counts, not rates, so FAR 1e-2 over 100 impostor pairs admits exactly 1 false accept.
     tar = {far_key(far): float(tpr[false_accepts <= np.floor(far * num_impostor + 1e-9)].max()) for far in fars}
     return VerificationReport(genuine_pairs=num_genuine, impostor_pairs=num_impostor,
-                              accuracy=float(correct[best] / len(scores)), threshold=float(thresholds[best]),
+                              accuracy=float(balanced[best]), threshold=float(thresholds[best]),
+                              pair_accuracy=float(correct / len(scores)),
                               eer=equal_error_rate(fpr, tpr), tar_at_far=tar, fpr=fpr, tpr=tpr)
 
 

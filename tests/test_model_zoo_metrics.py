@@ -16,8 +16,9 @@ def _on_circle(degrees):
 #   impostor pairs: (2,3) cos50 = .643   (1,3) cos80 = .174   (0,3) cos120 = -.5
 # Sorted by score: G .866, G .766, I .643, G .342, I .174, I -.5  (3 genuine, 3 impostor, 6 pairs)
 # Threshold t accepts score >= t. (false accepts, true accepts) as t walks down: (0,0) reject-all,
-# (0,1), (0,2), (1,2), (1,3), (2,3), (3,3). Correct = TA + (3 - FA): 3, 4, 5, 4, 5, 4, 3 -> best 5/6,
-# first reached at t = cos40 (ties go to the higher threshold).
+# (0,1), (0,2), (1,2), (1,3), (2,3), (3,3). Balanced accuracy (TA/3 + (3 - FA)/3) / 2: 3/6, 4/6, 5/6, 4/6,
+# 5/6, 4/6, 3/6 -> best 5/6, first reached at t = cos40 (ties go to the higher threshold); with 3 genuine
+# and 3 impostor pairs the all-pairs accuracy there is also 5/6.
 # FPR = FA/3, FNR = 1 - TA/3: (0,1) (0,2/3) (0,1/3) (1/3,1/3) -> they meet exactly at 1/3: EER = 1/3.
 # TAR@FAR 0.5 (1 false accept allowed) = 1.0; TAR@FAR 0.2 (none allowed) = 2/3.
 EMB = _on_circle([0, 40, 70, 120])
@@ -34,7 +35,7 @@ def test_pair_scores_are_cosines_of_all_pairs():
 def test_hand_computed_report():
     report = verification_report(EMB, LABELS, fars=(0.5, 0.2))
     assert (report.genuine_pairs, report.impostor_pairs) == (3, 3)
-    assert report.accuracy == pytest.approx(5 / 6)
+    assert report.accuracy == pytest.approx(5 / 6) and report.pair_accuracy == pytest.approx(5 / 6)
     assert report.threshold == pytest.approx(math.cos(math.radians(40)))
     assert report.eer == pytest.approx(1 / 3)
     assert report.tar_at_far == pytest.approx({"5e-1": 1.0, "2e-1": 2 / 3})
@@ -50,8 +51,10 @@ def test_eer_interpolates_between_roc_points():
     # FPR - FNR goes -1/6 -> +1/6 between (1/3,.5) and (2/3,.5): halfway, FPR = 1/2 = FNR, so EER = 0.5.
     report = report_from_scores([0.9, 0.8, 0.7, 0.6, 0.5], [True, False, False, True, False], fars=(0.34,))
     assert report.eer == pytest.approx(0.5)
-    # Best accuracy: accept only .9 -> 1 + 3 = 4 of 5.
-    assert report.accuracy == pytest.approx(0.8) and report.threshold == pytest.approx(0.9)
+    # Balanced accuracy (TPR + TNR) / 2: accept only .9 -> (1/2 + 1) / 2 = 3/4, the best (down to .6 gives
+    # (1 + 1/3) / 2 = 2/3); all-pairs accuracy there: 1 + 3 = 4 of 5.
+    assert report.accuracy == pytest.approx(0.75) and report.threshold == pytest.approx(0.9)
+    assert report.pair_accuracy == pytest.approx(0.8)
     assert report.tar_at_far == {"3e-1": pytest.approx(0.5)}  # one false accept allowed of 3, TPR stays 1/2
 
 
