@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from safetensors.torch import load_file, save_file
 
 from model_zoo.backbones import build_backbone
@@ -77,6 +78,7 @@ class LocalTrainer:
 
     def _load_head(self, embedding_size: int) -> ArcFaceHead:
         num_classes = len(self.dataset.identities)
+        torch.manual_seed(self.seed)  # a fresh head is reproducible for a given device seed
         head = ArcFaceHead(embedding_size, num_classes)
         meta_path = self.head_path.with_suffix(".json")
         if self.head_path.exists() and meta_path.exists():

@@ -11,20 +11,20 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 from torch import nn
 
-from .backbones import backbone_spec, build_backbone
+from .backbones import FrozenTrunk, backbone_spec, build_backbone
 
 CHECKPOINT_FORMAT = "facefed-checkpoint"
 
 
 def shared_tensors(backbone: nn.Module) -> dict[str, np.ndarray]:
-    """Float state_dict entries, BN running stats included; integer counters (num_batches_tracked) left out."""
-    return {name: np.ascontiguousarray(t.detach().cpu().numpy()).copy()
-            for name, t in backbone.state_dict().items() if t.is_floating_point()}
+    """The federated payload: float state_dict entries, BN running stats included, integer counters
+    (num_batches_tracked) left out; of a FrozenTrunk backbone only the tail's (every device holds the trunk)."""
+    return {name: np.ascontiguousarray(t.detach().cpu().numpy()).copy() for name, t in _shared_state(backbone).items()}
 
 
 def load_shared_tensors(backbone: nn.Module, tensors) -> None:
     """Copy tensors into the backbone; names and shapes must match shared_tensors(backbone) exactly."""
-    state = {name: t for name, t in backbone.state_dict().items() if t.is_floating_point()}
+    state = _shared_state(backbone)
     missing, unexpected = sorted(set(state) - set(tensors)), sorted(set(tensors) - set(state))
     if missing or unexpected:
         raise ValueError(f"tensor names do not match the backbone: missing {missing[:5]} ({len(missing)}), "
@@ -36,6 +36,12 @@ def load_shared_tensors(backbone: nn.Module, tensors) -> None:
     with torch.no_grad():
         for name, target in state.items():
             target.copy_(torch.tensor(np.asarray(tensors[name])))  # copies: inputs may be read-only buffers
+
+
+def _shared_state(backbone: nn.Module) -> dict[str, torch.Tensor]:
+    # A frozen trunk never changes and comes from the pretrained weights on each machine: it never travels.
+    state = backbone.tail.state_dict(prefix="tail.") if isinstance(backbone, FrozenTrunk) else backbone.state_dict()
+    return {name: t for name, t in state.items() if t.is_floating_point()}
 
 
 def save_checkpoint(path, backbone: nn.Module, meta: dict) -> None:

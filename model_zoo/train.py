@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -10,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from .backbones import FrozenTrunk
 from .data import FaceDataset, normalize_pixels, to_model_input
 from .losses import ArcFaceHead
 
@@ -36,6 +38,7 @@ class TrainResult:
     num_samples: int
     seconds: float
     epochs: int
+    trunk_seconds: float = 0.0  # of `seconds`, spent computing frozen-trunk features (0: none, or cached)
 
 
 def _uniform(n: int, low: float, high: float, gen: torch.Generator) -> torch.Tensor:
@@ -83,28 +86,67 @@ def _check_inputs(head: ArcFaceHead, dataset: FaceDataset, cfg: TrainConfig) -> 
 
 
 def train_local(backbone: nn.Module, head: ArcFaceHead, dataset: FaceDataset, cfg: TrainConfig,
-                progress: bool = False) -> TrainResult:
-    """SGD on CrossEntropy over ArcFace margin logits; deterministic for a given cfg.seed and starting weights."""
+                progress: bool = False, trunk_cache: TrunkFeatureCache | None = None) -> TrainResult:
+    """SGD on CrossEntropy over ArcFace margin logits; deterministic for a given cfg.seed and starting weights.
+
+    A backbone with a frozen trunk (has_frozen_trunk) trains on cached trunk features: the trunk runs once per
+    image (and once per mirror image, the only augmentation then), the epochs run the tail only. Pass the same
+    trunk_cache to later calls on the same dataset (e.g. each federated round) to skip even that.
+    """
     _check_inputs(head, dataset, cfg)
     start = time.perf_counter()
     gen = torch.Generator().manual_seed(cfg.seed)
-    images = torch.from_numpy(np.ascontiguousarray(dataset.images))
-    labels = torch.from_numpy(dataset.labels)
+    trunk_seconds = 0.0
+    if has_frozen_trunk(backbone):
+        trunk_cache = trunk_cache if trunk_cache is not None else TrunkFeatureCache()
+        features, trunk_seconds = trunk_cache.get(backbone, dataset.images, mirrored=cfg.augment)
+        embed = _tail_embedder(backbone, features, gen)
+    else:
+        embed = _pixel_embedder(backbone, dataset.images, cfg.augment, gen)
+    loss, accuracy = _run_epochs(backbone, head, torch.from_numpy(dataset.labels), cfg, embed, gen, progress)
+    return TrainResult(loss=loss, accuracy=accuracy, num_samples=len(dataset), seconds=time.perf_counter() - start,
+                       epochs=cfg.epochs, trunk_seconds=trunk_seconds)
+
+
+Embedder = Callable[[torch.Tensor], torch.Tensor]  # sample indices -> embeddings, with autograd
+
+
+def _pixel_embedder(backbone: nn.Module, images: np.ndarray, augment: bool, gen: torch.Generator) -> Embedder:
+    images = torch.from_numpy(np.ascontiguousarray(images))
+
+    def embed(idx: torch.Tensor) -> torch.Tensor:
+        pixels = images[idx].permute(0, 3, 1, 2).float()
+        return backbone(normalize_pixels(augment_batch(pixels, gen) if augment else pixels))
+
+    return embed
+
+
+def _tail_embedder(backbone: nn.Module, features: TrunkFeatures, gen: torch.Generator) -> Embedder:
+    def embed(idx: torch.Tensor) -> torch.Tensor:
+        batch = features.plain[idx]
+        if features.mirrored is not None:  # each sample mirrored with probability 1/2, as augment_batch does
+            flip = torch.rand(len(idx), generator=gen) < 0.5
+            batch = torch.where(flip.view(-1, *[1] * (batch.ndim - 1)), features.mirrored[idx], batch)
+        return backbone.forward_tail(batch)
+
+    return embed
+
+
+def _run_epochs(backbone: nn.Module, head: ArcFaceHead, labels: torch.Tensor, cfg: TrainConfig, embed: Embedder,
+                gen: torch.Generator, progress: bool) -> tuple[float, float]:
+    """(mean loss, accuracy) of the last epoch; both modules' train/eval modes are restored afterwards."""
     optimizer = _optimizer([backbone, head], cfg)
     was_training = backbone.training, head.training
     backbone.train()
     head.train()
-    sizes = batch_sizes(len(dataset), cfg.batch_size)
+    sizes = batch_sizes(len(labels), cfg.batch_size)
     bar = tqdm(total=cfg.epochs * len(sizes), desc="train", unit="batch", disable=not progress, leave=False)
     try:
         for epoch in range(cfg.epochs):
             loss_sum, correct = 0.0, 0
-            for idx in torch.randperm(len(dataset), generator=gen).split(sizes):
-                pixels = images[idx].permute(0, 3, 1, 2).float()
-                if cfg.augment:
-                    pixels = augment_batch(pixels, gen)
+            for idx in torch.randperm(len(labels), generator=gen).split(sizes):
                 y = labels[idx]
-                embeddings = backbone(normalize_pixels(pixels))
+                embeddings = embed(idx)
                 loss = F.cross_entropy(head(embeddings, y), y)
                 with torch.no_grad():
                     correct += int((head.logits(embeddings).argmax(1) == y).sum())
@@ -118,8 +160,52 @@ def train_local(backbone: nn.Module, head: ArcFaceHead, dataset: FaceDataset, cf
         bar.close()
         backbone.train(was_training[0])
         head.train(was_training[1])
-    return TrainResult(loss=loss_sum / len(dataset), accuracy=correct / len(dataset), num_samples=len(dataset),
-                       seconds=time.perf_counter() - start, epochs=cfg.epochs)
+    return loss_sum / len(labels), correct / len(labels)
+
+
+def has_frozen_trunk(backbone: nn.Module) -> bool:
+    """A FrozenTrunk backbone whose trunk holds weights (without any, there is nothing worth caching)."""
+    return isinstance(backbone, FrozenTrunk) and any(True for _ in backbone.trunk.parameters())
+
+
+@dataclass
+class TrunkFeatures:
+    """Frozen-trunk outputs for a dataset's images, and for their mirror images when augmenting."""
+
+    trunk: nn.Module  # the trunk that computed them
+    images: np.ndarray  # the images they belong to
+    plain: torch.Tensor
+    mirrored: torch.Tensor | None
+
+
+class TrunkFeatureCache:
+    """Holds the trunk features of one dataset between train_local calls; recomputed when trunk or images change.
+
+    Images are matched by identity (the same array object): do not modify a cached dataset's images in place.
+    """
+
+    def __init__(self) -> None:
+        self._entry: TrunkFeatures | None = None
+
+    def get(self, backbone: nn.Module, images: np.ndarray, mirrored: bool) -> tuple[TrunkFeatures, float]:
+        """(features, seconds spent computing them now: 0 on a cache hit)."""
+        entry = self._entry
+        if (entry is not None and entry.trunk is backbone.trunk and entry.images is images
+                and (entry.mirrored is not None or not mirrored)):
+            return entry, 0.0
+        start = time.perf_counter()
+        self._entry = TrunkFeatures(backbone.trunk, images, trunk_features(backbone, images),
+                                    trunk_features(backbone, images, mirror=True) if mirrored else None)
+        return self._entry, time.perf_counter() - start
+
+
+def trunk_features(backbone: nn.Module, images: np.ndarray, mirror: bool = False, batch_size: int = 64) -> torch.Tensor:
+    """backbone.trunk_features of uint8 NHWC images (mirrored left-right if asked), batch_size at a time."""
+    with torch.no_grad():  # not inference_mode: the tail's backward pass needs to save these as inputs
+        chunks = [backbone.trunk_features(to_model_input(images[i:i + batch_size][:, :, ::-1] if mirror
+                                                         else images[i:i + batch_size]))
+                  for i in range(0, len(images), batch_size)]
+    return torch.cat(chunks)
 
 
 def embed_images(backbone: nn.Module, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
