@@ -2,28 +2,44 @@
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from fedwire.chunking import DEFAULT_MAX_CHUNK_BYTES
 from fedwire.config import ConfigError, load_config, require
 from fedwire.mqtt import parse_broker_url
 from fedwire.topics import Topics
+from model_zoo.backbones import BACKBONES, build_backbone
 
 
 @dataclass
 class ModelConfig:
     arch: str = "mobilefacenet"
-    act: Literal["relu", "prelu"] = "relu"
-    embedding_size: int = 128
+    act: Literal["relu", "prelu"] = "relu"  # for backbones that take it (MobileFaceNet)
+    embedding_size: int = 128  # likewise
+    options: dict[str, Any] = field(default_factory=dict)  # further constructor kwargs, e.g. {trainable: last}
     seed: int = 0
     init_checkpoint: Path | None = None  # start from these weights instead of a seeded init
 
     def check(self) -> None:
+        require(self.arch in BACKBONES, "arch", f"must be one of {', '.join(sorted(BACKBONES))}")
         require(self.embedding_size >= 8, "embedding_size", "must be >= 8")
+        require(not {"act", "embedding_size"} & set(self.options), "options",
+                "set act and embedding_size as model fields, not options")
+        try:  # the constructor knows which values it takes; a pretrained backbone also needs its weights here
+            build_backbone(self.arch, **self.backbone_kwargs())
+        except (TypeError, ValueError, FileNotFoundError) as exc:
+            raise ConfigError("options", f"{self.arch} rejects {self.options}: {exc}") from None
         if self.init_checkpoint is not None:
             require(self.init_checkpoint.is_file(), "init_checkpoint", f"no such file: {self.init_checkpoint}")
+
+    def backbone_kwargs(self) -> dict[str, Any]:
+        """Constructor kwargs: act and embedding_size where the backbone takes them, then the options."""
+        accepted = inspect.signature(BACKBONES[self.arch]).parameters
+        common = {"act": self.act, "embedding_size": self.embedding_size}
+        return {**{k: v for k, v in common.items() if k in accepted}, **self.options}
 
 
 @dataclass
@@ -34,9 +50,11 @@ class TrainSettings:
     lr: float = 0.05
     momentum: float = 0.9
     weight_decay: float = 5e-4
+    margin: float = 0.5  # ArcFace additive angular margin of the devices' heads, in radians
 
     def check(self) -> None:
         require(self.local_epochs >= 1, "local_epochs", "must be >= 1")
+        require(0 <= self.margin < 1.5, "margin", "must be in [0, 1.5) radians")
         require(0 < self.lr <= 10, "lr", "must be in (0, 10]")
         require(0 <= self.momentum < 1, "momentum", "must be in [0, 1)")
         require(self.weight_decay >= 0, "weight_decay", "must be >= 0")

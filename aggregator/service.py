@@ -21,12 +21,12 @@ from aggregator.state import StateDir
 from aggregator.strategy import FedAvg
 from aggregator.validation import UpdateRejected, check_finite, check_update_manifest
 from fedwire.broker import EmbeddedBroker
-from fedwire.chunking import Reassembler, build_transfer
+from fedwire.chunking import Reassembler, build_transfer, unpack_chunk
 from fedwire.codec import tensor_specs
 from fedwire.errors import ProtocolError
 from fedwire.messages import DeviceStatus, RoundAnnouncement, RoundSummary, TransferManifest, UpdateAck
 from fedwire.mqtt import MqttLink
-from model_zoo.backbones import build_backbone
+from model_zoo.backbones import MACHINE_LOCAL_KWARGS, build_backbone
 from model_zoo.checkpoint import load_checkpoint, load_shared_tensors, shared_tensors
 
 log = logging.getLogger("facefed.aggregator")
@@ -56,7 +56,7 @@ class AggregatorService:
         self.strategy = FedAvg(train=_train_dict(config))
         self.reassembler = Reassembler(max_payload_bytes=config.max_update_bytes, timeout_s=config.round_timeout_s)
         self.events: queue.Queue[tuple[str, bytes]] = queue.Queue()
-        self.backbone = build_backbone(config.model.arch, embedding_size=config.model.embedding_size, act=config.model.act)
+        self.backbone = build_backbone(config.model.arch, **config.model.backbone_kwargs())
         self.global_tensors: dict[str, np.ndarray] = {}
         self.model_version = 0
         self.global_bytes = 0
@@ -117,7 +117,7 @@ class AggregatorService:
         import torch
 
         torch.manual_seed(model.seed)
-        backbone = build_backbone(model.arch, embedding_size=model.embedding_size, act=model.act)
+        backbone = build_backbone(model.arch, **model.backbone_kwargs())
         return shared_tensors(backbone)
 
     def _connect(self) -> None:
@@ -280,7 +280,12 @@ class AggregatorService:
             current.rejected += 1
             self._reject(device_id, manifest, str(exc))
             return
-        self._complete(device_id, self.reassembler.add_manifest(device_id, manifest, time.time()))
+        try:
+            completed = self.reassembler.add_manifest(device_id, manifest, time.time())
+        except ProtocolError as exc:
+            self._transfer_fault(device_id, manifest.transfer_id, exc)
+            return
+        self._complete(device_id, completed)
 
     def _on_update_chunk(self, device_id: str, payload: bytes) -> None:
         if self.current is not None:
@@ -288,11 +293,19 @@ class AggregatorService:
         try:
             completed = self.reassembler.add_chunk(device_id, payload, time.time())
         except ProtocolError as exc:
-            log.warning("dropped update transfer from %s: %s", device_id, exc)
-            if self.current is not None:
-                self._send_ack(UpdateAck(device_id, self.current.number, "", False, f"transfer fault: {exc}"))
+            try:
+                transfer_id = unpack_chunk(payload)[0].transfer_id
+            except ProtocolError:
+                transfer_id = None  # not even a chunk header: nothing the device could resend
+            self._transfer_fault(device_id, transfer_id, exc)
             return
         self._complete(device_id, completed)
+
+    def _transfer_fault(self, device_id: str, transfer_id: str | None, exc: ProtocolError) -> None:
+        """A chunk went missing or bad in transit: drop it and tell the device, which resends."""
+        log.warning("dropped update transfer from %s: %s", device_id, exc)
+        if self.current is not None and transfer_id is not None:
+            self._send_ack(UpdateAck(device_id, self.current.number, transfer_id, False, f"transfer fault: {exc}"))
 
     def _complete(self, device_id: str, completed) -> None:
         if completed is None:
@@ -347,8 +360,9 @@ def _train_dict(config: AggregatorConfig) -> dict[str, Any]:
     t, m = config.train, config.model
     return {
         "local_epochs": t.local_epochs, "lr": t.lr, "momentum": t.momentum, "weight_decay": t.weight_decay,
+        "margin": t.margin,
         # Devices build the same backbone from this before loading the global tensors.
-        "model": {"arch": m.arch, "act": m.act, "embedding_size": m.embedding_size},
+        "model": {"arch": m.arch, **{k: v for k, v in m.backbone_kwargs().items() if k not in MACHINE_LOCAL_KWARGS}},
     }
 
 

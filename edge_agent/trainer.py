@@ -16,14 +16,11 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from model_zoo.backbones import build_backbone
+from model_zoo.backbones import MACHINE_LOCAL_KWARGS, FrozenTrunk, build_backbone
 from model_zoo.checkpoint import load_shared_tensors, shared_tensors
 from model_zoo.data import FaceDataset
 from model_zoo.losses import ArcFaceHead
-from model_zoo.train import TrainConfig, TrainResult, train_local
-
-# Model settings an announcement may carry; anything else is the device's business.
-MODEL_KEYS = ("arch", "act", "embedding_size")
+from model_zoo.train import TrainConfig, TrainResult, TrunkFeatureCache, embed_images, imprint_head, train_local
 
 
 @dataclass
@@ -43,6 +40,7 @@ class LocalTrainer:
         self.seed = seed
         self._backbone = None
         self._model_spec: dict[str, Any] | None = None
+        self._trunk_cache = TrunkFeatureCache()  # frozen-trunk features of the local images, kept across rounds
 
     @property
     def num_samples(self) -> int:
@@ -53,7 +51,7 @@ class LocalTrainer:
                     progress: bool = False) -> RoundResult:
         backbone = self._backbone_for(model_spec)
         load_shared_tensors(backbone, global_tensors)
-        head = self._load_head(model_spec.get("embedding_size", 128))
+        head = self._load_head(backbone, model_spec.get("embedding_size", 128), float(settings.get("margin", 0.5)))
         cfg = TrainConfig(
             epochs=int(settings.get("local_epochs", default_epochs)),
             batch_size=self.batch_size,
@@ -63,12 +61,13 @@ class LocalTrainer:
             augment=self.augment,
             seed=self.seed + round_number,
         )
-        result = train_local(backbone, head, self.dataset, cfg, progress=progress)
+        result = train_local(backbone, head, self.dataset, cfg, progress=progress, trunk_cache=self._trunk_cache)
         self._save_head(head, model_spec.get("embedding_size", 128))
         return RoundResult(shared_tensors(backbone), result)
 
     def _backbone_for(self, model_spec: dict[str, Any]):
-        spec = {k: model_spec[k] for k in MODEL_KEYS if k in model_spec}
+        # Where this device keeps pretrained weights is its own business, whatever the announcement says.
+        spec = {k: v for k, v in model_spec.items() if k not in MACHINE_LOCAL_KWARGS}
         if self._backbone is None or spec != self._model_spec:
             arch = spec.get("arch", "mobilefacenet")
             kwargs = {k: v for k, v in spec.items() if k != "arch"}

@@ -9,6 +9,10 @@ import os
 import sys
 from pathlib import Path
 
+# Fine-tuning a pretrained embedder needs small steps and a small margin, or it forgets more than it learns
+# from a few identities (bench/faceapi_finetune.py).
+SIM_DEFAULTS = {"mobilefacenet": {"lr": 0.05, "margin": 0.5}, "faceapi-resnet": {"lr": 1e-4, "margin": 0.1}}
+
 NO_DATA_HELP = """\
 facefed: no face dataset found. Looked in:
 {places}
@@ -40,7 +44,14 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--clients", type=int, default=3, help="number of agent processes (default 3)")
     sim.add_argument("--rounds", type=int, default=10, help="federated rounds (default 10)")
     sim.add_argument("--local-epochs", type=int, default=2, help="local epochs per round (default 2)")
-    sim.add_argument("--lr", type=float, default=0.05, help="local SGD learning rate (default 0.05)")
+    sim.add_argument("--model", choices=sorted(SIM_DEFAULTS), default="mobilefacenet",
+                     help="backbone: mobilefacenet from scratch, or the pretrained face-api ResNet fine-tuned "
+                     "(weights from $FACEFED_FACEAPI_DIR or ../shared/models/faceapi) (default mobilefacenet)")
+    sim.add_argument("--trainable", choices=["last", "last2", "all"],
+                     help="faceapi-resnet only: trailing stages fine-tuned with the projection; the rest is "
+                     "frozen, its features cached on each device, and never sent (default last)")
+    sim.add_argument("--lr", type=float, help="local SGD learning rate (default 0.05; faceapi-resnet 1e-4)")
+    sim.add_argument("--margin", type=float, help="ArcFace margin in radians (default 0.5; faceapi-resnet 0.1)")
     sim.add_argument("--split", choices=["identity", "dirichlet"], default="identity",
                      help="by-identity (disjoint people per client) or Dirichlet non-IID (default identity)")
     sim.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration (default 0.5)")
@@ -105,10 +116,17 @@ def _simulate(args: argparse.Namespace) -> int:
     if missing:
         print(f"facefed: no such dataset folder: {missing[0]}", file=sys.stderr)
         return 2
+    if args.trainable is not None and args.model != "faceapi-resnet":
+        print("facefed simulate: --trainable applies to --model faceapi-resnet only", file=sys.stderr)
+        return 2
+    defaults = SIM_DEFAULTS[args.model]
     cfg = SimulationConfig(
         data=data, out=args.out, clients=args.clients, rounds=args.rounds, local_epochs=args.local_epochs,
-        lr=args.lr, split=args.split, alpha=args.alpha, holdout=args.holdout, seed=args.seed,
-        broker=args.broker, act=args.act, max_chunk_bytes=args.max_chunk_bytes,
+        lr=defaults["lr"] if args.lr is None else args.lr,
+        margin=defaults["margin"] if args.margin is None else args.margin,
+        split=args.split, alpha=args.alpha, holdout=args.holdout, seed=args.seed, broker=args.broker,
+        arch=args.model, act=args.act, max_chunk_bytes=args.max_chunk_bytes,
+        model_options={"trainable": args.trainable or "last"} if args.model == "faceapi-resnet" else {},
     )
     print(f"facefed simulate: {args.clients} clients, {args.rounds} rounds, data {', '.join(map(str, data))}")
     bar = tqdm(total=args.rounds, unit="round", desc="federation", file=sys.stderr)

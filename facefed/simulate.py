@@ -35,13 +35,16 @@ class SimulationConfig:
     rounds: int = 10
     local_epochs: int = 2
     lr: float = 0.05
+    margin: float = 0.5  # ArcFace margin of the devices' heads
     split: str = "identity"  # "identity" or "dirichlet"
     alpha: float = 0.5
     holdout: int | None = None  # held-out identities; None = a quarter of them
     seed: int = 0
     broker: str | None = None  # None = embedded broker on a free loopback port
     topic_prefix: str | None = None  # None = a fresh one per run, so runs can share a broker
+    arch: str = "mobilefacenet"
     act: str = "relu"
+    model_options: dict = field(default_factory=dict)  # further backbone kwargs, e.g. {"trainable": "last"}
     batch_size: int = 32
     threads_per_agent: int = 1
     max_chunk_bytes: int = 256 * 1024
@@ -93,8 +96,8 @@ def write_run_folder(cfg: SimulationConfig, clients: list[FaceDataset], holdout:
         "min_clients": cfg.clients,
         "round_timeout_s": cfg.round_timeout_s,
         "max_chunk_bytes": cfg.max_chunk_bytes,
-        "model": {"arch": "mobilefacenet", "act": cfg.act, "seed": cfg.seed},
-        "train": {"local_epochs": cfg.local_epochs, "lr": cfg.lr},
+        "model": {"arch": cfg.arch, "act": cfg.act, "options": cfg.model_options, "seed": cfg.seed},
+        "train": {"local_epochs": cfg.local_epochs, "lr": cfg.lr, "margin": cfg.margin},
         "eval": {"data": str(out / "eval" / "holdout")},
     }
     aggregator_path = out / "aggregator.yaml"

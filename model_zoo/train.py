@@ -208,6 +208,22 @@ def trunk_features(backbone: nn.Module, images: np.ndarray, mirror: bool = False
     return torch.cat(chunks)
 
 
+def imprint_head(head: ArcFaceHead, embeddings: np.ndarray, labels: np.ndarray) -> None:
+    """Set each class centre to the normalised mean embedding of its samples (weight imprinting, Qi et al. 2018).
+
+    Fine-tuning a pretrained embedder from a random head lets the head's first gradients scramble the
+    features; from the centroids the loss starts where the embedder already is.
+    """
+    embeddings = F.normalize(torch.as_tensor(np.asarray(embeddings), dtype=torch.float32), dim=1)
+    labels = torch.as_tensor(np.asarray(labels))
+    if len(embeddings) != len(labels) or embeddings.shape[1] != head.embedding_size:
+        raise ValueError(f"need [{len(labels)}, {head.embedding_size}] embeddings, got {tuple(embeddings.shape)}")
+    sums = torch.zeros(head.num_classes, head.embedding_size).index_add_(0, labels, embeddings)
+    with torch.no_grad():
+        present = torch.bincount(labels, minlength=head.num_classes) > 0  # classes without samples keep their init
+        head.weight[present] = F.normalize(sums[present], dim=1)
+
+
 def embed_images(backbone: nn.Module, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
     """float32 [N, D] embeddings in eval mode; the backbone's train/eval mode is restored afterwards."""
     images = np.asarray(images)

@@ -1,0 +1,108 @@
+"""The aggregator's update handling, driven message by message, with a real embedded broker for its replies."""
+
+import json
+import time
+
+import numpy as np
+import pytest
+
+from aggregator.config import AggregatorConfig
+from aggregator.service import AggregatorService
+from fedwire.chunking import build_transfer
+from fedwire.config import parse_config
+from fedwire.messages import UpdateAck
+from fedwire.mqtt import MqttLink
+from fedwire.topics import Topics
+
+
+@pytest.fixture
+def service(embedded_broker, tmp_path):
+    cfg = parse_config(AggregatorConfig, {"state_dir": str(tmp_path / "state"), "broker": embedded_broker,
+                                          "rounds": 2, "min_clients": 2, "max_chunk_bytes": 128 * 1024})
+    svc = AggregatorService(cfg)
+    svc._restore_or_init()
+    svc._connect()
+    svc._open_round(1)
+    yield svc
+    svc.close()
+
+
+def _send(svc, device, tensors, *, round_number=1, version=0, n=10, sender=None, corrupt_chunk=None):
+    manifest, chunks = build_transfer("update", sender or device, round_number, version, tensors,
+                                      num_samples=n, max_chunk_bytes=128 * 1024)
+    topics = Topics()
+    for i, chunk in enumerate(chunks):
+        if i == corrupt_chunk:
+            chunk = chunk[:-1] + bytes([chunk[-1] ^ 0xFF])
+        svc.handle_message(topics.update_chunk(device, i), chunk)
+    svc.handle_message(topics.update_manifest(device), manifest.to_json())
+
+
+def _shifted(svc, delta):
+    return {k: (v + delta).astype(v.dtype) for k, v in svc.global_tensors.items()}
+
+
+def _ack_recorder(url):
+    acks = []
+    link = MqttLink(url, client_id="ack-recorder", on_message=lambda t, p: acks.append(UpdateAck.from_json(p)),
+                    subscriptions=["facefed/ack/+"])
+    link.connect()
+    return link, acks
+
+
+def test_only_valid_fresh_updates_count_and_the_round_completes(service, embedded_broker):
+    svc = service
+    recorder, acks = _ack_recorder(embedded_broker)
+    start = {k: v.copy() for k, v in svc.global_tensors.items()}
+    a, g = _shifted(svc, 1.0), _shifted(svc, -2.0)
+
+    _send(svc, "dev-a", a, n=30)
+    assert svc.strategy.num_updates == 1
+    _send(svc, "dev-a", _shifted(svc, 5.0), n=30)  # a second update from the same device
+    _send(svc, "dev-b", a, round_number=0)  # stale round
+    _send(svc, "dev-c", a, version=7)  # trained from a model we never published
+    _send(svc, "dev-d", {**a, next(iter(a)): np.full_like(next(iter(a.values())), np.nan)})
+    _send(svc, "dev-e", a, sender="dev-f")  # speaks for another device
+    name = next(iter(a))
+    _send(svc, "dev-h", {**a, name: np.zeros((3, 3), np.float32)})  # wrong shape
+    for garbage_topic in ("facefed/update/dev-i/manifest", "facefed/update/dev-i/chunk/0", "facefed/update/x y/manifest"):
+        svc.handle_message(garbage_topic, b"\x00garbage")
+    _send(svc, "dev-g", g, n=10, corrupt_chunk=1)  # transfer fault: dropped, never averaged
+    assert svc.strategy.num_updates == 1
+    assert svc.current.rejected == 5
+
+    _send(svc, "dev-g", g, n=10)  # the retry
+    assert svc.strategy.num_updates == 2
+    svc._check_round_close(time.time())
+
+    assert svc.model_version == 1 and svc.current.number == 2
+    for k, v in svc.global_tensors.items():
+        if np.issubdtype(v.dtype, np.floating):
+            expected = (30 * (start[k].astype(np.float64) + 1.0) + 10 * (start[k].astype(np.float64) - 2.0)) / 40
+            np.testing.assert_allclose(v, expected.astype(np.float32), rtol=0, atol=1e-6)
+    entry = json.loads(svc.state.log_path.read_text().splitlines()[-1])
+    assert entry["round"] == 1 and entry["clients"] == 2 and entry["client_ids"] == ["dev-a", "dev-g"]
+    assert entry["num_samples"] == 40 and entry["rejected"] == 5
+    assert svc.state.checkpoint_path(1).exists()
+
+    deadline = time.time() + 5
+    while len([a for a in acks if a.device_id == "dev-g"]) < 2 and time.time() < deadline:
+        time.sleep(0.05)
+    recorder.close()
+    g_acks = [a for a in acks if a.device_id == "dev-g"]
+    assert [a.accepted for a in g_acks] == [False, True]
+    assert g_acks[0].reason.startswith("transfer fault")  # the agent resends on exactly this
+    reasons = {a.device_id: a.reason for a in acks if not a.accepted}
+    assert "stale" in reasons["dev-b"] and "model version" in reasons["dev-c"]
+    assert "NaN" in reasons["dev-d"] and "shape" in reasons["dev-h"]
+
+
+def test_deadline_closes_a_round_with_what_arrived_or_reannounces_an_empty_one(service):
+    svc = service
+    first_announcement = svc.current.announcement.announce_id
+    svc._check_round_close(svc.current.announcement.deadline + 1)
+    assert svc.model_version == 0 and svc.current.number == 1
+    assert svc.current.announcement.announce_id != first_announcement  # announced again
+    _send(svc, "dev-a", _shifted(svc, 1.0))
+    svc._check_round_close(svc.current.announcement.deadline + 1)
+    assert svc.model_version == 1  # one of two clients was enough once the deadline passed
