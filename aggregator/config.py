@@ -84,7 +84,9 @@ class AggregatorConfig:
     round_timeout_s: float = 600.0
     max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES
     max_update_bytes: int = 64 * 1024 * 1024
-    strategy: Literal["fedavg"] = "fedavg"
+    strategy: Literal["fedavg", "median", "trimmed_mean"] = "fedavg"
+    clip_norm: float | None = None  # bound each update's L2 distance from the global model
+    trim_fraction: float = 0.2  # trimmed_mean: share of values dropped at each end, per coordinate
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainSettings = field(default_factory=TrainSettings)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -103,6 +105,8 @@ class AggregatorConfig:
         require(self.round_timeout_s > 0, "round_timeout_s", "must be > 0")
         require(1024 <= self.max_chunk_bytes <= 256 * 1024 * 1024, "max_chunk_bytes", "must be in [1 KiB, 256 MiB]")
         require(self.max_update_bytes >= self.max_chunk_bytes, "max_update_bytes", "must be >= max_chunk_bytes")
+        require(self.clip_norm is None or self.clip_norm > 0, "clip_norm", "must be > 0 (or null for no clipping)")
+        require(0 <= self.trim_fraction < 0.5, "trim_fraction", "must be in [0, 0.5)")
 
     @property
     def topics(self) -> Topics:

@@ -18,7 +18,7 @@ import numpy as np
 
 from aggregator.config import AggregatorConfig
 from aggregator.state import StateDir
-from aggregator.strategy import FedAvg
+from aggregator.strategy import build_strategy
 from aggregator.validation import UpdateRejected, check_finite, check_update_manifest
 from fedwire.broker import EmbeddedBroker
 from fedwire.chunking import Reassembler, build_transfer, unpack_chunk
@@ -53,7 +53,7 @@ class AggregatorService:
         self.config = config
         self.topics = config.topics
         self.state = StateDir(config.state_dir)
-        self.strategy = FedAvg(train=_train_dict(config))
+        self.strategy = build_strategy(config.strategy, _train_dict(config), config.clip_norm, config.trim_fraction)
         self.reassembler = Reassembler(max_payload_bytes=config.max_update_bytes, timeout_s=config.round_timeout_s)
         self.events: queue.Queue[tuple[str, bytes]] = queue.Queue()
         self.backbone = build_backbone(config.model.arch, **config.model.backbone_kwargs())

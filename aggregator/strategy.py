@@ -12,26 +12,38 @@ from typing import Any
 import numpy as np
 
 from aggregator.fedavg import WeightedSum
+from aggregator.robust import clip_update, coordinate_median, trimmed_mean
+
+Tensors = Mapping[str, np.ndarray]
 
 
 class FedAvg:
-    """McMahan et al. 2017: weighted by each client's sample count n_k."""
+    """McMahan et al. 2017: weighted by each client's sample count n_k, streamed."""
 
     name = "fedavg"
 
-    def __init__(self, train: Mapping[str, Any] | None = None) -> None:
+    def __init__(self, train: Mapping[str, Any] | None = None, clip_norm: float | None = None) -> None:
         self._train = dict(train or {})
+        self._clip_norm = clip_norm
+        self._global: Tensors = {}
         self._sum = WeightedSum()
 
     def configure_round(self, round_number: int) -> dict[str, Any]:
         """Training settings announced to the devices for this round."""
         return dict(self._train)
 
-    def begin_round(self, global_tensors: Mapping[str, np.ndarray]) -> None:
+    def begin_round(self, global_tensors: Tensors) -> None:
+        self._global = global_tensors
         self._sum = WeightedSum()
 
-    def accumulate(self, tensors: Mapping[str, np.ndarray], num_samples: int) -> None:
-        self._sum.add(tensors, num_samples)
+    def accumulate(self, tensors: Tensors, num_samples: int) -> None:
+        self._sum.add(self.clip(tensors), num_samples)
+
+    def clip(self, tensors: Tensors) -> Tensors:
+        """Bound the update's distance from the global model, when clipping is on."""
+        if self._clip_norm is None:
+            return tensors
+        return clip_update(tensors, self._global, self._clip_norm)
 
     @property
     def num_updates(self) -> int:
@@ -39,3 +51,46 @@ class FedAvg:
 
     def aggregate(self) -> dict[str, np.ndarray]:
         return self._sum.mean()
+
+
+class CoordinateMedian(FedAvg):
+    """Coordinate-wise median of the round's (clipped) updates; keeps them all in memory."""
+
+    name = "median"
+
+    def begin_round(self, global_tensors: Tensors) -> None:
+        super().begin_round(global_tensors)
+        self._updates: list[Tensors] = []
+
+    def accumulate(self, tensors: Tensors, num_samples: int) -> None:
+        self._updates.append(self.clip(tensors))
+
+    @property
+    def num_updates(self) -> int:
+        return len(self._updates)
+
+    def aggregate(self) -> dict[str, np.ndarray]:
+        return coordinate_median(self._updates)
+
+
+class TrimmedMean(CoordinateMedian):
+    """Coordinate-wise trimmed mean: the top and bottom trim_fraction of values are dropped."""
+
+    name = "trimmed_mean"
+
+    def __init__(self, train: Mapping[str, Any] | None = None, clip_norm: float | None = None,
+                 trim_fraction: float = 0.2) -> None:
+        super().__init__(train, clip_norm)
+        self._trim_fraction = trim_fraction
+
+    def aggregate(self) -> dict[str, np.ndarray]:
+        return trimmed_mean(self._updates, self._trim_fraction)
+
+
+STRATEGIES = {cls.name: cls for cls in (FedAvg, CoordinateMedian, TrimmedMean)}
+
+
+def build_strategy(name: str, train: Mapping[str, Any], clip_norm: float | None, trim_fraction: float) -> FedAvg:
+    if name == TrimmedMean.name:
+        return TrimmedMean(train, clip_norm, trim_fraction)
+    return STRATEGIES[name](train, clip_norm)
