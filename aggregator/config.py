@@ -84,6 +84,7 @@ class AggregatorConfig:
     round_timeout_s: float = 600.0
     max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES
     max_update_bytes: int = 64 * 1024 * 1024
+    signing_key: Path | None = None  # Ed25519 PEM: sign every global manifest and round announcement
     strategy: Literal["fedavg", "median", "trimmed_mean"] = "fedavg"
     clip_norm: float | None = None  # bound each update's L2 distance from the global model
     trim_fraction: float = 0.2  # trimmed_mean: share of values dropped at each end, per coordinate
@@ -107,6 +108,8 @@ class AggregatorConfig:
         require(self.max_update_bytes >= self.max_chunk_bytes, "max_update_bytes", "must be >= max_chunk_bytes")
         require(self.clip_norm is None or self.clip_norm > 0, "clip_norm", "must be > 0 (or null for no clipping)")
         require(0 <= self.trim_fraction < 0.5, "trim_fraction", "must be in [0, 0.5)")
+        if self.signing_key is not None:
+            require(self.signing_key.is_file(), "signing_key", f"no such file: {self.signing_key}")
 
     @property
     def topics(self) -> Topics:

@@ -26,6 +26,7 @@ from fedwire.codec import tensor_specs
 from fedwire.errors import ProtocolError
 from fedwire.messages import DeviceStatus, RoundAnnouncement, RoundSummary, TransferManifest, UpdateAck
 from fedwire.mqtt import MqttLink
+from fedwire.signing import load_signing_key, sign
 from model_zoo.backbones import MACHINE_LOCAL_KWARGS, build_backbone
 from model_zoo.checkpoint import load_checkpoint, load_shared_tensors, shared_tensors
 
@@ -63,6 +64,7 @@ class AggregatorService:
         self.current: OpenRound | None = None
         self.devices: dict[str, str] = {}
         self._eval_data = None
+        self._signing_key = load_signing_key(config.signing_key) if config.signing_key else None
         self._broker: EmbeddedBroker | None = None
         self._link: MqttLink | None = None
 
@@ -161,7 +163,7 @@ class AggregatorService:
         )
         self.strategy.begin_round(self.global_tensors)
         self.current = OpenRound(number, self.model_version, announcement, time.time())
-        self._link.publish(self.topics.round, announcement.to_json(), retain=True)
+        self._link.publish(self.topics.round, self._signed(announcement).to_json(), retain=True)
         log.info("round %d open: model v%d, quorum %d, deadline in %.0f s",
                  number, self.model_version, self.config.min_clients, self.config.round_timeout_s)
 
@@ -216,7 +218,7 @@ class AggregatorService:
             max_chunk_bytes=self.config.max_chunk_bytes,
         )
         self.global_bytes = self._link.publish_transfer(
-            self.topics.global_manifest, self.topics.global_chunk, manifest, chunks, retain=True
+            self.topics.global_manifest, self.topics.global_chunk, self._signed(manifest), chunks, retain=True
         )
         log.debug("published global model v%d (%d bytes in %d chunks)", self.model_version, self.global_bytes, len(chunks))
 
@@ -230,7 +232,7 @@ class AggregatorService:
             min_clients=self.config.min_clients,
             train={},
         )
-        self._link.publish(self.topics.round, announcement.to_json(), retain=True)
+        self._link.publish(self.topics.round, self._signed(announcement).to_json(), retain=True)
         log.info("federation finished after round %d; final model %s",
                  self.model_version, self.state.checkpoint_path(self.model_version))
 
@@ -351,6 +353,9 @@ class AggregatorService:
         metrics = {"val_accuracy": report["accuracy"], "eer": report["eer"], "rank1": report["rank1"]}
         metrics.update({f"tar_at_far_{k}": v for k, v in report["tar_at_far"].items()})
         return metrics
+
+    def _signed(self, message):
+        return sign(message, self._signing_key) if self._signing_key is not None else message
 
     def _checkpoint_meta(self) -> dict[str, Any]:
         return {"model_version": self.model_version, "strategy": self.strategy.name}

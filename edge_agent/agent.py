@@ -20,6 +20,7 @@ from fedwire.chunking import Reassembler, build_transfer
 from fedwire.errors import ProtocolError
 from fedwire.messages import DeviceStatus, RoundAnnouncement, TransferManifest, UpdateAck
 from fedwire.mqtt import MqttLink
+from fedwire.signing import SignatureError, load_verify_key, verify
 
 log = logging.getLogger("facefed.agent")
 
@@ -56,8 +57,11 @@ class EdgeAgent:
         self.upload: PendingUpload | None = None
         self.finished = False
         self.rounds_trained = 0
+        self.status_state = "offline"
+        self.last_refusal = ""
         self._waiting_since: float | None = None
         self._link: MqttLink | None = None
+        self._verify_key = load_verify_key(config.aggregator_key) if config.aggregator_key else None
 
     # ---- lifecycle -----------------------------------------------------------
 
@@ -103,18 +107,29 @@ class EdgeAgent:
         try:
             parsed = self.topics.parse(topic)
             if parsed.kind == "round":
-                self._on_announcement(RoundAnnouncement.from_json(payload))
+                self._on_announcement(self._trusted(RoundAnnouncement.from_json(payload)))
             elif parsed.kind == "global_manifest":
-                self._on_global(self.reassembler.add_manifest("global", TransferManifest.from_json(payload), time.time()))
+                manifest = self._trusted(TransferManifest.from_json(payload))
+                self._on_global(self.reassembler.add_manifest("global", manifest, time.time()))
             elif parsed.kind == "global_chunk":
                 if payload:  # an empty retained payload only clears the topic
                     self._on_global(self.reassembler.add_chunk("global", payload, time.time()))
             elif parsed.kind == "ack":
                 self._on_ack(UpdateAck.from_json(payload))
+        except SignatureError as exc:
+            log.error("refused %s: %s", topic, exc)
+            self.last_refusal = f"refused {topic}: {exc}"
+            self._set_status(self.status_state, detail=self.last_refusal)  # reported to the operator
         except ProtocolError as exc:
             log.warning("dropped message on %s (%d bytes): %s", topic, len(payload), exc)
             if "global" in topic:
                 self._refetch_global()
+
+    def _trusted(self, message):
+        """Check the aggregator's signature before anything in the message is used."""
+        if self._verify_key is not None:
+            verify(message, self._verify_key)
+        return message
 
     def _on_announcement(self, announcement: RoundAnnouncement) -> None:
         self.announcement = announcement
@@ -216,5 +231,6 @@ class EdgeAgent:
         self._link.resubscribe(self.topics.global_chunk("+"))
 
     def _set_status(self, state: str, round_number: int | None = None, detail: str = "") -> None:
+        self.status_state = state
         status = DeviceStatus(self.device_id, state, round_number, time.time(), detail)
         self._link.publish(self.topics.status(self.device_id), status.to_json(), retain=True)

@@ -49,6 +49,7 @@ class AgentConfig:
     seed: int = 0
     upload_retries: int = 2
     exit_when_finished: bool = False  # a fleet device keeps waiting for the next federation
+    aggregator_key: Path | None = None  # Ed25519 public key: refuse unsigned or altered models and rounds
 
     def check(self) -> None:
         try:
@@ -61,6 +62,8 @@ class AgentConfig:
             raise ConfigError("broker", str(exc)) from None
         require(self.data.is_dir(), "data", f"no such directory: {self.data}")
         require(0 <= self.upload_retries <= 10, "upload_retries", "must be in [0, 10]")
+        if self.aggregator_key is not None:
+            require(self.aggregator_key.is_file(), "aggregator_key", f"no such file: {self.aggregator_key}")
 
     @property
     def topics(self) -> Topics:

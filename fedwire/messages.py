@@ -32,6 +32,7 @@ DEVICE_STATES = frozenset({"online", "training", "uploading", "idle", "offline"}
 
 _ID_HEX = re.compile(r"[0-9a-f]{32}")
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+_SIGNATURE_B64 = re.compile(r"(?:[A-Za-z0-9+/]{86}==)?")  # a 64-byte Ed25519 signature, or empty
 _MISSING = object()
 _M = TypeVar("_M", bound="_Message")
 _T = TypeVar("_T")
@@ -200,6 +201,12 @@ class _Message:
         # Re-reading validates (naming the field) and turns numpy scalars into plain numbers.
         return _dump(type(self).from_dict(self.to_dict()).to_dict())
 
+    def signing_bytes(self) -> bytes:
+        """What a signature covers: the canonical JSON (sorted keys, no spaces) without "signature"."""
+        canonical = type(self).from_dict(self.to_dict()).to_dict()
+        canonical.pop("signature", None)
+        return _dump(canonical)
+
 
 @dataclass(frozen=True)
 class TensorSpec:
@@ -239,6 +246,7 @@ class TransferManifest(_Message):
     chunk_sha256: list[str]  # sha256 of each chunk's data, header excluded
     metrics: dict[str, float] = field(default_factory=dict)
     codec: str = "safetensors"
+    signature: str = ""  # Ed25519 over signing_bytes(), base64; "" = unsigned (see fedwire/signing.py)
     protocol: int = PROTOCOL_VERSION
 
     @property
@@ -261,6 +269,7 @@ class TransferManifest(_Message):
             chunk_sha256=f.each("chunk_sha256", _matching(_SHA256_HEX)),
             metrics=f.float_map("metrics", {}),
             codec=f.text("codec", default="safetensors", choices=CODECS),
+            signature=f.text("signature", default="", pattern=_SIGNATURE_B64),
         )
         _check_manifest_consistency(manifest)
         return manifest
@@ -287,6 +296,7 @@ class RoundAnnouncement(_Message):
     deadline: float  # unix seconds
     min_clients: int
     train: dict[str, Any]  # local training hyper-parameters, e.g. {"local_epochs": 1, "lr": 0.05}
+    signature: str = ""  # as in TransferManifest
     protocol: int = PROTOCOL_VERSION
 
     @classmethod
@@ -299,6 +309,7 @@ class RoundAnnouncement(_Message):
             deadline=f.number("deadline", minimum=0.0),
             min_clients=f.integer("min_clients"),
             train=f.mapping("train"),
+            signature=f.text("signature", default="", pattern=_SIGNATURE_B64),
         )
 
 
