@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from edge_agent.config import AgentConfig
+from edge_agent.train_window import may_train, read_device
 from edge_agent.trainer import LocalTrainer
 from fedwire.chunking import Reassembler, build_transfer
 from fedwire.errors import ProtocolError
@@ -177,6 +178,12 @@ class EdgeAgent:
             return
         if not self.config.device.training:
             self.handled.add(ann.announce_id)
+            return
+        allowed, reason = may_train(self.config.device.train_window, read_device())
+        if not allowed:
+            log.info("round %d skipped: %s", ann.round, reason)
+            self.handled.add(ann.announce_id)
+            self._set_status("idle", ann.round, detail=f"skipped round: {reason}")
             return
         if ann.deadline < now:
             log.info("round %d already past its deadline; waiting for the next one", ann.round)

@@ -6,7 +6,7 @@ section, then command-line overrides.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -19,14 +19,41 @@ DEFAULT_BROKER = "mqtt://127.0.0.1:1883"
 
 
 @dataclass
+class CameraSettings:
+    source: str = "0"  # camera index, video file, rtsp:// URL or image folder
+    width: int = 640
+    height: int = 480
+    fps: int = 15
+
+    def check(self) -> None:
+        require(bool(self.source), "source", "must not be empty")
+        require(64 <= self.width <= 7680, "width", "must be in [64, 7680]")
+        require(64 <= self.height <= 4320, "height", "must be in [64, 4320]")
+        require(1 <= self.fps <= 240, "fps", "must be in [1, 240]")
+
+
+@dataclass
+class TrainWindow:
+    """When the device may train; a condition the platform cannot report counts as met."""
+
+    only_when_charging: bool = False
+    max_load_per_core: float | None = None  # 1-minute load average per core must be at most this
+
+    def check(self) -> None:
+        require(self.max_load_per_core is None or self.max_load_per_core > 0, "max_load_per_core", "must be > 0")
+
+
+@dataclass
 class DeviceProfile:
     name: str
-    backend: Literal["torch"] = "torch"
+    backend: Literal["torch", "onnx", "tflite"] = "torch"  # runtime for inference (embedding)
     threads: int = 1
     training: bool = True
     batch_size: int = 32
     local_epochs: int = 1
     max_chunk_bytes: int = 256 * 1024
+    camera: CameraSettings = field(default_factory=CameraSettings)
+    train_window: TrainWindow = field(default_factory=TrainWindow)
 
     def check(self) -> None:
         require(1 <= self.threads <= 256, "threads", "must be in [1, 256]")

@@ -218,11 +218,15 @@ class _CalibrationReader:
         return next(self._batches, None)
 
 
-def _end_convs(path: Path) -> list[str]:
+def _float_nodes(path: Path, float_ends: bool) -> list[str]:
+    """ONNX nodes left unquantized: the embedding's BatchNorm (per-channel quantization does not fit its
+    rank-1 weights, and in float it costs nothing), plus the first and last convolutions when asked."""
     import onnx
 
-    convs = [node.name for node in onnx.load(str(path)).graph.node if node.op_type == "Conv"]
-    return [convs[0], convs[-1]]
+    nodes = onnx.load(str(path)).graph.node
+    convs = [node.name for node in nodes if node.op_type == "Conv"]
+    norms = [node.name for node in nodes if node.op_type == "BatchNormalization"]
+    return norms + ([convs[0], convs[-1]] if float_ends else [])
 
 
 def _export_onnx_int8(backbone, path, pixels, float_ends) -> Quantization:
@@ -233,7 +237,7 @@ def _export_onnx_int8(backbone, path, pixels, float_ends) -> Quantization:
     export_onnx(backbone, fp32)
     # Symbolic shape inference cannot follow the Expand in F.normalize; ONNX's own inference suffices.
     quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
-    float_layers = _end_convs(prepared) if float_ends else []
+    float_layers = _float_nodes(prepared, float_ends)
     quantize_static(str(prepared), str(path), _CalibrationReader(pixels), quant_format=QuantFormat.QDQ,
                     per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                     calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=float_layers)

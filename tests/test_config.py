@@ -90,3 +90,17 @@ def test_bundled_profiles_are_valid(tmp_path):
         cfg = load_agent_config(_write(tmp_path / f"{name}.yaml", {
             "device_id": "d1", "data": "faces", "state_dir": "st", "profile": name}))
         assert cfg.device.name == name
+
+
+def test_a_bad_custom_profile_names_field_and_reason(tmp_path):
+    (tmp_path / "faces").mkdir()
+    profile = _write(tmp_path / "my-board.yaml", {"name": "my-board", "camera": {"fps": 0},
+                                                  "train_window": {"only_when_charging": "yes"}})
+    base = {"device_id": "d1", "data": "faces", "state_dir": "st", "profile": str(profile)}
+    with pytest.raises(ConfigError) as info:
+        load_agent_config(_write(tmp_path / "agent.yaml", base))
+    assert info.value.field == "device.camera.fps" and "[1, 240]" in info.value.reason
+    profile.write_text("name: my-board\ntrain_window: {only_when_charging: 'yes'}\n")
+    with pytest.raises(ConfigError) as info:
+        load_agent_config(tmp_path / "agent.yaml")
+    assert info.value.field == "device.train_window.only_when_charging"

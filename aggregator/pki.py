@@ -1,0 +1,263 @@
+"""The fleet PKI: a CA, the broker's server certificate, per-device client certificates and the
+aggregator's identity (client certificate + Ed25519 model-signing key).
+
+Everything cryptographic is done by `cryptography`; this module only picks the parameters and the
+file layout. Keys are EC P-256 (ECDSA): every TLS stack a device may carry (OpenSSL 1.1+, mbedTLS,
+Android) speaks it, which Ed25519 certificates cannot promise. Private keys are written 0600 with
+O_EXCL, so an existing key is never silently replaced.
+
+Layout of a PKI directory (see docs/operators.md):
+
+    ca.crt  ca.key                      the fleet CA; ca.key never leaves this machine
+    broker/server.crt  server.key       the broker's TLS certificate (serverAuth only)
+    devices/<id>.crt  <id>.key          one client certificate per device, CN = device id
+    aggregator/client.crt  client.key   the aggregator's client certificate, CN = aggregator
+    aggregator/signing.key  signing.pub Ed25519 key pair that signs global models
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from fedwire.errors import ProtocolError
+from fedwire.mqtt import TlsFiles
+from fedwire.topics import validate_device_id
+
+AGGREGATOR_IDENTITY = "aggregator"  # the aggregator's certificate CN = its broker username
+CA_DAYS = 3650
+LEAF_DAYS = 825  # the longest validity Apple/browsers accept for server certificates; devices use the same
+_CLOCK_SKEW = datetime.timedelta(minutes=5)  # devices with a slightly slow clock still accept new certs
+_HOSTNAME = re.compile(r"(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*")
+
+
+class PkiError(Exception):
+    """A PKI operation that cannot be done as asked; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class CertFiles:
+    cert: Path
+    key: Path
+
+
+@dataclass(frozen=True)
+class AggregatorIdentity:
+    client: CertFiles
+    signing_key: Path
+    signing_pub: Path
+
+
+# -- layout -------------------------------------------------------------------------------------
+
+
+def ca_files(pki_dir: str | Path) -> CertFiles:
+    pki = Path(pki_dir)
+    return CertFiles(pki / "ca.crt", pki / "ca.key")
+
+
+def server_files(pki_dir: str | Path) -> CertFiles:
+    broker = Path(pki_dir) / "broker"
+    return CertFiles(broker / "server.crt", broker / "server.key")
+
+
+def device_files(pki_dir: str | Path, device_id: str) -> CertFiles:
+    devices = Path(pki_dir) / "devices"
+    device_id = validate_device_id(device_id)
+    return CertFiles(devices / f"{device_id}.crt", devices / f"{device_id}.key")
+
+
+def aggregator_files(pki_dir: str | Path) -> AggregatorIdentity:
+    agg = Path(pki_dir) / "aggregator"
+    return AggregatorIdentity(CertFiles(agg / "client.crt", agg / "client.key"),
+                              agg / "signing.key", agg / "signing.pub")
+
+
+def client_tls(pki_dir: str | Path, identity: str) -> TlsFiles:
+    """TlsFiles for an mqtts:// MqttLink of a device id or of `aggregator`."""
+    files = aggregator_files(pki_dir).client if identity == AGGREGATOR_IDENTITY else device_files(pki_dir, identity)
+    return TlsFiles(ca_cert=str(ca_files(pki_dir).cert), certfile=str(files.cert), keyfile=str(files.key))
+
+
+# -- operations ---------------------------------------------------------------------------------
+
+
+def init_ca(pki_dir: str | Path, common_name: str = "FaceFed fleet CA", days: int = CA_DAYS) -> CertFiles:
+    """Create the fleet CA in pki_dir; refuses if a CA is already there."""
+    files = ca_files(pki_dir)
+    for path in (files.cert, files.key):
+        if path.exists():
+            raise PkiError(f"{path} already exists: refusing to replace the fleet CA "
+                           "(every device certificate chains to it)")
+    _make_private_dir(Path(pki_dir))
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    builder = (
+        _validity(x509.CertificateBuilder(), days)
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        # pathlen 0: the CA signs leaves only, never another CA.
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(_key_usage(cert_sign=True), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+    )
+    cert = builder.sign(key, hashes.SHA256())
+    _write_private_key(files.key, key)
+    _write_cert(files.cert, cert)
+    return files
+
+
+def issue_server_cert(pki_dir: str | Path, hostnames: Sequence[str] = ("localhost",),
+                      ips: Sequence[str] = ("127.0.0.1",), days: int = LEAF_DAYS, replace: bool = False) -> CertFiles:
+    """The broker's certificate: valid for the given DNS names and IP addresses, serverAuth only
+    (so it cannot be used to log in to the broker as a client).
+
+    `replace` re-issues it, e.g. when the broker moves to another host."""
+    if not hostnames and not ips:
+        raise PkiError("the broker certificate needs at least one hostname or IP address")
+    names: list[x509.GeneralName] = [x509.DNSName(_check_hostname(h)) for h in hostnames]
+    names += [x509.IPAddress(_check_ip(ip)) for ip in ips]
+    common_name = (list(hostnames) + list(ips))[0]
+    return _issue_leaf(pki_dir, server_files(pki_dir), common_name, ExtendedKeyUsageOID.SERVER_AUTH, days,
+                       x509.SubjectAlternativeName(names), replace=replace)
+
+
+def issue_device_cert(pki_dir: str | Path, device_id: str, days: int = LEAF_DAYS) -> CertFiles:
+    """A device's client certificate, CN = device id (the broker uses it as the username)."""
+    try:
+        validate_device_id(device_id)
+    except ProtocolError as exc:
+        raise PkiError(exc.reason) from None
+    if device_id == AGGREGATOR_IDENTITY:
+        raise PkiError(f"{device_id!r} is the aggregator's identity, not a device id")
+    return _issue_leaf(pki_dir, device_files(pki_dir, device_id), device_id, ExtendedKeyUsageOID.CLIENT_AUTH, days)
+
+
+def issue_aggregator_identity(pki_dir: str | Path, days: int = LEAF_DAYS) -> AggregatorIdentity:
+    """The aggregator's client certificate (CN = aggregator) and its Ed25519 model-signing key pair."""
+    identity = aggregator_files(pki_dir)
+    for path in (identity.signing_key, identity.signing_pub):
+        if path.exists():
+            raise PkiError(f"{path} already exists: refusing to replace the model-signing key "
+                           "(devices trust models signed by it)")
+    _issue_leaf(pki_dir, identity.client, AGGREGATOR_IDENTITY, ExtendedKeyUsageOID.CLIENT_AUTH, days)
+    signing_key = ed25519.Ed25519PrivateKey.generate()
+    _write_private_key(identity.signing_key, signing_key)
+    public_pem = signing_key.public_key().public_bytes(serialization.Encoding.PEM,
+                                                       serialization.PublicFormat.SubjectPublicKeyInfo)
+    _write_new(identity.signing_pub, public_pem, 0o644)
+    return identity
+
+
+# -- helpers ------------------------------------------------------------------------------------
+
+
+def _issue_leaf(pki_dir: str | Path, files: CertFiles, common_name: str, usage: x509.ObjectIdentifier, days: int,
+                san: x509.SubjectAlternativeName | None = None, replace: bool = False) -> CertFiles:
+    ca_cert, ca_key = _load_ca(pki_dir)
+    for path in (files.cert, files.key):
+        if path.exists() and not replace:
+            raise PkiError(f"{path} already exists: refusing to re-issue {common_name!r} "
+                           "(delete its .crt and .key first; the old certificate stays valid until it expires)")
+    key = ec.generate_private_key(ec.SECP256R1())
+    builder = (
+        _validity(x509.CertificateBuilder(), days)
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(_key_usage(cert_sign=False), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+    )
+    if san is not None:
+        builder = builder.add_extension(san, critical=False)
+    cert = builder.sign(ca_key, hashes.SHA256())
+    files.cert.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if replace:
+        files.cert.unlink(missing_ok=True)
+        files.key.unlink(missing_ok=True)
+    _write_private_key(files.key, key)
+    _write_cert(files.cert, cert)
+    return files
+
+
+def _load_ca(pki_dir: str | Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    files = ca_files(pki_dir)
+    if not (files.cert.is_file() and files.key.is_file()):
+        raise PkiError(f"no fleet CA in {pki_dir}: run `facefed-aggregator ca init --dir {pki_dir}` first")
+    cert = x509.load_pem_x509_certificate(files.cert.read_bytes())
+    key = serialization.load_pem_private_key(files.key.read_bytes(), password=None)
+    if not isinstance(key, ec.EllipticCurvePrivateKey) or key.public_key() != cert.public_key():
+        raise PkiError(f"{files.key} is not the private key of {files.cert}")
+    return cert, key
+
+
+def _validity(builder: x509.CertificateBuilder, days: int) -> x509.CertificateBuilder:
+    if days < 1:
+        raise PkiError(f"validity must be at least 1 day, got {days}")
+    now = datetime.datetime.now(datetime.timezone.utc)
+    return (builder.serial_number(x509.random_serial_number())
+            .not_valid_before(now - _CLOCK_SKEW)
+            .not_valid_after(now + datetime.timedelta(days=days)))
+
+
+def _key_usage(cert_sign: bool) -> x509.KeyUsage:
+    # Leaves sign TLS handshakes (ECDHE-ECDSA); the CA signs certificates and CRLs.
+    return x509.KeyUsage(digital_signature=not cert_sign, content_commitment=False, key_encipherment=False,
+                         data_encipherment=False, key_agreement=False, key_cert_sign=cert_sign,
+                         crl_sign=cert_sign, encipher_only=False, decipher_only=False)
+
+
+def _check_hostname(hostname: str) -> str:
+    if not _HOSTNAME.fullmatch(hostname):
+        raise PkiError(f"{hostname!r} is not a DNS hostname")
+    return hostname
+
+
+def _check_ip(ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    try:
+        return ipaddress.ip_address(ip)
+    except ValueError:
+        raise PkiError(f"{ip!r} is not an IP address") from None
+
+
+def _make_private_dir(path: Path) -> None:
+    if not path.exists():
+        path.mkdir(mode=0o700, parents=True)
+    elif not path.is_dir():
+        raise PkiError(f"{path} exists and is not a directory")
+
+
+def _write_private_key(path: Path, key: ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey) -> None:
+    # Unencrypted PKCS#8: mosquitto and the agents load keys unattended; file mode 0600 protects them.
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                            serialization.NoEncryption())
+    _write_new(path, pem, 0o600)
+
+
+def _write_cert(path: Path, cert: x509.Certificate) -> None:
+    _write_new(path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+
+
+def _write_new(path: Path, data: bytes, mode: int) -> None:
+    """Create path with mode from the start (no window where a key is world-readable); never overwrite."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    except FileExistsError:
+        raise PkiError(f"{path} already exists: refusing to overwrite it") from None
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+    os.chmod(path, mode)  # the umask may have narrowed it; make the mode exact

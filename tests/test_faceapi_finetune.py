@@ -1,0 +1,193 @@
+"""The pretrained face-api ResNet as a federated backbone: frozen trunk, trainable tail, tail-only payloads."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import numpy as np
+import pytest
+import torch
+from test_e2e_federation import Recorder
+
+from aggregator.config import AggregatorConfig, ModelConfig
+from aggregator.service import _train_dict
+from facefed.simulate import SimulationConfig, run_simulation
+from fedwire.chunking import Reassembler
+from fedwire.config import ConfigError
+from fedwire.messages import TransferManifest
+from fedwire.topics import Topics
+from model_zoo.backbones import FaceApiResNet, build_backbone
+from model_zoo.backbones.faceapi_resnet import STAGES
+from model_zoo.checkpoint import load_checkpoint, load_shared_tensors, save_checkpoint, shared_tensors
+from model_zoo.data import FaceDataset, load_dataset, save_folders, shared_dataset_dir
+from model_zoo.faceapi import default_models_dir
+from model_zoo.faceapi.loader import RECOGNITION_MANIFEST
+from model_zoo.losses import ArcFaceHead
+from model_zoo.metrics import normalize_rows
+from model_zoo.pipeline import FacePipeline
+from model_zoo.train import TrainConfig, TrunkFeatureCache, embed_images, imprint_head, train_local
+
+CELEB = shared_dataset_dir("celeb-dev")
+needs_shared = pytest.mark.skipif(
+    CELEB is None or not (default_models_dir() / RECOGNITION_MANIFEST).is_file(),
+    reason=f"needs ../shared/datasets/celeb-dev and face-api weights in {default_models_dir()} (FACEFED_FACEAPI_DIR)",
+)
+
+
+@pytest.fixture(scope="module")
+def celeb_small() -> FaceDataset:
+    """6 identities x 6 ArcFace-aligned 112x112 crops (first files of each folder)."""
+    dataset = load_dataset(CELEB, layout="folders")
+    keep = np.concatenate([np.flatnonzero(dataset.labels == label)[:6] for label in range(6)])
+    return dataset.subset(keep)
+
+
+def _state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in module.state_dict().items()}
+
+
+# --- no shared data ---
+
+def test_imprint_head_puts_class_centres_on_normalised_centroids() -> None:
+    head = ArcFaceHead(4, 3)
+    untouched = head.weight[2].detach().clone()
+    embeddings = np.array([[1, 0, 0, 0], [3, 1, 0, 0], [0, 0, 2, 0]], dtype=np.float32)
+
+    imprint_head(head, embeddings, np.array([0, 0, 1]))
+
+    # Samples are normalised before averaging: [1,0,0,0] and [3,1,0,0]/sqrt(10).
+    centroid = torch.tensor([1 + 3 / 10 ** 0.5, 1 / 10 ** 0.5, 0, 0])
+    torch.testing.assert_close(head.weight[0].detach(), centroid / centroid.norm())
+    torch.testing.assert_close(head.weight[1].detach(), torch.tensor([0.0, 0.0, 1.0, 0.0]))
+    assert torch.equal(head.weight[2].detach(), untouched)  # no samples: left as initialised
+
+
+# --- the pretrained backbone ---
+
+@needs_shared
+@pytest.mark.parametrize("trainable, trained_stages", [("last", 1), ("last2", 2), ("all", len(STAGES))])
+def test_trunk_is_frozen_and_tail_holds_the_trainable_stages(trainable: str, trained_stages: int) -> None:
+    net = build_backbone("faceapi-resnet", trainable=trainable)
+    net.train()
+
+    assert all(not p.requires_grad for p in net.trunk.parameters())
+    assert all(p.requires_grad for p in net.tail.parameters())
+    assert not any(m.training for m in net.trunk.modules()) and net.tail.training
+    tail_blocks = [name for name, _ in net.tail.named_children()]
+    assert tail_blocks == [*(n for stage in STAGES[-trained_stages:] for n in stage), "projection"]
+    assert (trainable == "all") == (not any(True for _ in net.trunk.parameters()))
+
+
+@needs_shared
+def test_only_tail_tensors_are_shared_and_checkpoints_round_trip(celeb_small: FaceDataset, tmp_path) -> None:
+    net = build_backbone("faceapi-resnet", trainable="last")
+    tensors = shared_tensors(net)
+
+    assert sorted(tensors) == sorted(f"tail.{k}" for k in net.tail.state_dict())
+    assert sum(v.size for v in tensors.values()) == sum(p.numel() for p in net.tail.parameters())
+    with pytest.raises(ValueError, match="unexpected"):
+        load_shared_tensors(net, {**tensors, "trunk.stem.conv.conv.weight": np.zeros((32, 3, 7, 7), np.float32)})
+
+    # A changed tail survives the checkpoint; the trunk comes back from the pretrained weights.
+    with torch.no_grad():
+        net.tail.projection.fc.weight.mul_(0.5).add_(0.01)
+    save_checkpoint(tmp_path / "ckpt.safetensors", net, {"round": 1})
+    loaded, meta = load_checkpoint(tmp_path / "ckpt.safetensors")
+    assert isinstance(loaded, FaceApiResNet) and meta == {"round": 1}
+    assert loaded.arch_kwargs == {"trainable": "last", "weights_dir": None}  # no machine path recorded
+    np.testing.assert_array_equal(embed_images(loaded, celeb_small.images[:4]), embed_images(net, celeb_small.images[:4]))
+
+
+@needs_shared
+def test_embeddings_equal_the_pipelines_reframed_route(celeb_small: FaceDataset) -> None:
+    images = celeb_small.images[::3]
+    pipeline = normalize_rows(FacePipeline().embed_aligned_crops(images))
+
+    ours = embed_images(build_backbone("faceapi-resnet"), images)
+
+    np.testing.assert_allclose(np.linalg.norm(ours, axis=1), 1.0, atol=1e-5)
+    # cv2 rounds its warp to uint8 and interpolates in fixed point; the module keeps floats.
+    assert (1.0 - (ours * pipeline).sum(axis=1)).max() < 1e-3
+
+
+@needs_shared
+def test_cached_feature_training_lowers_the_loss_and_never_touches_the_trunk(celeb_small: FaceDataset) -> None:
+    data = celeb_small.subset(np.flatnonzero(celeb_small.labels < 3))
+    cfg = TrainConfig(batch_size=8, lr=0.01, seed=0)
+    losses = []
+    for epochs in (1, 4):  # same start and seed: the first epoch is the same in both runs
+        net = build_backbone("faceapi-resnet", trainable="last")
+        trunk_before, tail_before = _state(net.trunk), _state(net.tail)
+        torch.manual_seed(0)
+        head = ArcFaceHead(128, data.num_classes)
+        cache = TrunkFeatureCache()
+        result = train_local(net, head, data, dataclasses.replace(cfg, epochs=epochs), trunk_cache=cache)
+        losses.append(result.loss)
+        assert result.trunk_seconds > 0
+        assert all(torch.equal(v, net.trunk.state_dict()[k]) for k, v in trunk_before.items())
+        assert any(not torch.equal(v, net.tail.state_dict()[k]) for k, v in tail_before.items())
+    assert losses[1] < 0.8 * losses[0]
+
+    # The cache serves the next round: no trunk pass; a different image array is recomputed.
+    again = train_local(net, head, data, cfg, trunk_cache=cache)
+    assert again.trunk_seconds == 0.0
+    assert train_local(net, head, data.subset(np.arange(len(data))), cfg, trunk_cache=cache).trunk_seconds > 0
+
+
+@needs_shared
+def test_aggregator_config_builds_and_announces_without_machine_paths() -> None:
+    options = {"trainable": "last2", "weights_dir": str(default_models_dir())}
+    config = AggregatorConfig(state_dir=".", model=ModelConfig(arch="faceapi-resnet", options=options))
+
+    assert config.model.backbone_kwargs() == options  # act / embedding_size are not FaceApiResNet's
+    assert _train_dict(config)["model"] == {"arch": "faceapi-resnet", "trainable": "last2"}
+    with pytest.raises(ConfigError, match="options.*trainable"):
+        ModelConfig(arch="faceapi-resnet", options={"trainable": "most"}).check()
+
+
+@needs_shared
+def test_federation_over_mqtt_moves_only_tail_tensors(celeb_small: FaceDataset, embedded_broker, tmp_path) -> None:
+    data = tmp_path / "celeb6"
+    save_folders(celeb_small, data)
+    prefix = "facefed/faceapi"
+    topics = Topics(prefix)
+    recorder = Recorder(embedded_broker)
+    out = tmp_path / "run"
+    cfg = SimulationConfig(data=[data], out=out, clients=2, rounds=1, local_epochs=1, lr=1e-4, margin=0.1,
+                           holdout=2, broker=embedded_broker, topic_prefix=prefix, arch="faceapi-resnet",
+                           model_options={"trainable": "last"}, batch_size=8)
+    try:
+        result = run_simulation(cfg)
+    finally:
+        time.sleep(0.5)
+        recorder.link.close()
+
+    assert [r["round"] for r in result.rounds] == [0, 1] and result.rounds[1]["clients"] == 2
+    initial, _ = load_checkpoint(out / "aggregator" / "checkpoints" / "round-0000.safetensors")
+    final, _ = load_checkpoint(result.final_checkpoint)
+    tail_specs = {k: (v.shape, v.dtype) for k, v in shared_tensors(initial).items()}
+    assert all(name.startswith("tail.") for name in tail_specs)
+    uploads = _uploads(recorder.snapshot(), topics)
+    assert len(uploads) == 2
+    for tensors in uploads:
+        assert {k: (v.shape, v.dtype) for k, v in tensors.items()} == tail_specs
+    assert all(torch.equal(v, final.trunk.state_dict()[k]) for k, v in initial.trunk.state_dict().items())
+    before, after = shared_tensors(initial), shared_tensors(final)
+    assert any(not np.array_equal(before[k], after[k]) for k in before)
+
+
+def _uploads(messages: list[tuple[str, bytes]], topics: Topics) -> list[dict[str, np.ndarray]]:
+    """The tensors of every complete update transfer seen on the broker."""
+    reassembler = Reassembler()
+    completed = []
+    for topic, payload in messages:
+        parsed = topics.parse(topic) if topic.startswith(topics.prefix + "/") else None
+        if parsed is None or parsed.kind not in ("update_manifest", "update_chunk"):
+            continue
+        if parsed.kind == "update_manifest":
+            done = reassembler.add_manifest(parsed.device_id, TransferManifest.from_json(payload), time.time())
+        else:
+            done = reassembler.add_chunk(parsed.device_id, payload, time.time())
+        completed += [done.tensors] if done else []
+    return completed
