@@ -70,10 +70,9 @@ def render_mosquitto_conf(out_dir: Path, port: int, bind: str) -> str:
 per_listener_settings false
 allow_anonymous false
 acl_file {d / "acl"}
-# The client id becomes the certificate CN, so no device can take over another's session
-# by connecting with its client id.
-use_username_as_clientid true
 
+# The one listener. Listener options must follow this line: mosquitto 2.0.11 opens an extra,
+# plain listener on 0.0.0.0:1883 for any listener option (even use_username_as_clientid) set before it.
 listener {port} {bind}
 cafile {d / "ca.crt"}
 certfile {d / "server.crt"}
@@ -81,6 +80,9 @@ keyfile {d / "server.key"}
 tls_version tlsv1.2
 require_certificate true
 use_identity_as_username true
+# The client id becomes the certificate CN, so no device can take over another's session
+# by connecting with its client id.
+use_username_as_clientid true
 """
 
 

@@ -85,7 +85,10 @@ class AggregatorConfig:
     max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES
     max_update_bytes: int = 64 * 1024 * 1024
     signing_key: Path | None = None  # Ed25519 PEM: sign every global manifest and round announcement
-    strategy: Literal["fedavg", "median", "trimmed_mean"] = "fedavg"
+    strategy: Literal["fedavg", "fedavgm", "fedadam", "median", "trimmed_mean"] = "fedavg"
+    server_lr: float | None = None  # fedavgm/fedadam step size; None: 1.0 for fedavgm, 0.01 for fedadam
+    fraction_fit: float = 1.0  # share of the known devices sampled into each round
+    seed: int = 0  # client sampling
     clip_norm: float | None = None  # bound each update's L2 distance from the global model
     trim_fraction: float = 0.2  # trimmed_mean: share of values dropped at each end, per coordinate
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -108,6 +111,8 @@ class AggregatorConfig:
         require(self.max_update_bytes >= self.max_chunk_bytes, "max_update_bytes", "must be >= max_chunk_bytes")
         require(self.clip_norm is None or self.clip_norm > 0, "clip_norm", "must be > 0 (or null for no clipping)")
         require(0 <= self.trim_fraction < 0.5, "trim_fraction", "must be in [0, 0.5)")
+        require(self.server_lr is None or self.server_lr > 0, "server_lr", "must be > 0")
+        require(0 < self.fraction_fit <= 1, "fraction_fit", "must be in (0, 1]")
         if self.signing_key is not None:
             require(self.signing_key.is_file(), "signing_key", f"no such file: {self.signing_key}")
 

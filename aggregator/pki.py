@@ -126,8 +126,8 @@ def issue_server_cert(pki_dir: str | Path, hostnames: Sequence[str] = ("localhos
     `replace` re-issues it, e.g. when the broker moves to another host."""
     if not hostnames and not ips:
         raise PkiError("the broker certificate needs at least one hostname or IP address")
-    names: list[x509.GeneralName] = [x509.DNSName(_check_hostname(h)) for h in hostnames]
-    names += [x509.IPAddress(_check_ip(ip)) for ip in ips]
+    names: list[x509.GeneralName] = [x509.DNSName(check_hostname(h)) for h in hostnames]
+    names += [x509.IPAddress(check_ip(ip)) for ip in ips]
     common_name = (list(hostnames) + list(ips))[0]
     return _issue_leaf(pki_dir, server_files(pki_dir), common_name, ExtendedKeyUsageOID.SERVER_AUTH, days,
                        x509.SubjectAlternativeName(names), replace=replace)
@@ -221,13 +221,13 @@ def _key_usage(cert_sign: bool) -> x509.KeyUsage:
                          crl_sign=cert_sign, encipher_only=False, decipher_only=False)
 
 
-def _check_hostname(hostname: str) -> str:
+def check_hostname(hostname: str) -> str:
     if not _HOSTNAME.fullmatch(hostname):
         raise PkiError(f"{hostname!r} is not a DNS hostname")
     return hostname
 
 
-def _check_ip(ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+def check_ip(ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     try:
         return ipaddress.ip_address(ip)
     except ValueError:

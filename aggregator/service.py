@@ -8,6 +8,7 @@ dropped without stopping the service.
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import secrets
 import time
@@ -43,6 +44,7 @@ class OpenRound:
     model_version: int
     announcement: RoundAnnouncement
     started: float
+    quorum: int
     accepted: dict[str, int] = field(default_factory=dict)  # device -> n_k
     train_losses: dict[str, float] = field(default_factory=dict)
     bytes_up: int = 0
@@ -54,7 +56,8 @@ class AggregatorService:
         self.config = config
         self.topics = config.topics
         self.state = StateDir(config.state_dir)
-        self.strategy = build_strategy(config.strategy, _train_dict(config), config.clip_norm, config.trim_fraction)
+        self.strategy = build_strategy(config.strategy, _train_dict(config), config.clip_norm, config.trim_fraction,
+                                       config.server_lr)
         self.reassembler = Reassembler(max_payload_bytes=config.max_update_bytes, timeout_s=config.round_timeout_s)
         self.events: queue.Queue[tuple[str, bytes]] = queue.Queue()
         self.backbone = build_backbone(config.model.arch, **config.model.backbone_kwargs())
@@ -98,6 +101,8 @@ class AggregatorService:
         if latest is not None:
             self.global_tensors = self.state.load_round(latest)
             self.model_version = latest
+            if hasattr(self.strategy, "slots"):
+                self.strategy.slots = self.state.load_optimizer_state(latest)
             log.info("resuming from %s: round %d complete", self.state.checkpoint_path(latest), latest)
         else:
             self.global_tensors = self._initial_tensors()
@@ -152,20 +157,33 @@ class AggregatorService:
 
     def _open_round(self, number: int) -> None:
         deadline = time.time() + self.config.round_timeout_s
+        participants = self._sample_participants(number)
+        quorum = min(self.config.min_clients, len(participants)) if participants else self.config.min_clients
         announcement = RoundAnnouncement(
             round=number,
             model_version=self.model_version,
             state="open",
             announce_id=secrets.token_hex(16),
             deadline=deadline,
-            min_clients=self.config.min_clients,
+            min_clients=quorum,
             train=self.strategy.configure_round(number),
+            participants=participants,
         )
         self.strategy.begin_round(self.global_tensors)
-        self.current = OpenRound(number, self.model_version, announcement, time.time())
+        self.current = OpenRound(number, self.model_version, announcement, time.time(), quorum)
         self._link.publish(self.topics.round, self._signed(announcement).to_json(), retain=True)
-        log.info("round %d open: model v%d, quorum %d, deadline in %.0f s",
-                 number, self.model_version, self.config.min_clients, self.config.round_timeout_s)
+        sampled = f", {len(participants)} devices sampled" if participants else ""
+        log.info("round %d open: model v%d, quorum %d%s, deadline in %.0f s",
+                 number, self.model_version, quorum, sampled, self.config.round_timeout_s)
+
+    def _sample_participants(self, number: int) -> list[str]:
+        """A seeded sample of the devices seen online, or [] (everyone) when training on all."""
+        online = sorted(d for d, state in self.devices.items() if state != "offline")
+        if self.config.fraction_fit >= 1.0 or not online:
+            return []
+        count = max(1, math.ceil(self.config.fraction_fit * len(online)))
+        rng = np.random.default_rng([self.config.seed, number])
+        return sorted(rng.choice(online, size=count, replace=False).tolist())
 
     def _check_round_close(self, now: float) -> None:
         current = self.current
@@ -173,12 +191,12 @@ class AggregatorService:
             return
         for dropped in self.reassembler.expire(now):
             log.warning("dropped incomplete transfer %s (chunks missing past timeout)", dropped)
-        if self.strategy.num_updates >= self.config.min_clients:
+        if self.strategy.num_updates >= current.quorum:
             self._close_round()
         elif now >= current.announcement.deadline:
             if self.strategy.num_updates > 0:
                 log.warning("round %d deadline: closing with %d of %d clients",
-                            current.number, self.strategy.num_updates, self.config.min_clients)
+                            current.number, self.strategy.num_updates, current.quorum)
                 self._close_round()
             else:
                 log.warning("round %d deadline passed with no updates: announcing it again", current.number)
@@ -206,7 +224,8 @@ class AggregatorService:
         self._publish_global()
         summary.bytes_down = self.global_bytes * len(current.accepted)
         entry = _log_entry(summary, current)
-        self.state.save_round(current.number, self.backbone, self._checkpoint_meta(), entry)
+        self.state.save_round(current.number, self.backbone, self._checkpoint_meta(), entry,
+                              getattr(self.strategy, "slots", None))
         self._link.publish(self.topics.round_summary, summary.to_json(), retain=True)
         log.info(_round_line(summary))
         if self.model_version < self.config.rounds:
@@ -269,6 +288,11 @@ class AggregatorService:
         if device_id in current.accepted:
             log.info("ignored duplicate update from %s for round %d", device_id, current.number)
             return
+        participants = current.announcement.participants
+        if participants and device_id not in participants:
+            current.rejected += 1
+            self._reject(device_id, manifest, f"not sampled for round {current.number}")
+            return
         try:
             check_update_manifest(
                 manifest,
@@ -329,7 +353,7 @@ class AggregatorService:
             current.train_losses[device_id] = float(manifest.metrics["train_loss"])
         self._send_ack(UpdateAck(device_id, current.number, manifest.transfer_id, True, ""))
         log.info("round %d: update from %s accepted (n=%d, %d/%d)", current.number, device_id,
-                 manifest.num_samples, len(current.accepted), self.config.min_clients)
+                 manifest.num_samples, len(current.accepted), current.quorum)
 
     def _reject(self, device_id: str, manifest: TransferManifest, reason: str) -> None:
         log.warning("rejected update from %s: %s", device_id, reason)

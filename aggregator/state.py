@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
 
 from model_zoo.checkpoint import load_checkpoint, save_checkpoint, shared_tensors
 
@@ -45,8 +47,18 @@ class StateDir:
         rounds = self.completed_rounds()
         return rounds[-1] if rounds else None
 
-    def save_round(self, round_number: int, backbone, meta: dict[str, Any], log_entry: dict[str, Any] | None) -> Path:
-        """Atomically write the round's global model, then append its log line."""
+    @property
+    def optimizer_path(self) -> Path:
+        return self.root / "server_optimizer.safetensors"
+
+    def save_round(self, round_number: int, backbone, meta: dict[str, Any], log_entry: dict[str, Any] | None,
+                   optimizer_state: dict[str, np.ndarray] | None = None) -> Path:
+        """Atomically write the server optimizer state and the round's global model, then its log line."""
+        if optimizer_state:
+            tmp = self.optimizer_path.with_suffix(".tmp")
+            save_file({k: np.ascontiguousarray(v) for k, v in optimizer_state.items()}, str(tmp),
+                      metadata={"round": str(round_number)})
+            os.replace(tmp, self.optimizer_path)
         path = self.checkpoint_path(round_number)
         tmp = path.with_suffix(".tmp")
         save_checkpoint(tmp, backbone, {**meta, "round": round_number})
@@ -61,6 +73,15 @@ class StateDir:
     def load_round(self, round_number: int) -> dict[str, np.ndarray]:
         backbone, _ = load_checkpoint(self.checkpoint_path(round_number))
         return shared_tensors(backbone)
+
+    def load_optimizer_state(self, round_number: int) -> dict[str, np.ndarray]:
+        """The server optimizer state saved with `round_number`; {} if none or from another round."""
+        if not self.optimizer_path.exists():
+            return {}
+        with safe_open(str(self.optimizer_path), framework="numpy") as f:
+            if (f.metadata() or {}).get("round") != str(round_number):
+                return {}  # a crash landed between the two writes: restart the momentum
+            return {name: f.get_tensor(name) for name in f.keys()}
 
     def read_log(self) -> list[dict[str, Any]]:
         if not self.log_path.exists():

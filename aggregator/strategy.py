@@ -87,10 +87,67 @@ class TrimmedMean(CoordinateMedian):
         return trimmed_mean(self._updates, self._trim_fraction)
 
 
-STRATEGIES = {cls.name: cls for cls in (FedAvg, CoordinateMedian, TrimmedMean)}
+def is_running_stat(name: str) -> bool:
+    """BatchNorm statistics are averaged, never stepped by an optimizer (a variance must stay >= 0)."""
+    return "running_mean" in name or "running_var" in name
 
 
-def build_strategy(name: str, train: Mapping[str, Any], clip_norm: float | None, trim_fraction: float) -> FedAvg:
+class FedAvgM(FedAvg):
+    """FedOpt (Reddi et al. 2021) with server momentum: the FedAvg mean gives the pseudo-gradient
+    g = w_global - mean, and the server steps v = beta * v + g, w = w_global - lr * v."""
+
+    name = "fedavgm"
+
+    def __init__(self, train: Mapping[str, Any] | None = None, clip_norm: float | None = None,
+                 server_lr: float = 1.0, momentum: float = 0.9) -> None:
+        super().__init__(train, clip_norm)
+        self.server_lr = server_lr
+        self.momentum = momentum
+        self.slots: dict[str, np.ndarray] = {}  # optimizer state, saved with each round's checkpoint
+
+    def aggregate(self) -> dict[str, np.ndarray]:
+        mean = super().aggregate()
+        result = {}
+        for name, avg in mean.items():
+            if is_running_stat(name):
+                result[name] = avg
+                continue
+            start = np.asarray(self._global[name], dtype=np.float64)
+            step = self.step(name, start - avg.astype(np.float64))
+            result[name] = (start - self.server_lr * step).astype(avg.dtype)
+        return result
+
+    def step(self, name: str, grad: np.ndarray) -> np.ndarray:
+        velocity = self.momentum * self.slots.get(f"v.{name}", 0.0) + grad
+        self.slots[f"v.{name}"] = velocity
+        return velocity
+
+
+class FedAdam(FedAvgM):
+    """FedOpt's FedAdam: Adam moments over the pseudo-gradient, tau for adaptivity (Reddi et al. 2021)."""
+
+    name = "fedadam"
+
+    def __init__(self, train: Mapping[str, Any] | None = None, clip_norm: float | None = None,
+                 server_lr: float = 0.01, beta1: float = 0.9, beta2: float = 0.99, tau: float = 1e-3) -> None:
+        super().__init__(train, clip_norm, server_lr)
+        self.beta1, self.beta2, self.tau = beta1, beta2, tau
+
+    def step(self, name: str, grad: np.ndarray) -> np.ndarray:
+        m = self.beta1 * self.slots.get(f"m.{name}", 0.0) + (1 - self.beta1) * grad
+        v = self.beta2 * self.slots.get(f"v.{name}", 0.0) + (1 - self.beta2) * grad * grad
+        self.slots[f"m.{name}"], self.slots[f"v.{name}"] = m, v
+        return m / (np.sqrt(v) + self.tau)
+
+
+STRATEGIES = {cls.name: cls for cls in (FedAvg, CoordinateMedian, TrimmedMean, FedAvgM, FedAdam)}
+
+
+def build_strategy(name: str, train: Mapping[str, Any], clip_norm: float | None, trim_fraction: float,
+                   server_lr: float | None = None) -> FedAvg:
     if name == TrimmedMean.name:
         return TrimmedMean(train, clip_norm, trim_fraction)
+    if name in (FedAvgM.name, FedAdam.name):
+        cls = STRATEGIES[name]
+        return cls(train, clip_norm) if server_lr is None else cls(train, clip_norm, server_lr)
     return STRATEGIES[name](train, clip_norm)

@@ -185,6 +185,10 @@ class EdgeAgent:
             self.handled.add(ann.announce_id)
             self._set_status("idle", ann.round, detail=f"skipped round: {reason}")
             return
+        if ann.participants and self.device_id not in ann.participants:
+            log.info("round %d: not sampled this round", ann.round)
+            self.handled.add(ann.announce_id)
+            return
         if ann.deadline < now:
             log.info("round %d already past its deadline; waiting for the next one", ann.round)
             self.handled.add(ann.announce_id)

@@ -163,8 +163,10 @@ class _Fields:
                 raise ProtocolError(path, f"expected an object, got {type(element).__name__}")
         return [_Fields(element, path + ".") for path, element in zip(paths, elements)]
 
-    def each(self, key: str, read: Callable[[object, str], _T]) -> list[_T]:
+    def each(self, key: str, read: Callable[[object, str], _T], default: Any = _MISSING) -> list[_T]:
         """The list under `key` with `read(value, field_name)` applied to each element."""
+        if key not in self._obj and default is not _MISSING:
+            return default
         return [read(value, f"{self.name(key)}[{i}]") for i, value in enumerate(self.array(key))]
 
 
@@ -296,6 +298,7 @@ class RoundAnnouncement(_Message):
     deadline: float  # unix seconds
     min_clients: int
     train: dict[str, Any]  # local training hyper-parameters, e.g. {"local_epochs": 1, "lr": 0.05}
+    participants: list[str] = field(default_factory=list)  # devices sampled for this round; [] = all
     signature: str = ""  # as in TransferManifest
     protocol: int = PROTOCOL_VERSION
 
@@ -309,6 +312,7 @@ class RoundAnnouncement(_Message):
             deadline=f.number("deadline", minimum=0.0),
             min_clients=f.integer("min_clients"),
             train=f.mapping("train"),
+            participants=f.each("participants", validate_device_id, default=[]),
             signature=f.text("signature", default="", pattern=_SIGNATURE_B64),
         )
 

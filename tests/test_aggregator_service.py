@@ -106,3 +106,32 @@ def test_deadline_closes_a_round_with_what_arrived_or_reannounces_an_empty_one(s
     _send(svc, "dev-a", _shifted(svc, 1.0))
     svc._check_round_close(svc.current.announcement.deadline + 1)
     assert svc.model_version == 1  # one of two clients was enough once the deadline passed
+
+
+def test_a_fraction_of_online_devices_is_sampled_and_others_are_refused(embedded_broker, tmp_path):
+    from fedwire.messages import DeviceStatus
+
+    cfg = parse_config(AggregatorConfig, {"state_dir": str(tmp_path / "s"), "broker": embedded_broker,
+                                          "min_clients": 3, "fraction_fit": 0.5, "strategy": "fedavgm"})
+    svc = AggregatorService(cfg)
+    svc._restore_or_init()
+    svc._connect()
+    try:
+        for device in ("d1", "d2", "d3", "d4", "d5"):
+            state = "offline" if device == "d5" else "online"
+            svc.handle_message(Topics().status(device), DeviceStatus(device, state, None, time.time()).to_json())
+        svc._open_round(1)
+        chosen = svc.current.announcement.participants
+        assert len(chosen) == 2 and set(chosen) <= {"d1", "d2", "d3", "d4"}  # ceil(0.5 * 4 online)
+        assert svc.current.quorum == 2 and svc.current.announcement.min_clients == 2
+        outsider = sorted({"d1", "d2", "d3", "d4"} - set(chosen))[0]
+        _send(svc, outsider, _shifted(svc, 1.0))
+        assert svc.strategy.num_updates == 0 and svc.current.rejected == 1
+        for device in chosen:
+            _send(svc, device, _shifted(svc, 1.0))
+        svc._check_round_close(time.time())
+        assert svc.model_version == 1
+        assert svc.state.load_optimizer_state(1)  # the momentum survives a restart
+        assert svc.state.load_optimizer_state(0) == {}
+    finally:
+        svc.close()

@@ -58,3 +58,25 @@ def test_fedavg_without_options_stays_exact():
         strategy.accumulate(tensors, n)
     np.testing.assert_array_equal(strategy.aggregate()["w"], [2.5, 1.5])
     assert build_strategy("trimmed_mean", {}, None, 0.1).name == "trimmed_mean"
+
+
+def test_server_momentum_and_adam_by_hand():
+    from aggregator.strategy import FedAdam, FedAvgM
+
+    start = {"w": np.array([1.0], np.float32), "bn.running_var": np.array([1.0], np.float32)}
+    update = {"w": np.array([0.5], np.float32), "bn.running_var": np.array([3.0], np.float32)}
+    m = FedAvgM(server_lr=1.0, momentum=0.5)
+    m.begin_round(start)
+    m.accumulate(update, 1)
+    first = m.aggregate()  # g = 0.5, v = 0.5: w = 1 - 0.5
+    np.testing.assert_allclose(first["w"], [0.5])
+    np.testing.assert_allclose(first["bn.running_var"], [3.0])  # statistics are averaged, not stepped
+    m.begin_round(first)
+    m.accumulate({"w": np.array([0.5], np.float32), "bn.running_var": np.array([3.0], np.float32)}, 1)
+    np.testing.assert_allclose(m.aggregate()["w"], [0.25])  # g = 0, v = 0.25: momentum carries on
+
+    adam = FedAdam(server_lr=0.1, beta1=0.9, beta2=0.99, tau=1e-3)
+    adam.begin_round(start)
+    adam.accumulate(update, 1)
+    # m = 0.1 * 0.5, v = 0.01 * 0.25: step = 0.05 / (0.05 + 1e-3)
+    np.testing.assert_allclose(adam.aggregate()["w"], [1.0 - 0.1 * 0.05 / 0.051], rtol=1e-6)
