@@ -139,6 +139,7 @@ class AggregatorService:
             on_message=lambda topic, payload: self.events.put((topic, payload)),
             subscriptions=self.topics.aggregator_subscriptions(),
             protocol=self.config.protocol,
+            tls=self.config.tls.files() if url.startswith("mqtts://") else None,
         )
         self._link.connect()
         log.info("connected to %s (MQTT %s)", url, self._link.protocol_version)

@@ -84,6 +84,7 @@ class EdgeAgent:
             subscriptions=self.topics.agent_subscriptions(self.device_id),
             will=(self.topics.status(self.device_id), offline, True),
             protocol=self.config.protocol,
+            tls=self.config.tls.files() if self.config.broker.startswith("mqtts://") else None,
         )
         self._link.connect()
         log.info("%s connected to %s (MQTT %s), %d local samples", self.device_id, self.config.broker,

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from fedwire.config import ConfigError, merge_dicts, parse_config, read_yaml, require
+from fedwire.config import ConfigError, TlsConfig, merge_dicts, parse_config, read_yaml, require
 from fedwire.mqtt import parse_broker_url
 from fedwire.topics import Topics, validate_device_id
 from firmware_configs import profile_path
@@ -77,6 +77,7 @@ class AgentConfig:
     upload_retries: int = 2
     exit_when_finished: bool = False  # a fleet device keeps waiting for the next federation
     aggregator_key: Path | None = None  # Ed25519 public key: refuse unsigned or altered models and rounds
+    tls: TlsConfig = field(default_factory=TlsConfig)  # files for an mqtts:// broker
 
     def check(self) -> None:
         try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import types
+from dataclasses import dataclass
 import typing
 from pathlib import Path
 from typing import Any, TypeVar
@@ -167,3 +168,24 @@ def _coerce(hint: Any, value: Any, path: str, base_dir: Path | None) -> Any:
         p = Path(value).expanduser()
         return p if p.is_absolute() or base_dir is None else (base_dir / p)
     raise TypeError(f"unsupported config type {hint!r} at {path}")
+
+
+@dataclass
+class TlsConfig:
+    """PEM files for an mqtts:// broker; unset files mean the system CA store / no client certificate."""
+
+    ca_cert: Path | None = None
+    certfile: Path | None = None
+    keyfile: Path | None = None
+
+    def check(self) -> None:
+        for name in ("ca_cert", "certfile", "keyfile"):
+            path = getattr(self, name)
+            require(path is None or path.is_file(), name, f"no such file: {path}")
+        require((self.certfile is None) == (self.keyfile is None), "keyfile",
+                "certfile and keyfile go together (the client certificate and its key)")
+
+    def files(self):
+        from fedwire.mqtt import TlsFiles
+
+        return TlsFiles(*(None if p is None else str(p) for p in (self.ca_cert, self.certfile, self.keyfile)))
