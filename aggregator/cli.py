@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 from fedwire.config import ConfigError
 
@@ -20,7 +21,7 @@ round_timeout_s: 600              # deadline: close with what arrived (or re-ann
 max_chunk_bytes: 262144           # largest MQTT payload we publish (many brokers cap message size)
 model: {arch: mobilefacenet, act: relu, embedding_size: 128, seed: 0}
 # pretrained face-api ResNet, last stage + projection fine-tuned (weights: $FACEFED_FACEAPI_DIR on every machine):
-# model: {arch: faceapi-resnet, options: {trainable: last}}   with train: {lr: 0.0001, margin: 0.1}
+# model: {arch: faceapi-resnet, options: {trainable: last}}   with train: {lr: 0.0003, margin: 0.0}
 train: {local_epochs: 1, lr: 0.05, momentum: 0.9, weight_decay: 0.0005, margin: 0.5}
 eval: {data: null, every: 1}      # folder of held-out identities: accuracy per round in the log
 """
@@ -41,7 +42,127 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--broker", help="override the config's broker URL")
     serve.add_argument("--rounds", type=int, help="override the number of rounds")
     sub.add_parser("example-config", help="print a commented aggregator.yaml")
+    _add_pki_commands(sub)
     return parser
+
+
+def _add_pki_commands(sub: argparse._SubParsersAction) -> None:
+    ca = sub.add_parser("ca", help="the fleet's certificate authority: `ca init` once per fleet, `ca broker-cert`",
+                        description="Manage the fleet CA that signs the broker's, the aggregator's and "
+                        "every device's certificate.")
+    ca_sub = ca.add_subparsers(dest="ca_command", required=True)
+    init = ca_sub.add_parser(
+        "init", help="create the CA, the broker certificate and the aggregator's identity",
+        description="Create PKI/ca.crt + ca.key (keep ca.key on this machine only), the broker's TLS "
+        "certificate (PKI/broker/), and the aggregator's client certificate and Ed25519 model-signing "
+        "key (PKI/aggregator/). Refuses to run where a CA already exists. Private keys are written 0600.")
+    init.add_argument("--dir", required=True, metavar="PKI", help="PKI directory to create (e.g. ./pki)")
+    _add_broker_name_args(init)
+    init.set_defaults(pki_command=_ca_init)
+    broker_cert = ca_sub.add_parser(
+        "broker-cert", help="re-issue the broker certificate for other hostnames or addresses",
+        description="Replace PKI/broker/server.crt and server.key, e.g. when the broker moves to another "
+        "host; run broker-config again afterwards. Devices need nothing new: they trust the CA.")
+    broker_cert.add_argument("--dir", required=True, metavar="PKI", help="PKI directory made by `ca init`")
+    _add_broker_name_args(broker_cert)
+    broker_cert.set_defaults(pki_command=_ca_broker_cert)
+    provision = sub.add_parser(
+        "provision", help="issue a device's client certificate (CN = device id)",
+        description="Write PKI/devices/DEVICE_ID.crt and .key. The broker takes the certificate's CN as "
+        "the device's username, so the device may publish only to its own update and status topics.")
+    provision.add_argument("device_id", metavar="DEVICE_ID",
+                           help="1 to 64 characters of [A-Za-z0-9_.-], starting with a letter or digit")
+    provision.add_argument("--dir", required=True, metavar="PKI", help="PKI directory made by `ca init`")
+    provision.set_defaults(pki_command=_provision)
+    broker = sub.add_parser(
+        "broker-config", help="write a hardened Mosquitto config and ACL",
+        description="Write DIR/mosquitto.conf, DIR/acl and copies of the CA certificate and the broker's "
+        "certificate and key (never the CA key): one TLS listener, client certificates required, the "
+        "certificate CN as username, devices limited to their own topics, only the aggregator publishing "
+        "rounds and global models. Run `mosquitto -c DIR/mosquitto.conf` (mosquitto 2.x); DIR/server.key is "
+        "0600, so make it readable by the user mosquitto runs as (`chown mosquitto DIR/server.key`).")
+    broker.add_argument("--pki", required=True, metavar="PKI", help="PKI directory made by `ca init`")
+    broker.add_argument("--out", required=True, metavar="DIR",
+                        help="directory for the broker's files (created if missing)")
+    broker.add_argument("--port", type=int, default=8883, help="TLS port (default 8883)")
+    broker.add_argument("--topic-prefix", default="facefed", help="the federation's topic prefix (default facefed)")
+    broker.add_argument("--bind", default="127.0.0.1",
+                        help="address to listen on (default 127.0.0.1; 0.0.0.0 for every IPv4 interface)")
+    broker.set_defaults(pki_command=_broker_config)
+
+
+def _add_broker_name_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--broker-host", action="append", metavar="NAME", type=_hostname,
+                        help="DNS name devices use to reach the broker; repeatable (default localhost)")
+    parser.add_argument("--broker-ip", action="append", metavar="IP", type=_ip,
+                        help="IP address devices use to reach the broker; repeatable (default 127.0.0.1)")
+
+
+def _hostname(text: str) -> str:
+    from aggregator.pki import PkiError, check_hostname
+
+    try:
+        return check_hostname(text)
+    except PkiError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _ip(text: str) -> str:
+    from aggregator.pki import PkiError, check_ip
+
+    try:
+        check_ip(text)
+    except PkiError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def _run_pki_command(args: argparse.Namespace) -> int:
+    from aggregator.pki import PkiError
+
+    try:
+        created = args.pki_command(args)
+    except PkiError as exc:
+        print(f"facefed-aggregator: {exc}", file=sys.stderr)
+        return 1
+    except ValueError as exc:  # a bad port, bind address or topic prefix
+        print(f"facefed-aggregator: {exc}", file=sys.stderr)
+        return 2
+    for path in created:
+        print(f"wrote {path}")
+    return 0
+
+
+def _ca_init(args: argparse.Namespace) -> list[Path]:
+    from aggregator import pki
+
+    ca = pki.init_ca(args.dir)
+    server = pki.issue_server_cert(args.dir, args.broker_host or ["localhost"], args.broker_ip or ["127.0.0.1"])
+    identity = pki.issue_aggregator_identity(args.dir)
+    return [ca.cert, ca.key, server.cert, server.key, identity.client.cert, identity.client.key,
+            identity.signing_key, identity.signing_pub]
+
+
+def _ca_broker_cert(args: argparse.Namespace) -> list[Path]:
+    from aggregator import pki
+
+    server = pki.issue_server_cert(args.dir, args.broker_host or ["localhost"], args.broker_ip or ["127.0.0.1"],
+                                   replace=True)
+    return [server.cert, server.key]
+
+
+def _provision(args: argparse.Namespace) -> list[Path]:
+    from aggregator import pki
+
+    device = pki.issue_device_cert(args.dir, args.device_id)
+    return [device.cert, device.key]
+
+
+def _broker_config(args: argparse.Namespace) -> list[Path]:
+    from aggregator.broker_config import write_broker_config
+
+    files = write_broker_config(args.pki, args.out, args.port, args.topic_prefix, args.bind)
+    return [files.config, files.acl]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "example-config":
         sys.stdout.write(EXAMPLE_CONFIG)
         return 0
+    if hasattr(args, "pki_command"):
+        return _run_pki_command(args)
     from aggregator.config import load_aggregator_config
     from aggregator.service import AggregatorService
 

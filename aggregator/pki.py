@@ -6,13 +6,7 @@ file layout. Keys are EC P-256 (ECDSA): every TLS stack a device may carry (Open
 Android) speaks it, which Ed25519 certificates cannot promise. Private keys are written 0600 with
 O_EXCL, so an existing key is never silently replaced.
 
-Layout of a PKI directory (see docs/operators.md):
-
-    ca.crt  ca.key                      the fleet CA; ca.key never leaves this machine
-    broker/server.crt  server.key       the broker's TLS certificate (serverAuth only)
-    devices/<id>.crt  <id>.key          one client certificate per device, CN = device id
-    aggregator/client.crt  client.key   the aggregator's client certificate, CN = aggregator
-    aggregator/signing.key  signing.pub Ed25519 key pair that signs global models
+The file layout is fedwire/pki_layout.py's, shared with the agent's flash tool (see docs/operators.md).
 """
 
 from __future__ import annotations
@@ -22,7 +16,6 @@ import ipaddress
 import os
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
@@ -31,62 +24,21 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fedwire.errors import ProtocolError
-from fedwire.mqtt import TlsFiles
+from fedwire.pki_layout import (
+    AGGREGATOR_IDENTITY, AggregatorIdentity, CertFiles, aggregator_files, ca_files, device_files,
+    server_files,
+)
 from fedwire.topics import validate_device_id
 
-AGGREGATOR_IDENTITY = "aggregator"  # the aggregator's certificate CN = its broker username
 CA_DAYS = 3650
 LEAF_DAYS = 825  # the longest validity Apple/browsers accept for server certificates; devices use the same
 _CLOCK_SKEW = datetime.timedelta(minutes=5)  # devices with a slightly slow clock still accept new certs
-_HOSTNAME = re.compile(r"(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*")
+_LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_HOSTNAME = re.compile(rf"(?=.{{1,253}}$){_LABEL}(\.{_LABEL})*")  # RFC 1123 names, no wildcards
 
 
 class PkiError(Exception):
     """A PKI operation that cannot be done as asked; the message says why and what to do."""
-
-
-@dataclass(frozen=True)
-class CertFiles:
-    cert: Path
-    key: Path
-
-
-@dataclass(frozen=True)
-class AggregatorIdentity:
-    client: CertFiles
-    signing_key: Path
-    signing_pub: Path
-
-
-# -- layout -------------------------------------------------------------------------------------
-
-
-def ca_files(pki_dir: str | Path) -> CertFiles:
-    pki = Path(pki_dir)
-    return CertFiles(pki / "ca.crt", pki / "ca.key")
-
-
-def server_files(pki_dir: str | Path) -> CertFiles:
-    broker = Path(pki_dir) / "broker"
-    return CertFiles(broker / "server.crt", broker / "server.key")
-
-
-def device_files(pki_dir: str | Path, device_id: str) -> CertFiles:
-    devices = Path(pki_dir) / "devices"
-    device_id = validate_device_id(device_id)
-    return CertFiles(devices / f"{device_id}.crt", devices / f"{device_id}.key")
-
-
-def aggregator_files(pki_dir: str | Path) -> AggregatorIdentity:
-    agg = Path(pki_dir) / "aggregator"
-    return AggregatorIdentity(CertFiles(agg / "client.crt", agg / "client.key"),
-                              agg / "signing.key", agg / "signing.pub")
-
-
-def client_tls(pki_dir: str | Path, identity: str) -> TlsFiles:
-    """TlsFiles for an mqtts:// MqttLink of a device id or of `aggregator`."""
-    files = aggregator_files(pki_dir).client if identity == AGGREGATOR_IDENTITY else device_files(pki_dir, identity)
-    return TlsFiles(ca_cert=str(ca_files(pki_dir).cert), certfile=str(files.cert), keyfile=str(files.key))
 
 
 # -- operations ---------------------------------------------------------------------------------
@@ -124,6 +76,8 @@ def issue_server_cert(pki_dir: str | Path, hostnames: Sequence[str] = ("localhos
     (so it cannot be used to log in to the broker as a client).
 
     `replace` re-issues it, e.g. when the broker moves to another host."""
+    if isinstance(hostnames, str) or isinstance(ips, str):
+        raise TypeError("hostnames and ips are lists of strings")
     if not hostnames and not ips:
         raise PkiError("the broker certificate needs at least one hostname or IP address")
     names: list[x509.GeneralName] = [x509.DNSName(check_hostname(h)) for h in hostnames]
@@ -158,6 +112,19 @@ def issue_aggregator_identity(pki_dir: str | Path, days: int = LEAF_DAYS) -> Agg
                                                        serialization.PublicFormat.SubjectPublicKeyInfo)
     _write_new(identity.signing_pub, public_pem, 0o644)
     return identity
+
+
+def check_hostname(hostname: str) -> str:
+    if not _HOSTNAME.fullmatch(hostname):
+        raise PkiError(f"{hostname!r} is not a DNS hostname")
+    return hostname
+
+
+def check_ip(ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    try:
+        return ipaddress.ip_address(ip)
+    except ValueError:
+        raise PkiError(f"{ip!r} is not an IP address") from None
 
 
 # -- helpers ------------------------------------------------------------------------------------
@@ -219,19 +186,6 @@ def _key_usage(cert_sign: bool) -> x509.KeyUsage:
     return x509.KeyUsage(digital_signature=not cert_sign, content_commitment=False, key_encipherment=False,
                          data_encipherment=False, key_agreement=False, key_cert_sign=cert_sign,
                          crl_sign=cert_sign, encipher_only=False, decipher_only=False)
-
-
-def check_hostname(hostname: str) -> str:
-    if not _HOSTNAME.fullmatch(hostname):
-        raise PkiError(f"{hostname!r} is not a DNS hostname")
-    return hostname
-
-
-def check_ip(ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
-    try:
-        return ipaddress.ip_address(ip)
-    except ValueError:
-        raise PkiError(f"{ip!r} is not an IP address") from None
 
 
 def _make_private_dir(path: Path) -> None:

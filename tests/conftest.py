@@ -1,4 +1,5 @@
-"""Broker fixtures: the embedded amqtt broker and throwaway mosquitto brokers (plain and TLS) on 127.0.0.1."""
+"""Broker fixtures: the embedded amqtt broker and throwaway mosquitto brokers on 127.0.0.1
+(plain, TLS, and hardened with the fleet PKI and the generated ACL)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -101,3 +103,40 @@ def mosquitto_tls_broker(tmp_path: Path, tls_certificate: tuple[Path, Path]) -> 
 def broker_url(request: pytest.FixtureRequest) -> str:
     fixture = {"amqtt": "embedded_broker", "mosquitto": "mosquitto_broker"}[request.param]
     return request.getfixturevalue(fixture)
+
+
+@dataclass(frozen=True)
+class HardenedBroker:
+    url: str  # mqtts://127.0.0.1:PORT
+    pki: Path  # fleet PKI: CA, broker, aggregator and the devices cam-a and cam-b
+    prefix: str
+    log: Path
+
+
+@pytest.fixture
+def hardened_broker(tmp_path: Path) -> Iterator[HardenedBroker]:
+    """mosquitto run with the config and ACL of `facefed-aggregator broker-config` (TLS, client
+    certificates, per-device ACL) on 127.0.0.1, with a fresh PKI that provisioned cam-a and cam-b."""
+    if not os.access(MOSQUITTO, os.X_OK):
+        pytest.skip(f"mosquitto is not installed at {MOSQUITTO} (apt-get install mosquitto)")
+    from aggregator import pki
+    from aggregator.broker_config import write_broker_config
+
+    pki_dir, prefix, port = tmp_path / "pki", "facefed", free_port()
+    pki.init_ca(pki_dir)
+    pki.issue_server_cert(pki_dir, ["localhost"], ["127.0.0.1"])
+    pki.issue_aggregator_identity(pki_dir)
+    for device_id in ("cam-a", "cam-b"):
+        pki.issue_device_cert(pki_dir, device_id)
+    files = write_broker_config(pki_dir, tmp_path / "broker", port=port, topic_prefix=prefix)
+    with files.config.open("a") as config:
+        # Stay this user: dropping root to 'mosquitto' would leave the 0600 server key unreadable.
+        config.write(f"user {getpass.getuser()}\n")
+    log_path = tmp_path / "mosquitto.log"
+    with log_path.open("w") as log_file:
+        process = subprocess.Popen([str(MOSQUITTO), "-c", str(files.config)], stdout=log_file, stderr=subprocess.STDOUT)
+    try:
+        _wait_for_port(port, process, log_path)
+        yield HardenedBroker(f"mqtts://127.0.0.1:{port}", pki_dir, prefix, log_path)
+    finally:
+        _stop(process)
