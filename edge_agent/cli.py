@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 from fedwire.config import ConfigError
 
@@ -36,6 +37,21 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--broker", help="override the broker URL")
     run.add_argument("--exit-when-finished", action="store_true", help="exit once the federation is finished")
     run.add_argument("--progress", action="store_true", help="show a progress bar per local epoch")
+    flash = sub.add_parser(
+        "flash", help="build a device bundle (config, certificates, model, installer) and optionally push it",
+        description="Write everything a provisioned device needs into --out (a folder, or NAME.tar.gz): the merged "
+        "agent config, the device's certificate and key, the fleet CA, the aggregator's model-signing public key, the "
+        "current model, the facefed-edge wheel, a systemd unit and install.sh. Provision the device first with "
+        "`facefed-aggregator provision DEVICE_ID --dir PKI`.")
+    flash.add_argument("--profile", required=True, help="device profile name (see `profiles`) or YAML path")
+    flash.add_argument("--device-id", required=True, help="the id the device was provisioned with")
+    flash.add_argument("--broker", required=True, help="mqtts://HOST:8883 as the device will reach it")
+    flash.add_argument("--pki", required=True, type=Path, help="the fleet PKI folder")
+    flash.add_argument("--out", required=True, type=Path, help="bundle folder, or a .tar.gz file")
+    flash.add_argument("--topic-prefix", default="facefed")
+    flash.add_argument("--model", type=Path, help="the deployed model to ship (e.g. an int8 .onnx export)")
+    flash.add_argument("--wheel", type=Path, help="facefed-edge wheel to ship (default: build from this source)")
+    flash.add_argument("--target", help="ssh://user@host[:port]: copy the .tar.gz there and run install.sh")
     sub.add_parser("profiles", help="list the bundled device profiles")
     sub.add_parser("example-config", help="print a commented agent.yaml")
     return parser
@@ -48,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "example-config":
         sys.stdout.write(EXAMPLE_CONFIG)
         return 0
+    if args.command == "flash":
+        return _flash(args)
     if args.command == "profiles":
         from firmware_configs import profile_names, profile_path
 
@@ -55,6 +73,23 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name}\t{profile_path(name)}")
         return 0
     return _run(args)
+
+
+def _flash(args: argparse.Namespace) -> int:
+    from edge_agent.flash import FlashError, FlashRequest, build_bundle, push_over_ssh
+
+    request = FlashRequest(profile=args.profile, device_id=args.device_id, broker=args.broker, pki=args.pki,
+                           out=args.out, topic_prefix=args.topic_prefix, model=args.model, wheel=args.wheel)
+    try:
+        bundle = build_bundle(request)
+        print(f"bundle for {args.device_id} written to {bundle}")
+        if args.target:
+            push_over_ssh(bundle, args.target)
+            print(f"installed on {args.target}")
+    except (FlashError, FileNotFoundError, ValueError) as exc:
+        print(f"facefed-agent flash: {exc}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def _run(args: argparse.Namespace) -> int:
