@@ -135,3 +135,24 @@ def test_a_fraction_of_online_devices_is_sampled_and_others_are_refused(embedded
         assert svc.state.load_optimizer_state(0) == {}
     finally:
         svc.close()
+
+
+def test_a_replayed_update_is_ignored_in_its_round_and_refused_in_the_next(service):
+    svc = service
+    manifest, chunks = build_transfer("update", "dev-a", 1, 0, _shifted(svc, 1.0), num_samples=10,
+                                      max_chunk_bytes=128 * 1024)
+    topics = Topics()
+    recorded = [(topics.update_chunk("dev-a", i), c) for i, c in enumerate(chunks)]
+    recorded.append((topics.update_manifest("dev-a"), manifest.to_json()))
+    for topic, payload in recorded:
+        svc.handle_message(topic, payload)
+    for topic, payload in recorded:  # the same bytes again, as an attacker or a QoS 1 redelivery would
+        svc.handle_message(topic, payload)
+    assert svc.strategy.num_updates == 1
+    _send(svc, "dev-b", _shifted(svc, 1.0))
+    svc._check_round_close(time.time())
+    assert svc.current.number == 2
+    rejected = svc.current.rejected
+    for topic, payload in recorded:  # replayed into round 2
+        svc.handle_message(topic, payload)
+    assert svc.strategy.num_updates == 0 and svc.current.rejected == rejected + 1
