@@ -21,7 +21,7 @@ round_timeout_s: 600              # deadline: close with what arrived (or re-ann
 max_chunk_bytes: 262144           # largest MQTT payload we publish (many brokers cap message size)
 model: {arch: mobilefacenet, act: relu, embedding_size: 128, seed: 0}
 # pretrained face-api ResNet, last stage + projection fine-tuned (weights: $FACEFED_FACEAPI_DIR on every machine):
-# model: {arch: faceapi-resnet, options: {trainable: last}}   with train: {lr: 0.0003, margin: 0.0}
+# model: {arch: faceapi-resnet, options: {trainable: last}}   with train: {lr: 0.0001, margin: 0.0}
 train: {local_epochs: 1, lr: 0.05, momentum: 0.9, weight_decay: 0.0005, margin: 0.5}
 eval: {data: null, every: 1}      # folder of held-out identities: accuracy per round in the log
 """

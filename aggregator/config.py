@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from fedwire.chunking import DEFAULT_MAX_CHUNK_BYTES
-from fedwire.config import ConfigError, load_config, require
+from fedwire.config import ConfigError, TlsConfig, load_config, require
 from fedwire.mqtt import parse_broker_url
 from fedwire.topics import Topics
 from model_zoo.backbones import BACKBONES, build_backbone
@@ -85,6 +85,7 @@ class AggregatorConfig:
     max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES
     max_update_bytes: int = 64 * 1024 * 1024
     signing_key: Path | None = None  # Ed25519 PEM: sign every global manifest and round announcement
+    tls: TlsConfig = field(default_factory=TlsConfig)  # files for an mqtts:// broker
     strategy: Literal["fedavg", "fedavgm", "fedadam", "median", "trimmed_mean"] = "fedavg"
     server_lr: float | None = None  # fedavgm/fedadam step size; None: 1.0 for fedavgm, 0.01 for fedadam
     fraction_fit: float = 1.0  # share of the known devices sampled into each round

@@ -10,6 +10,7 @@ import pytest
 import torch
 from test_e2e_federation import Recorder
 
+import facefed.cli
 from aggregator.config import AggregatorConfig, ModelConfig
 from aggregator.service import _train_dict
 from facefed.simulate import SimulationConfig, run_simulation
@@ -63,10 +64,22 @@ def test_imprint_head_puts_class_centres_on_normalised_centroids() -> None:
     assert torch.equal(head.weight[2].detach(), untouched)  # no samples: left as initialised
 
 
+def test_simulate_picks_fine_tuning_defaults_per_model_and_rejects_stray_flags(tmp_path, capsys) -> None:
+    parser = facefed.cli.build_parser()
+    pretrained = parser.parse_args(["simulate", "--model", "faceapi-resnet", "--lr", "0.001"])
+    scratch = parser.parse_args(["simulate"])
+
+    assert facefed.cli._training_settings(pretrained) == {"local_epochs": 1, "lr": 0.001, "margin": 0.0}
+    assert facefed.cli._training_settings(scratch) == {"local_epochs": 2, "lr": 0.05, "margin": 0.5}
+    assert facefed.cli.main(["simulate", "--data", str(tmp_path), "--trainable", "last2"]) == 2
+    assert "faceapi-resnet only" in capsys.readouterr().err
+
+
 # --- the pretrained backbone ---
 
 @needs_shared
-@pytest.mark.parametrize("trainable, trained_stages", [("last", 1), ("last2", 2), ("all", len(STAGES))])
+@pytest.mark.parametrize("trainable, trained_stages",
+                         [("projection", 0), ("last", 1), ("last2", 2), ("all", len(STAGES))])
 def test_trunk_is_frozen_and_tail_holds_the_trainable_stages(trainable: str, trained_stages: int) -> None:
     net = build_backbone("faceapi-resnet", trainable=trainable)
     net.train()
@@ -75,7 +88,7 @@ def test_trunk_is_frozen_and_tail_holds_the_trainable_stages(trainable: str, tra
     assert all(p.requires_grad for p in net.tail.parameters())
     assert not any(m.training for m in net.trunk.modules()) and net.tail.training
     tail_blocks = [name for name, _ in net.tail.named_children()]
-    assert tail_blocks == [*(n for stage in STAGES[-trained_stages:] for n in stage), "projection"]
+    assert tail_blocks == [*(n for stage in STAGES[len(STAGES) - trained_stages:] for n in stage), "projection"]
     assert (trainable == "all") == (not any(True for _ in net.trunk.parameters()))
 
 
@@ -96,7 +109,8 @@ def test_only_tail_tensors_are_shared_and_checkpoints_round_trip(celeb_small: Fa
     loaded, meta = load_checkpoint(tmp_path / "ckpt.safetensors")
     assert isinstance(loaded, FaceApiResNet) and meta == {"round": 1}
     assert loaded.arch_kwargs == {"trainable": "last", "weights_dir": None}  # no machine path recorded
-    np.testing.assert_array_equal(embed_images(loaded, celeb_small.images[:4]), embed_images(net, celeb_small.images[:4]))
+    images = celeb_small.images[:4]
+    np.testing.assert_array_equal(embed_images(loaded, images), embed_images(net, images))
 
 
 @needs_shared

@@ -7,6 +7,7 @@ pipeline.FacePipeline.embed_aligned_crops) re-frames the crop into the 150x150 d
 trained on, with border replication outside the crop, then face-api's normalisation applies.
 
 `trainable` says how many of the net's trailing stages are fine-tuned, always with the final projection:
+- "projection": the 256 -> 128 linear map only
 - "last":  conv256_down_out (dlib's last level) + projection
 - "last2": the conv256 stage too
 - "all":   everything (the trunk is then only the fixed re-framing)
@@ -40,7 +41,7 @@ STAGES: tuple[tuple[str, ...], ...] = (
     ("conv256_down", "conv256_1", "conv256_2"),
     ("conv256_down_out",),
 )
-TRAINABLE_STAGES = {"last": 1, "last2": 2, "all": len(STAGES)}  # trailing stages trained with the projection
+TRAINABLE_STAGES = {"projection": 0, "last": 1, "last2": 2, "all": len(STAGES)}  # trailing stages trained too
 
 
 def load_pretrained_net(weights_dir: str | Path | None = None) -> FaceRecognitionNet:

@@ -1,0 +1,290 @@
+"""Federated partial fine-tuning of the pretrained face-api ResNet: held-out verification and device cost.
+
+Accuracy. celeb-dev is split by identity as `facefed simulate` splits it: `--holdout` identities are never
+trained on, the others are dealt to `--clients` clients (the first `--train-per-identity` images of each).
+The federation runs through `facefed simulate`'s code: an embedded MQTT broker, the aggregator and one agent
+process per client, `--rounds` rounds of FedAvg over the tail tensors. Then, on people no client saw:
+- celeb-dev held out: every image of the held-out identities (112x112 ArcFace-aligned crops), pretrained
+  and fine-tuned backbone alike (the backbone re-frames crops into the dlib chip itself);
+- ORL (all 38 people, never trained on; tight 92x112 grey crops, not ArcFace-aligned): the pretrained net
+  through the pipeline route of `facefed evaluate --model faceapi` (68 landmarks -> dlib chip), and, since
+  the backbones take ArcFace crops, pretrained and fine-tuned backbones on 112x112 ArcFace crops warped from
+  the same landmarks (5 points -> ARCFACE_112 template).
+Scores: cosine of L2-normalised embeddings over all pairs; accuracy is the balanced best-threshold accuracy.
+
+int8 trunk. The frozen trunk of `--trainable` (after the fixed re-framing) exported to ONNX and quantized
+statically by ONNX Runtime (QDQ, int8 per-channel weights, uint8 activations, MinMax calibration on client
+images); held-out celeb-dev through int8 trunk + float tail, and trunk milliseconds per image.
+
+Device cost. One client's partition, torch.set_num_threads(1): the one-time trunk pass (plain + mirrored
+images, cached across rounds), then seconds per local epoch, and the bytes a device uploads per round
+(safetensors payload of the shared tensors), for trainable projection / last / last2 / all and MobileFaceNet.
+The machine is shared: wall seconds move with other load, CPU seconds (process time) much less.
+
+    python -m bench.faceapi_finetune --json results.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from facefed.simulate import SimulationConfig, prepare_partitions, run_simulation
+from fedwire.codec import encode_tensors
+from model_zoo import align
+from model_zoo.backbones import build_backbone
+from model_zoo.checkpoint import load_checkpoint, shared_tensors
+from model_zoo.data import FaceDataset, load_dataset, save_folders, shared_datasets_root, to_model_input
+from model_zoo.evaluate import evaluate_embeddings
+from model_zoo.losses import ArcFaceHead
+from model_zoo.pipeline import FacePipeline
+from model_zoo.train import TrainConfig, TrunkFeatureCache, embed_images, train_local
+
+COST_MODELS = (("faceapi-resnet", "projection"), ("faceapi-resnet", "last"), ("faceapi-resnet", "last2"),
+               ("faceapi-resnet", "all"), ("mobilefacenet", None))
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    shared = shared_datasets_root()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--celeb", type=Path, default=shared / "celeb-dev", help="ArcFace-aligned folder dataset")
+    parser.add_argument("--orl", type=Path, default=shared / "orl", help="ORL faces, held out entirely")
+    parser.add_argument("--holdout", type=int, default=4, help="celeb-dev identities held out (default 4)")
+    parser.add_argument("--clients", type=int, default=4, help="federated clients (default 4)")
+    parser.add_argument("--train-per-identity", type=int, default=150,
+                        help="first N images of each training identity (default 150)")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--local-epochs", type=int, default=1)
+    parser.add_argument("--trainable", choices=["projection", "last", "last2", "all"], default="last")
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--margin", type=float, default=0.0, help="ArcFace margin of the device heads (radians)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cost-epochs", type=int, default=2, help="epochs timed per device-cost row")
+    parser.add_argument("--out", type=Path, default=None, help="keep the federation's run folder here")
+    parser.add_argument("--json", type=Path, default=None, help="write the results here as JSON")
+    return parser.parse_args(argv)
+
+
+def first_per_identity(dataset: FaceDataset, limit: int) -> FaceDataset:
+    keep = np.concatenate([np.flatnonzero(dataset.labels == label)[:limit] for label in range(dataset.num_classes)])
+    return dataset.subset(keep)
+
+
+def identities_subset(dataset: FaceDataset, names: list[str]) -> FaceDataset:
+    wanted = [dataset.identities.index(name) for name in names]
+    return dataset.subset(np.flatnonzero(np.isin(dataset.labels, wanted)))
+
+
+def verification_row(model: str, data: str, embeddings: np.ndarray, labels: np.ndarray) -> dict:
+    report = evaluate_embeddings(embeddings, labels)
+    return {"model": model, "data": data, "images": len(labels), "genuine_pairs": report["genuine_pairs"],
+            "impostor_pairs": report["impostor_pairs"], "accuracy": report["accuracy"], "eer": report["eer"],
+            "tar_at_far_1e-3": report["tar_at_far"]["1e-3"], "rank1": report["rank1"]}
+
+
+# --- federation ---
+
+def federate(sim_config: SimulationConfig) -> tuple[Path, list[dict]]:
+    """Run the federation over MQTT; (final checkpoint, the aggregator's round log)."""
+    start = time.perf_counter()
+    result = run_simulation(sim_config, on_round=lambda entry: print(
+        f"  round {entry['round']}: clients {entry['clients']}, {entry['bytes_up'] / 1e6:.1f} MB up, "
+        f"held-out EER {entry.get('eer', float('nan')):.4f} ({time.perf_counter() - start:.0f} s)", flush=True))
+    return result.final_checkpoint, result.rounds
+
+
+# --- ORL: landmarks once, two kinds of input ---
+
+def frame_landmarks(pipeline: FacePipeline, images: np.ndarray) -> np.ndarray:
+    """[N, 68, 2] landmarks of the best face of each image; FacePipeline.embed_frames' fallback to the whole
+    image as the face box where the detector finds none (tight crops)."""
+    height, width = images.shape[1:3]
+    points = []
+    for image in images:
+        faces = pipeline.detect(image)
+        points.append(faces[0].landmarks68 if faces else
+                      pipeline.landmarks_in_boxes(image, [(0.0, 0.0, float(width), float(height))])[0])
+    return np.stack(points)
+
+
+def arcface_crops(images: np.ndarray, landmarks: np.ndarray) -> np.ndarray:
+    """112x112 crops aligned to the ArcFace 5-point template, the input the backbones expect."""
+    return np.stack([align.warp(image, align.estimate_similarity(align.five_points_from_68(points),
+                                                                 align.ARCFACE_112), align.ARCFACE_SIZE)
+                     for image, points in zip(images, landmarks)])
+
+
+# --- int8 trunk through ONNX Runtime ---
+
+def int8_trunk_check(trainable: str, calibration: np.ndarray, held_out: FaceDataset) -> list[dict]:
+    """Held-out verification and trunk ms/image: torch float trunk vs ONNX Runtime int8 trunk, float tail."""
+    import onnxruntime as ort
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    net = build_backbone("faceapi-resnet", trainable=trainable)
+    layers = torch.nn.Sequential(*list(net.trunk.children())[1:])  # the weights; the fixed re-framing stays float
+    with torch.no_grad():
+        chips = net.trunk.chip(to_model_input(calibration)).numpy()
+        eval_chips = net.trunk.chip(to_model_input(held_out.images)).numpy()
+    with tempfile.TemporaryDirectory() as tmp:
+        fp32, prepared, int8 = (Path(tmp) / name for name in ("fp32.onnx", "prepared.onnx", "int8.onnx"))
+        with contextlib.redirect_stdout(io.StringIO()):  # the exporter narrates every step
+            torch.onnx.export(layers, (torch.zeros(2, *chips.shape[1:]),), str(fp32), dynamo=True,
+                              external_data=False, input_names=["chip"], output_names=["features"],
+                              dynamic_shapes=({0: torch.export.Dim("batch")},))
+        quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
+        quantize_static(str(prepared), str(int8), ChipBatches(chips), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        calibrate_method=CalibrationMethod.MinMax)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = options.inter_op_num_threads = 1
+        session = ort.InferenceSession(str(int8), options, providers=["CPUExecutionProvider"])
+        runners = {
+            "torch fp32": lambda batch: layers(torch.from_numpy(batch)).numpy(),
+            "onnxruntime int8": lambda batch: session.run(None, {"chip": batch})[0],
+        }
+        rows, reference = [], None
+        for name, run in runners.items():
+            start = time.perf_counter()
+            with torch.no_grad():
+                features = np.concatenate([run(eval_chips[i:i + 32]) for i in range(0, len(eval_chips), 32)])
+                ms = 1000 * (time.perf_counter() - start) / len(eval_chips)
+                embeddings = net.forward_tail(torch.from_numpy(features)).numpy()
+            reference = embeddings if reference is None else reference
+            row = verification_row(f"pretrained, {name} trunk", "celeb-dev held out", embeddings, held_out.labels)
+            rows.append({**row, "trunk_ms_per_image": ms,
+                         "min_cosine_to_fp32": float((embeddings * reference).sum(axis=1).min())})
+    return rows
+
+
+class ChipBatches:
+    """onnxruntime's CalibrationDataReader protocol: 16 chips per call, then None."""
+
+    def __init__(self, chips: np.ndarray) -> None:
+        self._batches = iter([{"chip": chips[i:i + 16]} for i in range(0, len(chips), 16)])
+
+    def get_next(self) -> dict | None:
+        return next(self._batches, None)
+
+
+# --- device cost ---
+
+def device_cost(arch: str, trainable: str | None, data: FaceDataset, epochs: int) -> dict:
+    """One-time trunk pass, then wall and CPU seconds per local epoch, and the bytes of one upload."""
+    torch.manual_seed(0)
+    net = build_backbone(arch, trainable=trainable) if trainable else build_backbone(arch)
+    head = ArcFaceHead(128, data.num_classes)
+    cache = TrunkFeatureCache()
+    first = train_local(net, head, data, TrainConfig(epochs=1, batch_size=32, lr=1e-4), trunk_cache=cache)
+    wall, cpu = time.perf_counter(), time.process_time()
+    train_local(net, head, data, TrainConfig(epochs=epochs, batch_size=32, lr=1e-4), trunk_cache=cache)
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    tensors = shared_tensors(net)
+    return {"model": arch, "trainable": trainable or "all", "images": len(data),
+            "trained_parameters": sum(p.numel() for p in net.parameters() if p.requires_grad),
+            "trunk_once_s": first.trunk_seconds, "epoch_wall_s": wall / epochs, "epoch_cpu_s": cpu / epochs,
+            "upload_bytes": len(encode_tensors(tensors))}
+
+
+# --- the run ---
+
+def run(args: argparse.Namespace) -> dict:
+    torch.set_num_threads(1)
+    celeb = load_dataset(args.celeb, layout="folders")
+    limited = first_per_identity(celeb, args.train_per_identity)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = args.out or Path(tmp) / "run"
+        save_folders(limited, Path(tmp) / "celeb")
+        sim_config = SimulationConfig(
+            data=[Path(tmp) / "celeb"], out=out, clients=args.clients, rounds=args.rounds,
+            local_epochs=args.local_epochs, lr=args.lr, margin=args.margin, holdout=args.holdout, seed=args.seed,
+            arch="faceapi-resnet", model_options={"trainable": args.trainable})
+        clients, held_out_small = prepare_partitions(load_dataset(Path(tmp) / "celeb", layout="folders"), sim_config)
+        print(f"federation: {args.clients} clients ({', '.join(str(len(c)) for c in clients)} images), "
+              f"held out: {', '.join(held_out_small.identities)}", flush=True)
+        final_path, rounds = federate(sim_config)
+        fine_tuned, _ = load_checkpoint(final_path)
+    pretrained = build_backbone("faceapi-resnet", trainable=args.trainable)
+    held_out = identities_subset(celeb, held_out_small.identities)
+
+    print("held-out celeb-dev and ORL ...", flush=True)
+    rows = [verification_row("pretrained", "celeb-dev held out", embed_images(pretrained, held_out.images),
+                             held_out.labels),
+            verification_row("fine-tuned", "celeb-dev held out", embed_images(fine_tuned, held_out.images),
+                             held_out.labels)]
+    orl = load_dataset(args.orl)
+    pipeline = FacePipeline(detector_input_size=128)
+    landmarks = frame_landmarks(pipeline, orl.images)
+    chips = np.stack([pipeline.chip_from_landmarks(image, points) for image, points in zip(orl.images, landmarks)])
+    crops = arcface_crops(orl.images, landmarks)
+    rows += [verification_row("pretrained, pipeline (dlib chip)", "ORL", pipeline.embed_chips(chips), orl.labels),
+             verification_row("pretrained", "ORL", embed_images(pretrained, crops), orl.labels),
+             verification_row("fine-tuned", "ORL", embed_images(fine_tuned, crops), orl.labels)]
+
+    print("int8 trunk ...", flush=True)
+    calibration = np.concatenate([c.images for c in clients])
+    calibration = calibration[np.random.default_rng(args.seed).choice(len(calibration), 128, replace=False)]
+    int8_rows = int8_trunk_check(args.trainable, calibration, held_out)
+
+    print("device cost ...", flush=True)
+    cost_rows = [device_cost(arch, trainable, clients[0], args.cost_epochs) for arch, trainable in COST_MODELS]
+    return {
+        "celeb": str(args.celeb), "orl": str(args.orl), "held_out_identities": held_out.identities,
+        "clients": args.clients, "client_images": [len(c) for c in clients],
+        "train_per_identity": args.train_per_identity, "rounds": args.rounds, "local_epochs": args.local_epochs,
+        "trainable": args.trainable, "lr": args.lr, "margin": args.margin, "seed": args.seed,
+        "federation": "facefed simulate code: embedded MQTT broker, aggregator and agent processes",
+        "torch_threads": torch.get_num_threads(),
+        "round_log": [{k: r.get(k) for k in ("round", "clients", "bytes_up", "train_loss", "eer")} for r in rounds],
+        "verification": rows, "int8_trunk": int8_rows, "device_cost": cost_rows,
+    }
+
+
+def print_tables(results: dict) -> None:
+    print(f"\nheld out: {', '.join(results['held_out_identities'])}; {results['clients']} clients "
+          f"({results['client_images']} images), {results['rounds']} rounds x {results['local_epochs']} local "
+          f"epochs, trainable {results['trainable']}, lr {results['lr']}, margin {results['margin']}")
+    print(f"{'round':>5} {'clients':>7} {'MB up':>7} {'train loss':>10} {'EER (aggregator eval)':>22}")
+    for r in results["round_log"]:
+        loss = "-" if r["train_loss"] is None else f"{r['train_loss']:.4f}"
+        print(f"{r['round']:5d} {r['clients']:7d} {r['bytes_up'] / 1e6:7.2f} {loss:>10} {100 * r['eer']:21.2f}%")
+    print(f"\n{'model':34} {'data':19} {'images':>6} {'genuine':>7} {'accuracy':>8} {'EER':>7} {'TAR@1e-3':>8} "
+          f"{'rank-1':>7}")
+    for row in results["verification"] + results["int8_trunk"]:
+        print(f"{row['model']:34} {row['data']:19} {row['images']:6d} {row['genuine_pairs']:7d} "
+              f"{100 * row['accuracy']:7.2f}% "
+              f"{100 * row['eer']:6.2f}% {100 * row['tar_at_far_1e-3']:7.2f}% {100 * row['rank1']:6.2f}%")
+    for row in results["int8_trunk"]:
+        print(f"  {row['model']}: trunk {row['trunk_ms_per_image']:.2f} ms/image, "
+              f"min cosine to the fp32 embeddings {row['min_cosine_to_fp32']:.5f}")
+    print(f"\ndevice cost, one client ({results['device_cost'][0]['images']} images), "
+          f"torch threads {results['torch_threads']}")
+    print(f"{'model':15} {'trainable':9} {'trained params':>14} {'trunk once s':>12} {'epoch wall s':>12} "
+          f"{'epoch CPU s':>11} {'upload / round':>14}")
+    for row in results["device_cost"]:
+        print(f"{row['model']:15} {row['trainable']:9} {row['trained_parameters']:14,d} {row['trunk_once_s']:12.2f} "
+              f"{row['epoch_wall_s']:12.2f} {row['epoch_cpu_s']:11.2f} {row['upload_bytes'] / 1e6:11.2f} MB")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    start = time.perf_counter()
+    results = run(args)
+    results["total_seconds"] = round(time.perf_counter() - start, 1)
+    print_tables(results)
+    print(f"total {results['total_seconds']:.0f} s")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
