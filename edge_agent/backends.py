@@ -41,7 +41,8 @@ class TorchEmbedder(Embedder):
         self.backbone = backbone.eval()
         self.threads = threads
         self.input = InputSpec()  # the backbone's own convention: NCHW, (x - 127.5) / 128
-        self.embedding_size = int(self._forward(np.zeros((1, 3, self.input.size, self.input.size), np.float32)).shape[1])
+        probe = np.zeros((1, 3, self.input.size, self.input.size), np.float32)
+        self.embedding_size = int(self._forward(probe).shape[1])
 
     def _forward(self, pixels: np.ndarray) -> np.ndarray:
         import torch

@@ -11,7 +11,8 @@ from pathlib import Path
 
 # Fine-tuning a pretrained embedder needs small steps and a small margin, or it forgets more than it learns
 # from a few identities (bench/faceapi_finetune.py).
-SIM_DEFAULTS = {"mobilefacenet": {"lr": 0.05, "margin": 0.5}, "faceapi-resnet": {"lr": 1e-4, "margin": 0.1}}
+SIM_DEFAULTS = {"mobilefacenet": {"local_epochs": 2, "lr": 0.05, "margin": 0.5},
+                "faceapi-resnet": {"local_epochs": 1, "lr": 1e-4, "margin": 0.0}}
 
 NO_DATA_HELP = """\
 facefed: no face dataset found. Looked in:
@@ -43,15 +44,15 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--out", type=Path, default=Path("runs/simulate"), help="run folder (must be new or empty)")
     sim.add_argument("--clients", type=int, default=3, help="number of agent processes (default 3)")
     sim.add_argument("--rounds", type=int, default=10, help="federated rounds (default 10)")
-    sim.add_argument("--local-epochs", type=int, default=2, help="local epochs per round (default 2)")
+    sim.add_argument("--local-epochs", type=int, help="local epochs per round (default 2; faceapi-resnet 1)")
     sim.add_argument("--model", choices=sorted(SIM_DEFAULTS), default="mobilefacenet",
                      help="backbone: mobilefacenet from scratch, or the pretrained face-api ResNet fine-tuned "
                      "(weights from $FACEFED_FACEAPI_DIR or ../shared/models/faceapi) (default mobilefacenet)")
-    sim.add_argument("--trainable", choices=["last", "last2", "all"],
-                     help="faceapi-resnet only: trailing stages fine-tuned with the projection; the rest is "
-                     "frozen, its features cached on each device, and never sent (default last)")
+    sim.add_argument("--trainable", choices=["projection", "last", "last2", "all"],
+                     help="faceapi-resnet only: the final projection alone, or with the last one, two or all "
+                     "stages; the rest is frozen, its features cached on each device, and never sent (default last)")
     sim.add_argument("--lr", type=float, help="local SGD learning rate (default 0.05; faceapi-resnet 1e-4)")
-    sim.add_argument("--margin", type=float, help="ArcFace margin in radians (default 0.5; faceapi-resnet 0.1)")
+    sim.add_argument("--margin", type=float, help="ArcFace margin in radians (default 0.5; faceapi-resnet 0)")
     sim.add_argument("--split", choices=["identity", "dirichlet"], default="identity",
                      help="by-identity (disjoint people per client) or Dirichlet non-IID (default identity)")
     sim.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration (default 0.5)")
@@ -69,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
         "(first image per person enrolled).",
     )
     ev.add_argument("--model", required=True,
-                    help="a FaceFed checkpoint (.safetensors), or 'faceapi' for the pretrained face-api descriptor "
+                    help="a FaceFed checkpoint (.safetensors), an exported .onnx or .tflite file (with its .json "
+                    "sidecar), or 'faceapi' for the pretrained face-api descriptor "
                     "through the detect/landmark/align pipeline (weights from $FACEFED_FACEAPI_DIR or "
                     "../shared/models/faceapi)")
     ev.add_argument("--aligned", choices=["auto", "yes", "no"], default="auto",
@@ -78,6 +80,23 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--data", required=True, type=Path, help="labelled faces: ORL, Yale or folder-per-identity")
     ev.add_argument("--json", type=Path, help="write the report here")
     ev.add_argument("--roc", type=Path, help="write a ROC curve PNG here")
+
+    ex = sub.add_parser(
+        "export",
+        help="export a checkpoint for on-device inference (ONNX or TFLite, fp32 or int8)",
+        description="Write DIR/facefed-v<version>-<format>.<onnx|tflite> and a .json sidecar (input size, "
+        "normalisation, embedding size, source checkpoint sha256, agreement with the torch model on the "
+        "calibration images). int8 formats use static post-training quantization calibrated on --calibration. "
+        "TFLite needs pip install 'facefed-edge[tflite-convert]'.",
+    )
+    ex.add_argument("--model", required=True, type=Path, help="a FaceFed checkpoint (.safetensors)")
+    ex.add_argument("--format", required=True, choices=["onnx", "onnx-int8", "tflite", "tflite-int8"])
+    ex.add_argument("--out", required=True, type=Path, help="output folder")
+    ex.add_argument("--calibration", type=Path,
+                    help="face images for int8 calibration and the agreement check: a folder of images, or a "
+                    "labelled ORL/Yale/folder-per-identity dataset (default: $FACEFED_DATA or "
+                    "../shared/datasets/orl)")
+    ex.add_argument("--version", type=int, help="model version for the file name (default: the checkpoint's)")
     return parser
 
 
@@ -87,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if args.command == "simulate":
         return _simulate(args)
+    if args.command == "export":
+        return _export(args)
     return _evaluate(args)
 
 
@@ -119,11 +140,8 @@ def _simulate(args: argparse.Namespace) -> int:
     if args.trainable is not None and args.model != "faceapi-resnet":
         print("facefed simulate: --trainable applies to --model faceapi-resnet only", file=sys.stderr)
         return 2
-    defaults = SIM_DEFAULTS[args.model]
     cfg = SimulationConfig(
-        data=data, out=args.out, clients=args.clients, rounds=args.rounds, local_epochs=args.local_epochs,
-        lr=defaults["lr"] if args.lr is None else args.lr,
-        margin=defaults["margin"] if args.margin is None else args.margin,
+        data=data, out=args.out, clients=args.clients, rounds=args.rounds, **_training_settings(args),
         split=args.split, alpha=args.alpha, holdout=args.holdout, seed=args.seed, broker=args.broker,
         arch=args.model, act=args.act, max_chunk_bytes=args.max_chunk_bytes,
         model_options={"trainable": args.trainable or "last"} if args.model == "faceapi-resnet" else {},
@@ -147,6 +165,12 @@ def _simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _training_settings(args: argparse.Namespace) -> dict:
+    """local_epochs, lr and margin: as given on the command line, else the model's defaults."""
+    return {key: default if getattr(args, key) is None else getattr(args, key)
+            for key, default in SIM_DEFAULTS[args.model].items()}
+
+
 def _round_line(entry: dict) -> str:
     def fmt(value, spec: str) -> str:
         return "-" if value is None else format(value, spec)
@@ -163,7 +187,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     try:
         dataset = load_dataset(args.data)
         embeddings = _embed_for_evaluation(args.model, dataset, args.aligned, detect_layout(args.data))
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, ImportError) as exc:
         print(f"facefed evaluate: {exc}", file=sys.stderr)
         return 2
     report = verification_report(embeddings, dataset.labels)
@@ -194,11 +218,27 @@ def _embed_for_evaluation(model: str, dataset, aligned: str, layout: str):
             aligned = "yes" if layout == "folders" else "no"
         pipeline = FacePipeline(detector_input_size=128)
         return pipeline.embed_images(dataset.images, aligned=aligned == "yes")
-    from model_zoo.checkpoint import load_checkpoint
-    from model_zoo.train import embed_images
+    from edge_agent.backends import load_embedder
 
-    backbone, _ = load_checkpoint(Path(model))
-    return embed_images(backbone, dataset.images)
+    return load_embedder(model, threads=os.cpu_count() or 1).embed(dataset.images)
+
+
+def _export(args: argparse.Namespace) -> int:
+    from model_zoo.data import default_data_root
+    from model_zoo.export import export_model
+
+    try:
+        result = export_model(args.model, args.format, args.out, args.calibration or default_data_root(),
+                              args.version)
+    except (ValueError, FileNotFoundError, ImportError) as exc:
+        print(f"facefed export: {exc}", file=sys.stderr)
+        return 2
+    check = result.card.check
+    print(f"{result.model_path} ({result.card.file_bytes / 1e6:.2f} MB), sidecar {result.sidecar_path}")
+    print(f"agreement with torch on {check.images} images ({check.data}): mean cosine {check.mean_cosine:.5f}, "
+          f"min {check.min_cosine:.5f}" + ("" if check.torch_accuracy is None else
+          f"; verification accuracy {check.torch_accuracy:.4f} -> {check.export_accuracy:.4f}"))
+    return 0
 
 
 if __name__ == "__main__":

@@ -88,7 +88,7 @@ class ExportCard:
     arch_kwargs: dict
     embedding_size: int
     input: InputSpec
-    source_sha256: str  # sha256 of the source checkpoint file
+    source_sha256: str  # sha256 of the source checkpoint file (of a module: its tensors as safetensors)
     source_path: str | None
     file_sha256: str
     file_bytes: int

@@ -79,7 +79,7 @@ class ChipInput(nn.Module):
         if x.shape[1:] != (3, self.crop_size, self.crop_size):
             raise ValueError(f"expected [N, 3, {self.crop_size}, {self.crop_size}] crops, got {tuple(x.shape)}")
         pixels = x * 128.0 + 127.5  # undo data.normalize_pixels
-        chips = F.grid_sample(pixels, self.grid.expand(len(x), -1, -1, -1), mode="bilinear",
+        chips = F.grid_sample(pixels, self.grid.expand(x.shape[0], -1, -1, -1), mode="bilinear",
                               padding_mode="border", align_corners=True)
         return normalize(chips, MEAN_RGB)
 
