@@ -20,7 +20,7 @@ import numpy as np
 from aggregator.config import AggregatorConfig
 from aggregator.state import StateDir
 from aggregator.strategy import build_strategy
-from aggregator.validation import UpdateRejected, check_finite, check_update_manifest
+from aggregator.validation import UpdateRejected, check_finite, check_running_variances, check_update_manifest
 from fedwire.broker import EmbeddedBroker
 from fedwire.chunking import Reassembler, build_transfer, unpack_chunk
 from fedwire.codec import tensor_specs
@@ -344,6 +344,7 @@ class AggregatorService:
             return
         try:
             check_finite(completed.tensors)
+            check_running_variances(completed.tensors)
             self.strategy.accumulate(completed.tensors, manifest.num_samples)
         except (UpdateRejected, ValueError) as exc:
             current.rejected += 1

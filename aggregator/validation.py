@@ -58,3 +58,10 @@ def check_finite(tensors: Mapping[str, np.ndarray]) -> None:
     for name, value in tensors.items():
         if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all():
             raise UpdateRejected(f"{name}: contains NaN or Inf")
+
+
+def check_running_variances(tensors: Mapping[str, np.ndarray]) -> None:
+    """BatchNorm variances are never negative in an honest update; one that is would poison the model."""
+    for name, value in tensors.items():
+        if "running_var" in name and (value < 0).any():
+            raise UpdateRejected(f"{name}: negative BatchNorm variance")

@@ -54,7 +54,7 @@ def test_only_valid_fresh_updates_count_and_the_round_completes(service, embedde
     svc = service
     recorder, acks = _ack_recorder(embedded_broker)
     start = {k: v.copy() for k, v in svc.global_tensors.items()}
-    a, g = _shifted(svc, 1.0), _shifted(svc, -2.0)
+    a, g = _shifted(svc, 1.0), _shifted(svc, 0.5)
 
     _send(svc, "dev-a", a, n=30)
     assert svc.strategy.num_updates == 1
@@ -63,13 +63,15 @@ def test_only_valid_fresh_updates_count_and_the_round_completes(service, embedde
     _send(svc, "dev-c", a, version=7)  # trained from a model we never published
     _send(svc, "dev-d", {**a, next(iter(a)): np.full_like(next(iter(a.values())), np.nan)})
     _send(svc, "dev-e", a, sender="dev-f")  # speaks for another device
+    var_name = next(k for k in a if "running_var" in k)
+    _send(svc, "dev-v", {**a, var_name: -np.abs(a[var_name]) - 1})  # e.g. a sign-flipped update
     name = next(iter(a))
     _send(svc, "dev-h", {**a, name: np.zeros((3, 3), np.float32)})  # wrong shape
     for garbage_topic in ("facefed/update/dev-i/manifest", "facefed/update/dev-i/chunk/0", "facefed/update/x y/manifest"):
         svc.handle_message(garbage_topic, b"\x00garbage")
     _send(svc, "dev-g", g, n=10, corrupt_chunk=1)  # transfer fault: dropped, never averaged
     assert svc.strategy.num_updates == 1
-    assert svc.current.rejected == 5
+    assert svc.current.rejected == 6
 
     _send(svc, "dev-g", g, n=10)  # the retry
     assert svc.strategy.num_updates == 2
@@ -78,11 +80,11 @@ def test_only_valid_fresh_updates_count_and_the_round_completes(service, embedde
     assert svc.model_version == 1 and svc.current.number == 2
     for k, v in svc.global_tensors.items():
         if np.issubdtype(v.dtype, np.floating):
-            expected = (30 * (start[k].astype(np.float64) + 1.0) + 10 * (start[k].astype(np.float64) - 2.0)) / 40
+            expected = (30 * (start[k].astype(np.float64) + 1.0) + 10 * (start[k].astype(np.float64) + 0.5)) / 40
             np.testing.assert_allclose(v, expected.astype(np.float32), rtol=0, atol=1e-6)
     entry = json.loads(svc.state.log_path.read_text().splitlines()[-1])
     assert entry["round"] == 1 and entry["clients"] == 2 and entry["client_ids"] == ["dev-a", "dev-g"]
-    assert entry["num_samples"] == 40 and entry["rejected"] == 5
+    assert entry["num_samples"] == 40 and entry["rejected"] == 6
     assert svc.state.checkpoint_path(1).exists()
 
     deadline = time.time() + 5
@@ -95,6 +97,7 @@ def test_only_valid_fresh_updates_count_and_the_round_completes(service, embedde
     reasons = {a.device_id: a.reason for a in acks if not a.accepted}
     assert "stale" in reasons["dev-b"] and "model version" in reasons["dev-c"]
     assert "NaN" in reasons["dev-d"] and "shape" in reasons["dev-h"]
+    assert "negative BatchNorm variance" in reasons["dev-v"]
 
 
 def test_deadline_closes_a_round_with_what_arrived_or_reannounces_an_empty_one(service):
