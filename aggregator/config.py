@@ -72,6 +72,22 @@ class EvalConfig:
 
 
 @dataclass
+class ExportConfig:
+    """Deployable files for inference-only devices, written after every round into state_dir/exports."""
+
+    formats: list[str] = field(default_factory=list)  # e.g. [onnx, onnx-int8]
+    calibration: Path | None = None  # faces for int8 calibration (any dataset layout)
+
+    def check(self) -> None:
+        allowed = ("onnx", "onnx-int8", "tflite", "tflite-int8")
+        for i, fmt in enumerate(self.formats):
+            require(fmt in allowed, f"formats[{i}]", f"must be one of {', '.join(allowed)}")
+        if any(f.endswith("int8") for f in self.formats):
+            require(self.calibration is not None and self.calibration.is_dir(), "calibration",
+                    "int8 formats need a folder of calibration faces")
+
+
+@dataclass
 class AggregatorConfig:
     state_dir: Path
     broker: str | None = None  # None: start an embedded broker on 127.0.0.1:embedded_port
@@ -95,6 +111,7 @@ class AggregatorConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainSettings = field(default_factory=TrainSettings)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
 
     def check(self) -> None:
         if self.broker is not None:

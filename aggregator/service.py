@@ -225,8 +225,9 @@ class AggregatorService:
         self._publish_global()
         summary.bytes_down = self.global_bytes * len(current.accepted)
         entry = _log_entry(summary, current)
-        self.state.save_round(current.number, self.backbone, self._checkpoint_meta(), entry,
-                              getattr(self.strategy, "slots", None))
+        checkpoint = self.state.save_round(current.number, self.backbone, self._checkpoint_meta(), entry,
+                                           getattr(self.strategy, "slots", None))
+        self._export(checkpoint)
         self._link.publish(self.topics.round_summary, summary.to_json(), retain=True)
         log.info(_round_line(summary))
         if self.model_version < self.config.rounds:
@@ -379,6 +380,21 @@ class AggregatorService:
         metrics = {"val_accuracy": report["accuracy"], "eer": report["eer"], "rank1": report["rank1"]}
         metrics.update({f"tar_at_far_{k}": v for k, v in report["tar_at_far"].items()})
         return metrics
+
+    def _export(self, checkpoint) -> None:
+        """Write the new global model in each configured deployable format; a failure never stops the fleet."""
+        export = self.config.export
+        if not export.formats:
+            return
+        from model_zoo.export import export_model
+
+        for fmt in export.formats:
+            try:
+                result = export_model(checkpoint, fmt, self.state.root / "exports", export.calibration)
+            except Exception as exc:  # an exporter bug must not stop training rounds
+                log.error("export of %s as %s failed: %s", checkpoint.name, fmt, exc)
+            else:
+                log.info("exported %s", result.model_path)
 
     def _signed(self, message):
         return sign(message, self._signing_key) if self._signing_key is not None else message

@@ -159,3 +159,32 @@ def test_a_replayed_update_is_ignored_in_its_round_and_refused_in_the_next(servi
     for topic, payload in recorded:  # replayed into round 2
         svc.handle_message(topic, payload)
     assert svc.strategy.num_updates == 0 and svc.current.rejected == rejected + 1
+
+
+def test_each_round_is_exported_for_inference_only_devices(embedded_broker, tmp_path):
+    cfg = parse_config(AggregatorConfig, {"state_dir": str(tmp_path / "s"), "broker": embedded_broker,
+                                          "min_clients": 1, "export": {"formats": ["onnx"]}})
+    svc = AggregatorService(cfg)
+    svc._restore_or_init()
+    svc._connect()
+    try:
+        svc._open_round(1)
+        _send(svc, "dev-a", _shifted(svc, 0.1))
+        svc._check_round_close(time.time())
+    finally:
+        svc.close()
+    exported = sorted(p.name for p in (tmp_path / "s" / "exports").iterdir())
+    assert exported == ["facefed-v1-onnx.json", "facefed-v1-onnx.onnx"]
+    card = json.loads((tmp_path / "s" / "exports" / "facefed-v1-onnx.json").read_text())
+    assert card["model_version"] == 1
+
+
+def test_int8_export_needs_calibration_faces(tmp_path):
+    from fedwire.config import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        parse_config(AggregatorConfig, {"state_dir": str(tmp_path), "export": {"formats": ["onnx-int8"]}})
+    assert info.value.field == "export.calibration"
+    with pytest.raises(ConfigError) as info:
+        parse_config(AggregatorConfig, {"state_dir": str(tmp_path), "export": {"formats": ["gguf"]}})
+    assert info.value.field == "export.formats[0]"
