@@ -104,6 +104,7 @@ class AggregatorConfig:
     tls: TlsConfig = field(default_factory=TlsConfig)  # files for an mqtts:// broker
     strategy: Literal["fedavg", "fedavgm", "fedadam", "median", "trimmed_mean"] = "fedavg"
     server_lr: float | None = None  # fedavgm/fedadam step size; None: 1.0 for fedavgm, 0.01 for fedadam
+    update_codec: Literal["safetensors", "int8-delta"] = "safetensors"  # announced: how devices send updates
     fraction_fit: float = 1.0  # share of the known devices sampled into each round
     seed: int = 0  # client sampling
     clip_norm: float | None = None  # bound each update's L2 distance from the global model

@@ -24,6 +24,7 @@ from aggregator.validation import UpdateRejected, check_finite, check_running_va
 from fedwire.broker import EmbeddedBroker
 from fedwire.chunking import Reassembler, build_transfer, unpack_chunk
 from fedwire.codec import tensor_specs
+from fedwire.compression import INT8_DELTA, decode_int8_delta, wire_specs
 from fedwire.errors import ProtocolError
 from fedwire.messages import DeviceStatus, RoundAnnouncement, RoundSummary, TransferManifest, UpdateAck
 from fedwire.mqtt import MqttLink
@@ -301,7 +302,7 @@ class AggregatorService:
                 device_id=device_id,
                 current_round=current.number,
                 model_version=current.model_version,
-                expected=tensor_specs(self.global_tensors),
+                expected=wire_specs(tensor_specs(self.global_tensors), manifest.codec),
                 max_payload_bytes=self.config.max_update_bytes,
             )
         except UpdateRejected as exc:
@@ -344,10 +345,13 @@ class AggregatorService:
             log.info("ignored late or duplicate update from %s (round %d)", device_id, manifest.round)
             return
         try:
-            check_finite(completed.tensors)
-            check_running_variances(completed.tensors)
-            self.strategy.accumulate(completed.tensors, manifest.num_samples)
-        except (UpdateRejected, ValueError) as exc:
+            tensors = completed.tensors
+            if manifest.codec == INT8_DELTA:
+                tensors = decode_int8_delta(tensors, self.global_tensors)
+            check_finite(tensors)
+            check_running_variances(tensors)
+            self.strategy.accumulate(tensors, manifest.num_samples)
+        except (UpdateRejected, ProtocolError, ValueError) as exc:
             current.rejected += 1
             self._reject(device_id, manifest, str(exc))
             return
@@ -408,6 +412,7 @@ def _train_dict(config: AggregatorConfig) -> dict[str, Any]:
     return {
         "local_epochs": t.local_epochs, "lr": t.lr, "momentum": t.momentum, "weight_decay": t.weight_decay,
         "margin": t.margin,
+        "codec": config.update_codec,
         # Devices build the same backbone from this before loading the global tensors.
         "model": {"arch": m.arch, **{k: v for k, v in m.backbone_kwargs().items() if k not in MACHINE_LOCAL_KWARGS}},
     }

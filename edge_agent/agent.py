@@ -18,6 +18,7 @@ from edge_agent.config import AgentConfig
 from edge_agent.train_window import may_train, read_device
 from edge_agent.trainer import LocalTrainer
 from fedwire.chunking import Reassembler, build_transfer
+from fedwire.compression import INT8_DELTA, PLAIN, encode_int8_delta
 from fedwire.errors import ProtocolError
 from fedwire.messages import DeviceStatus, RoundAnnouncement, TransferManifest, UpdateAck
 from fedwire.mqtt import MqttLink
@@ -60,6 +61,7 @@ class EdgeAgent:
         self.rounds_trained = 0
         self.status_state = "offline"
         self.last_refusal = ""
+        self.residual: dict[str, np.ndarray] = {}  # int8-delta error feedback, kept on the device
         self._waiting_since: float | None = None
         self._link: MqttLink | None = None
         self._verify_key = load_verify_key(config.aggregator_key) if config.aggregator_key else None
@@ -212,6 +214,7 @@ class EdgeAgent:
         self._set_status("training", ann.round)
         settings = dict(ann.train)
         model_spec = settings.pop("model", {})
+        codec = settings.pop("codec", PLAIN)
         start = time.time()
         outcome = self.trainer.train_round(ann.round, self.global_model.tensors, model_spec, settings,
                                            self.config.device.local_epochs, progress=self.progress)
@@ -221,13 +224,25 @@ class EdgeAgent:
         metrics = {"train_loss": result.loss, "train_accuracy": result.accuracy, "train_seconds": result.seconds,
                    "local_epochs": float(result.epochs)}
         manifest, chunks = build_transfer(
-            "update", self.device_id, ann.round, ann.model_version, outcome.tensors,
+            "update", self.device_id, ann.round, ann.model_version, self._encode(outcome.tensors, codec),
             num_samples=result.num_samples, metrics=metrics, max_chunk_bytes=self.config.device.max_chunk_bytes,
+            codec=codec,
         )
         self.upload = PendingUpload(ann.round, manifest, chunks)
         self._set_status("uploading", ann.round)
         self._publish_upload(self.upload)
         self.rounds_trained += 1
+
+    def _encode(self, tensors: dict[str, np.ndarray], codec: str) -> dict[str, np.ndarray]:
+        """Wire tensors for `codec`; int8-delta carries this device's quantization error to the next round."""
+        if codec == PLAIN:
+            return tensors
+        if codec != INT8_DELTA:
+            raise ProtocolError("codec", f"the aggregator asked for unknown codec {codec!r}")
+        if set(self.residual) - set(tensors):
+            self.residual = {}  # the model changed shape: old errors no longer apply
+        wire, self.residual = encode_int8_delta(tensors, self.global_model.tensors, self.residual)
+        return wire
 
     def _publish_upload(self, upload: PendingUpload) -> None:
         sent = self._link.publish_transfer(

@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--act", choices=["relu", "prelu"], default="relu", help="backbone activation (default relu)")
     sim.add_argument("--broker", help="use this broker (mqtt://host:port) instead of the embedded one")
     sim.add_argument("--max-chunk-bytes", type=int, default=256 * 1024, help="largest MQTT payload (default 256 KiB)")
+    sim.add_argument("--update-codec", choices=["safetensors", "int8-delta"], default="safetensors",
+                     help="how devices upload: float32 tensors (default, exact) or int8 deltas against the round's "
+                     "global model with error feedback (about 4x fewer bytes up)")
 
     ev = sub.add_parser(
         "evaluate",
@@ -143,7 +146,7 @@ def _simulate(args: argparse.Namespace) -> int:
     cfg = SimulationConfig(
         data=data, out=args.out, clients=args.clients, rounds=args.rounds, **_training_settings(args),
         split=args.split, alpha=args.alpha, holdout=args.holdout, seed=args.seed, broker=args.broker,
-        arch=args.model, act=args.act, max_chunk_bytes=args.max_chunk_bytes,
+        arch=args.model, act=args.act, max_chunk_bytes=args.max_chunk_bytes, update_codec=args.update_codec,
         model_options={"trainable": args.trainable or "last"} if args.model == "faceapi-resnet" else {},
     )
     print(f"facefed simulate: {args.clients} clients, {args.rounds} rounds, data {', '.join(map(str, data))}")

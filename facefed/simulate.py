@@ -48,6 +48,7 @@ class SimulationConfig:
     batch_size: int = 32
     threads_per_agent: int = 1
     max_chunk_bytes: int = 256 * 1024
+    update_codec: str = "safetensors"  # or "int8-delta": compressed uploads
     round_timeout_s: float = 600.0
     timeout_s: float = 3600.0
     extra_agent_args: list[str] = field(default_factory=list)
@@ -96,6 +97,7 @@ def write_run_folder(cfg: SimulationConfig, clients: list[FaceDataset], holdout:
         "min_clients": cfg.clients,
         "round_timeout_s": cfg.round_timeout_s,
         "max_chunk_bytes": cfg.max_chunk_bytes,
+        "update_codec": cfg.update_codec,
         "model": {"arch": cfg.arch, "act": cfg.act, "options": cfg.model_options, "seed": cfg.seed},
         "train": {"local_epochs": cfg.local_epochs, "lr": cfg.lr, "margin": cfg.margin},
         "eval": {"data": str(out / "eval" / "holdout")},

@@ -59,6 +59,7 @@ def build_transfer(
     num_samples: int = 0,
     metrics: Mapping[str, float] | None = None,
     max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
+    codec: str = "safetensors",
 ) -> tuple[TransferManifest, list[bytes]]:
     """Encode tensors and split them; every returned chunk is at most max_chunk_bytes long."""
     if max_chunk_bytes <= CHUNK_HEADER_BYTES:
@@ -80,6 +81,7 @@ def build_transfer(
         chunk_size=chunk_size,
         chunk_sha256=[sha256_hex(piece) for piece in pieces],
         metrics=dict(metrics or {}),
+        codec=codec,
     )
     manifest = TransferManifest.from_json(manifest.to_json())  # validated and normalised, as a receiver sees it
     chunks = [pack_chunk(ChunkHeader(manifest.transfer_id, i, len(pieces)), piece) for i, piece in enumerate(pieces)]

@@ -25,7 +25,7 @@ MAX_MESSAGE_BYTES = 4 * 1024 * 1024  # bounds JSON parsing; a 512 MiB manifest a
 SAFETENSORS_DTYPES = frozenset(
     {"BOOL", "U8", "I8", "U16", "I16", "U32", "I32", "U64", "I64", "F16", "BF16", "F32", "F64"}
 )
-CODECS = frozenset({"safetensors"})
+CODECS = frozenset({"safetensors", "int8-delta"})  # see compression.py
 TRANSFER_KINDS = frozenset({"global", "update"})
 ROUND_STATES = frozenset({"open", "finished"})
 DEVICE_STATES = frozenset({"online", "training", "uploading", "idle", "offline"})

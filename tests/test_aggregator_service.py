@@ -27,9 +27,10 @@ def service(embedded_broker, tmp_path):
     svc.close()
 
 
-def _send(svc, device, tensors, *, round_number=1, version=0, n=10, sender=None, corrupt_chunk=None):
+def _send(svc, device, tensors, *, round_number=1, version=0, n=10, sender=None, corrupt_chunk=None,
+          codec="safetensors"):
     manifest, chunks = build_transfer("update", sender or device, round_number, version, tensors,
-                                      num_samples=n, max_chunk_bytes=128 * 1024)
+                                      num_samples=n, max_chunk_bytes=128 * 1024, codec=codec)
     topics = Topics()
     for i, chunk in enumerate(chunks):
         if i == corrupt_chunk:
@@ -188,3 +189,24 @@ def test_int8_export_needs_calibration_faces(tmp_path):
     with pytest.raises(ConfigError) as info:
         parse_config(AggregatorConfig, {"state_dir": str(tmp_path), "export": {"formats": ["gguf"]}})
     assert info.value.field == "export.formats[0]"
+
+
+def test_int8_delta_updates_are_decoded_against_the_round_model(service):
+    from fedwire.compression import INT8_DELTA, decode_int8_delta, encode_int8_delta
+
+    svc = service
+    start = {k: v.copy() for k, v in svc.global_tensors.items()}
+    rng = np.random.default_rng(0)
+    update = {k: (v + rng.standard_normal(v.shape).astype(v.dtype) * 0.01) for k, v in start.items()}
+    wire, residual = encode_int8_delta(update, start)
+    plain_size = sum(v.nbytes for v in update.values())
+    assert sum(v.nbytes for v in wire.values()) * 3.5 < plain_size  # int8 + one scale per tensor
+    _send(svc, "dev-a", wire, codec=INT8_DELTA)
+    _send(svc, "dev-b", {k: v[..., :1] for k, v in wire.items() if v.ndim}, codec=INT8_DELTA)  # wrong shapes
+    _send(svc, "dev-c", update)  # plain float32 still accepted
+    assert svc.strategy.num_updates == 2 and svc.current.rejected == 1
+    svc._check_round_close(time.time())
+    decoded = decode_int8_delta(wire, start)
+    for k, v in svc.global_tensors.items():
+        np.testing.assert_allclose(v, ((decoded[k].astype(np.float64) + update[k]) / 2).astype(v.dtype), atol=1e-6)
+        assert np.abs(decoded[k] - update[k]).max() <= np.abs(residual[k]).max() + 1e-7  # the error fed back
