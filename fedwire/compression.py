@@ -1,8 +1,8 @@
 """The int8-delta update codec: an update travels as its difference from the round's global model,
 quantized to int8 with one float32 scale per tensor.
 
-Each float tensor `name` becomes two wire tensors: `name` (I8, same shape) and `name#scale`
-(F32, shape [1]); the receiver rebuilds reference + q * scale exactly as the sender computed it.
+Each float tensor `name` of 2+ dimensions becomes two wire tensors: `name` (I8, same shape) and `name#scale`
+(F32, shape [1]); 0-D and 1-D tensors travel as they are. The receiver rebuilds reference + q * scale exactly as the sender computed it.
 The sender keeps the quantization error and adds it to the next round's delta (error feedback),
 so rounding errors do not accumulate into a bias. Pure functions, no I/O.
 """
@@ -24,8 +24,10 @@ INT8_MAX = 127
 Tensors = Mapping[str, np.ndarray]
 
 
-def _is_float(value: np.ndarray) -> bool:
-    return np.issubdtype(value.dtype, np.floating)
+def _is_quantized(value: np.ndarray) -> bool:
+    # Weight matrices and kernels (2+ dims) carry nearly all the bytes. Vectors (biases, norm scales,
+    # BatchNorm statistics) stay exact: a rounded variance could even turn negative.
+    return np.issubdtype(value.dtype, np.floating) and value.ndim >= 2
 
 
 def encode_int8_delta(tensors: Tensors, reference: Tensors,
@@ -34,7 +36,7 @@ def encode_int8_delta(tensors: Tensors, reference: Tensors,
     residual = residual or {}
     wire, new_residual = {}, {}
     for name, value in tensors.items():
-        if not _is_float(value):
+        if not _is_quantized(value):
             wire[name] = value
             continue
         delta = value.astype(np.float32) - reference[name].astype(np.float32) + residual.get(name, 0.0)
@@ -53,7 +55,7 @@ def decode_int8_delta(wire: Tensors, reference: Tensors) -> dict[str, np.ndarray
     for name, ref in reference.items():
         if name not in wire:
             raise ProtocolError("tensors", f"{name} missing from the int8-delta update")
-        if not _is_float(ref):
+        if not _is_quantized(ref):
             tensors[name] = wire[name]
             continue
         scale = wire.get(name + SCALE_SUFFIX)
@@ -71,7 +73,7 @@ def wire_specs(reference: Sequence[TensorSpec], codec: str) -> list[TensorSpec]:
         raise ProtocolError("codec", f"unknown codec {codec!r}")
     specs = []
     for spec in reference:
-        if spec.dtype in ("F16", "BF16", "F32", "F64"):
+        if spec.dtype in ("F16", "BF16", "F32", "F64") and len(spec.shape) >= 2:
             specs += [TensorSpec(spec.name, spec.shape, "I8"), TensorSpec(spec.name + SCALE_SUFFIX, (1,), "F32")]
         else:
             specs.append(spec)

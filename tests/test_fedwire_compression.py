@@ -17,27 +17,29 @@ def test_round_trip_error_is_at_most_half_a_step_and_specs_match():
     assert np.abs(decoded["w"] - update["w"]).max() <= step / 2 + 1e-6
     np.testing.assert_allclose(residual["w"], (update["w"] - reference["w"]) - (decoded["w"] - reference["w"]), atol=1e-6)
     assert tensor_specs(wire) == wire_specs(tensor_specs(reference), INT8_DELTA)
+    vectors = {"bias": np.ones(3, np.float32)}
+    assert encode_int8_delta(vectors, {"bias": np.zeros(3, np.float32)})[0]["bias"].dtype == np.float32
     assert wire_specs(tensor_specs(reference), PLAIN) == tensor_specs(reference)
 
 
 def test_error_feedback_keeps_a_small_steady_drift_from_vanishing():
     # A delta far below one quantization step (set by a large value elsewhere) rounds to zero every
     # time without feedback; with feedback its running sum reaches the receiver.
-    reference = {"w": np.zeros(2, np.float32)}
-    update = {"w": np.array([1.0, 0.003], np.float32)}  # step = 1/127 ~ 0.0079
+    reference = {"w": np.zeros((1, 2), np.float32)}
+    update = {"w": np.array([[1.0, 0.003]], np.float32)}  # step = 1/127 ~ 0.0079
     sent_without, sent_with, residual = 0.0, 0.0, None
     for _ in range(100):
         plain, _ = encode_int8_delta(update, reference)
-        sent_without += decode_int8_delta(plain, reference)["w"][1]
+        sent_without += decode_int8_delta(plain, reference)["w"][0, 1]
         wire, residual = encode_int8_delta(update, reference, residual)
-        sent_with += decode_int8_delta(wire, reference)["w"][1]
+        sent_with += decode_int8_delta(wire, reference)["w"][0, 1]
     assert sent_without == 0.0
     assert sent_with == pytest.approx(0.3, abs=0.01)
 
 
 def test_missing_or_bad_scales_are_refused():
-    reference = {"w": np.zeros(4, np.float32)}
-    wire, _ = encode_int8_delta({"w": np.ones(4, np.float32)}, reference)
+    reference = {"w": np.zeros((2, 2), np.float32)}
+    wire, _ = encode_int8_delta({"w": np.ones((2, 2), np.float32)}, reference)
     with pytest.raises(ProtocolError, match="scale"):
         decode_int8_delta({"w": wire["w"]}, reference)
     with pytest.raises(ProtocolError, match="scale"):
