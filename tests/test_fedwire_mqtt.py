@@ -155,8 +155,17 @@ def test_last_will_on_hard_drop_then_reconnect_and_resubscribe(broker_url, links
         time.sleep(0.05)
     assert device.connected, "link did not reconnect after the drop"
     # Subscriptions were restored on reconnect (clean session), so the device still hears its acks.
-    links(broker_url, []).publish(topics.ack("dev-9"), b"ack")
-    assert device_inbox.wait_for(topics.ack("dev-9")) == b"ack"
+    # `connected` turns true at CONNACK, a moment before the re-subscription is in place: publish
+    # until it lands rather than racing it.
+    sender = links(broker_url, [])
+    received = None
+    while received is None and time.monotonic() < deadline + WAIT_S:
+        sender.publish(topics.ack("dev-9"), b"ack")
+        try:
+            received = device_inbox.wait_for(topics.ack("dev-9"), timeout=0.5)
+        except queue.Empty:
+            pass
+    assert received == b"ack"
     # The will was retained, so a late subscriber sees the device as offline.
     late = Inbox()
     links(broker_url, [topics.status("dev-9")], late)
