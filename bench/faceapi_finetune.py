@@ -44,6 +44,7 @@ from model_zoo.backbones import build_backbone
 from model_zoo.checkpoint import load_checkpoint, shared_tensors
 from model_zoo.data import FaceDataset, load_dataset, save_folders, shared_datasets_root, to_model_input
 from model_zoo.evaluate import evaluate_embeddings
+from model_zoo.export import export_onnx, prepare_for_quantization, quantize_onnx_static
 from model_zoo.losses import ArcFaceHead
 from model_zoo.pipeline import FacePipeline
 from model_zoo.train import TrainConfig, TrunkFeatureCache, embed_images, train_local
@@ -127,8 +128,6 @@ def arcface_crops(images: np.ndarray, landmarks: np.ndarray) -> np.ndarray:
 def int8_trunk_check(trainable: str, calibration: np.ndarray, held_out: FaceDataset) -> list[dict]:
     """Held-out verification and trunk ms/image: torch float trunk vs ONNX Runtime int8 trunk, float tail."""
     import onnxruntime as ort
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
 
     net = build_backbone("faceapi-resnet", trainable=trainable)
     layers = torch.nn.Sequential(*list(net.trunk.children())[1:])  # the weights; the fixed re-framing stays float
@@ -138,13 +137,9 @@ def int8_trunk_check(trainable: str, calibration: np.ndarray, held_out: FaceData
     with tempfile.TemporaryDirectory() as tmp:
         fp32, prepared, int8 = (Path(tmp) / name for name in ("fp32.onnx", "prepared.onnx", "int8.onnx"))
         with contextlib.redirect_stdout(io.StringIO()):  # the exporter narrates every step
-            torch.onnx.export(layers, (torch.zeros(2, *chips.shape[1:]),), str(fp32), dynamo=True,
-                              external_data=False, input_names=["chip"], output_names=["features"],
-                              dynamic_shapes=({0: torch.export.Dim("batch")},))
-        quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
-        quantize_static(str(prepared), str(int8), ChipBatches(chips), quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        calibrate_method=CalibrationMethod.MinMax)
+            export_onnx(layers, fp32, chips.shape[1:], input_name="chip", output_name="features")
+        prepare_for_quantization(fp32, prepared)
+        quantize_onnx_static(prepared, int8, chips, input_name="chip")
         options = ort.SessionOptions()
         options.intra_op_num_threads = options.inter_op_num_threads = 1
         session = ort.InferenceSession(str(int8), options, providers=["CPUExecutionProvider"])
@@ -164,16 +159,6 @@ def int8_trunk_check(trainable: str, calibration: np.ndarray, held_out: FaceData
             rows.append({**row, "trunk_ms_per_image": ms,
                          "min_cosine_to_fp32": float((embeddings * reference).sum(axis=1).min())})
     return rows
-
-
-class ChipBatches:
-    """onnxruntime's CalibrationDataReader protocol: 16 chips per call, then None."""
-
-    def __init__(self, chips: np.ndarray) -> None:
-        self._batches = iter([{"chip": chips[i:i + 16]} for i in range(0, len(chips), 16)])
-
-    def get_next(self) -> dict | None:
-        return next(self._batches, None)
 
 
 # --- device cost ---

@@ -37,19 +37,18 @@ def read_device(power_supply: Path = POWER_SUPPLY) -> DeviceReadings:
 
 
 def _on_mains(root: Path) -> bool | None:
-    """True if any mains/USB supply is online, False if only batteries report, None if nothing does."""
-    if not root.is_dir():
+    """True if a charger is online or a battery charges, False if supplies report neither, None if none report."""
+    supplies = [s for s in root.iterdir() if (s / "type").exists()] if root.is_dir() else []
+    if not supplies:
         return None
-    chargers = []
-    for supply in root.iterdir():
-        kind = _read(supply / "type")
-        if kind in ("Mains", "USB", "USB_C", "USB_PD"):
-            chargers.append(_read(supply / "online") == "1")
-        elif kind == "Battery" and _read(supply / "status") in ("Charging", "Full"):
-            chargers.append(True)
-    if not chargers:
-        return None if not any((s / "type").exists() for s in root.iterdir()) else False
-    return any(chargers)
+    return any(_powered(s) for s in supplies)
+
+
+def _powered(supply: Path) -> bool:
+    kind = _read(supply / "type")
+    if kind in ("Mains", "USB", "USB_C", "USB_PD"):
+        return _read(supply / "online") == "1"
+    return kind == "Battery" and _read(supply / "status") in ("Charging", "Full")
 
 
 def _load_per_core() -> float | None:

@@ -17,6 +17,8 @@ from typing import Any, TypeVar
 
 import yaml
 
+from .mqtt import TlsFiles
+
 T = TypeVar("T")
 
 
@@ -185,7 +187,5 @@ class TlsConfig:
         require((self.certfile is None) == (self.keyfile is None), "keyfile",
                 "certfile and keyfile go together (the client certificate and its key)")
 
-    def files(self):
-        from fedwire.mqtt import TlsFiles
-
+    def files(self) -> TlsFiles:
         return TlsFiles(*(None if p is None else str(p) for p in (self.ca_cert, self.certfile, self.keyfile)))

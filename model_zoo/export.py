@@ -202,13 +202,15 @@ def _tool_versions(fmt: str) -> dict:
 
 # --- ONNX ---
 
-def export_onnx(backbone: nn.Module, path: Path) -> None:
+def export_onnx(backbone: nn.Module, path: Path, input_shape: tuple[int, ...] = (3, IMAGE_SIZE, IMAGE_SIZE),
+                input_name: str = INPUT_NAME, output_name: str = OUTPUT_NAME) -> None:
+    """One-file ONNX with a dynamic batch; input_shape excludes the batch dimension."""
     import onnx
 
     # A batch of 2 in the example: torch.export specialises a batch of 1 into a constant.
-    example = torch.zeros(2, 3, IMAGE_SIZE, IMAGE_SIZE)
+    example = torch.zeros(2, *input_shape)
     torch.onnx.export(backbone, (example,), str(path), dynamo=True, external_data=False,
-                      input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                      input_names=[input_name], output_names=[output_name],
                       dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False)
     # When the forward pins the batch size, the exporter falls back to a fixed batch without failing.
     batch = onnx.load(str(path)).graph.input[0].type.tensor_type.shape.dim[0]
@@ -220,8 +222,8 @@ def export_onnx(backbone: nn.Module, path: Path) -> None:
 class _CalibrationReader:
     """onnxruntime's CalibrationDataReader protocol over prepared input, 16 images per batch."""
 
-    def __init__(self, pixels: np.ndarray) -> None:
-        self._batches = iter([{INPUT_NAME: pixels[i:i + 16]} for i in range(0, len(pixels), 16)])
+    def __init__(self, inputs: np.ndarray, input_name: str) -> None:
+        self._batches = iter([{input_name: inputs[i:i + 16]} for i in range(0, len(inputs), 16)])
 
     def get_next(self) -> dict | None:
         return next(self._batches, None)
@@ -243,18 +245,29 @@ def _float_nodes(path: Path, float_ends: bool) -> list[str]:
     return [convs[0], *norms] + ([convs[-1]] if float_ends else [])
 
 
-def _export_onnx_int8(backbone, path, pixels, float_ends) -> Quantization:
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+def prepare_for_quantization(fp32: Path, prepared: Path) -> None:
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    fp32, prepared = path.with_name("fp32.onnx"), path.with_name("prepared.onnx")
-    export_onnx(backbone, fp32)
     # Symbolic shape inference cannot follow the Expand in F.normalize; ONNX's own inference suffices.
     quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
-    float_layers = _float_nodes(prepared, float_ends)
-    quantize_static(str(prepared), str(path), _CalibrationReader(pixels), quant_format=QuantFormat.QDQ,
+
+
+def quantize_onnx_static(prepared: Path, out: Path, inputs: np.ndarray, input_name: str = INPUT_NAME,
+                         float_layers: list[str] | None = None) -> None:
+    """Static PTQ: QDQ, int8 per-channel weights, uint8 activations (the fast pairing on x86), MinMax ranges."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    quantize_static(str(prepared), str(out), _CalibrationReader(inputs, input_name), quant_format=QuantFormat.QDQ,
                     per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                    calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=float_layers)
+                    calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=float_layers or [])
+
+
+def _export_onnx_int8(backbone, path, pixels, float_ends) -> Quantization:
+    fp32, prepared = path.with_name("fp32.onnx"), path.with_name("prepared.onnx")
+    export_onnx(backbone, fp32)
+    prepare_for_quantization(fp32, prepared)
+    float_layers = _float_nodes(prepared, float_ends)
+    quantize_onnx_static(prepared, path, pixels, float_layers=float_layers)
     return Quantization(scheme="static PTQ, QDQ (onnxruntime)", weights="int8 per-channel symmetric",
                         activations="uint8 per-tensor asymmetric", calibration="MinMax",
                         calibration_images=len(pixels), float_layers=float_layers)

@@ -6,7 +6,6 @@ import stat
 import subprocess
 import sys
 import tarfile
-from pathlib import Path
 
 import numpy as np
 import pytest
