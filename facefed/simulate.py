@@ -87,7 +87,7 @@ def prepare_partitions(dataset: FaceDataset, cfg: SimulationConfig) -> tuple[lis
 def write_run_folder(cfg: SimulationConfig, clients: list[FaceDataset], holdout: FaceDataset,
                      broker_url: str, prefix: str) -> tuple[Path, list[Path]]:
     """Partitions on disk plus one config per process; returns (aggregator.yaml, agent.yamls)."""
-    out = cfg.out
+    out = cfg.out.resolve()  # configs resolve relative paths against their own folder, not the cwd
     save_folders(holdout, out / "eval" / "holdout")
     aggregator_cfg = {
         "state_dir": str(out / "aggregator"),

@@ -1,6 +1,7 @@
 """The command-line front doors: help texts, missing data, bad configs."""
 
 import subprocess
+from pathlib import Path
 import sys
 
 import pytest
@@ -57,3 +58,21 @@ def test_example_configs_are_valid(tmp_path, capsys):
     (tmp_path / "faces").mkdir()
     (tmp_path / "agent.yaml").write_text(capsys.readouterr().out)
     assert load_agent_config(tmp_path / "agent.yaml").device_id == "cam-01"
+
+
+def test_run_folder_configs_work_from_a_relative_out(tmp_path, monkeypatch):
+    import numpy as np
+
+    from aggregator.config import load_aggregator_config
+    from edge_agent.config import load_agent_config
+    from facefed.simulate import SimulationConfig, prepare_partitions, write_run_folder
+    from model_zoo.data import FaceDataset
+
+    monkeypatch.chdir(tmp_path)
+    faces = FaceDataset(np.zeros((12, 112, 112, 3), np.uint8), np.repeat(np.arange(6), 2), [f"p{i}" for i in range(6)])
+    cfg = SimulationConfig(data=[], out=Path("runs/demo"), clients=2, holdout=2)
+    clients, holdout = prepare_partitions(faces, cfg)
+    aggregator_yaml, agent_yamls = write_run_folder(cfg, clients, holdout, "mqtt://127.0.0.1:1", "facefed/t")
+    assert load_aggregator_config(aggregator_yaml).eval.data == tmp_path / "runs/demo/eval/holdout"
+    for k, path in enumerate(agent_yamls):
+        assert load_agent_config(path).data == tmp_path / f"runs/demo/clients/client-{k}/data"
