@@ -92,7 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
         "calibration images). int8 formats use static post-training quantization calibrated on --calibration. "
         "TFLite needs pip install 'facefed-edge[tflite-convert]'.",
     )
-    ex.add_argument("--model", required=True, type=Path, help="a FaceFed checkpoint (.safetensors)")
+    ex.add_argument("--model", required=True,
+                    help="a FaceFed checkpoint (.safetensors), or 'faceapi' for the pretrained face-api descriptor "
+                    "as is (model version 0; weights from $FACEFED_FACEAPI_DIR or ../shared/models/faceapi)")
     ex.add_argument("--format", required=True, choices=["onnx", "onnx-int8", "tflite", "tflite-int8"])
     ex.add_argument("--out", required=True, type=Path, help="output folder")
     ex.add_argument("--calibration", type=Path,

@@ -26,7 +26,7 @@ import torch
 from safetensors.numpy import save as safetensors_bytes
 from torch import nn
 
-from .backbones import backbone_spec
+from .backbones import backbone_spec, build_backbone
 from .checkpoint import load_checkpoint, shared_tensors
 from .data import IMAGE_EXTENSIONS, IMAGE_SIZE, letterbox, load_dataset, read_image, to_rgb
 from .exported import (AgreementCheck, ExportCard, InputSpec, Quantization, check_faces, embed_batches,
@@ -34,6 +34,7 @@ from .exported import (AgreementCheck, ExportCard, InputSpec, Quantization, chec
 from .metrics import verification_report
 from .train import embed_images
 
+PRETRAINED = "faceapi"  # export_model's name for the pretrained face-api descriptor, unmodified
 FORMATS = ("onnx", "onnx-int8", "tflite", "tflite-int8")
 SUFFIXES = {"onnx": ".onnx", "onnx-int8": ".onnx", "tflite": ".tflite", "tflite-int8": ".tflite"}
 INPUT_NAME, OUTPUT_NAME = "pixels", "embedding"
@@ -72,7 +73,7 @@ def export_file_name(model_version: int, fmt: str) -> str:
 
 def export_model(model, fmt: str, out_dir, calibration=None, model_version: int | None = None, *,
                  float_ends: bool = False) -> ExportResult:
-    """Export a checkpoint path or backbone module to out_dir and write its sidecar.
+    """Export a checkpoint path, a backbone module or PRETRAINED to out_dir and write its sidecar.
 
     calibration: uint8 NHWC faces or a folder of them (required for the int8 formats).
     model_version: default is the checkpoint's meta["model_version"].
@@ -128,7 +129,11 @@ def _build(fmt: str, backbone: nn.Module, path: Path, pixels: np.ndarray | None,
 
 
 def load_source(model) -> Source:
-    """A checkpoint path (hash of the file) or a backbone module (hash of its tensors as safetensors)."""
+    """A checkpoint path (hash of the file), a backbone module (hash of its tensors as safetensors), or
+    PRETRAINED ("faceapi"): the pretrained face-api descriptor as a faceapi-resnet backbone, model version 0."""
+    if isinstance(model, str) and model == PRETRAINED:
+        source = load_source(build_backbone("faceapi-resnet"))
+        return Source(source.backbone, source.sha256, None, {"model_version": 0})
     if isinstance(model, nn.Module):
         digest = hashlib.sha256(safetensors_bytes(shared_tensors(model))).hexdigest()
         return Source(copy.deepcopy(model).eval(), digest, None, {})

@@ -205,3 +205,22 @@ def _uploads(messages: list[tuple[str, bytes]], topics: Topics) -> list[dict[str
             done = reassembler.add_chunk(parsed.device_id, payload, time.time())
         completed += [done.tensors] if done else []
     return completed
+
+
+@needs_shared
+def test_cli_exports_the_pretrained_descriptor_as_version_0(celeb_small: FaceDataset, tmp_path, capsys) -> None:
+    from edge_agent.backends import load_embedder
+    from model_zoo.exported import read_card
+
+    calibration = tmp_path / "calibration"
+    save_folders(celeb_small, calibration)
+    out = tmp_path / "export"
+    assert facefed.cli.main(["export", "--model", "faceapi", "--format", "onnx", "--out", str(out),
+                             "--calibration", str(calibration)]) == 0
+    path = out / "facefed-v0-onnx.onnx"
+    card = read_card(path)
+    assert card.arch == "faceapi-resnet" and card.model_version == 0 and card.check.mean_cosine > 0.9999
+    images = celeb_small.images[:4]
+    exported = load_embedder(path).embed(images)
+    torch_side = embed_images(build_backbone("faceapi-resnet"), images)
+    assert (exported * torch_side).sum(axis=1).min() > 0.9999
