@@ -52,9 +52,67 @@ def build_parser() -> argparse.ArgumentParser:
     flash.add_argument("--model", type=Path, help="the deployed model to ship (e.g. an int8 .onnx export)")
     flash.add_argument("--wheel", type=Path, help="facefed-edge wheel to ship (default: build from this source)")
     flash.add_argument("--target", help="ssh://user@host[:port]: copy the .tar.gz there and run install.sh")
+    _add_unlock_parsers(sub)
     sub.add_parser("profiles", help="list the bundled device profiles")
     sub.add_parser("example-config", help="print a commented agent.yaml")
     return parser
+
+
+def _add_unlock_parsers(sub) -> None:
+    """enroll, unlock and calibrate: the face-unlock demo on this device's model (edge_agent.unlock)."""
+    def common(parser: argparse.ArgumentParser, model_default: str) -> None:
+        parser.add_argument("--config", type=Path, help="agent.yaml (or a YAML with an `unlock:` section): model, "
+                            "store, threshold and decision rules")
+        parser.add_argument("--model", help="a .onnx / .tflite export or .safetensors checkpoint, or 'faceapi' for "
+                            f"the pretrained descriptor (default: {model_default})")
+        parser.add_argument("--store", type=Path, help="template folder (default: unlock.store in --config, "
+                            "else <state_dir>/unlock); created 0700, files 0600")
+        parser.add_argument("--threads", type=int, default=1, help="CPU threads for the nets (default 1)")
+
+    source_help = "camera index (0), video file, rtsp:// URL or folder of images"
+    enroll = sub.add_parser(
+        "enroll", help="store an owner's face templates for unlock",
+        description="Read frames from SRC, keep the good ones (one face, large, sharp, frontal, eyes open) and store "
+        "the owner's aligned face chips and their embeddings in the template store. Nothing leaves the device.")
+    enroll.add_argument("--name", required=True, help="the owner's name (letters, digits, . _ -)")
+    enroll.add_argument("--source", required=True, help=source_help)
+    enroll.add_argument("--templates", type=int, default=5, help="templates to keep (default 5)")
+    enroll.add_argument("--max-frames", type=int, default=300, help="stop after this many frames (default 300)")
+    enroll.add_argument("--fps", type=float, help="frame rate of an image folder (default 10)")
+    common(enroll, "the deployed model, unlock.model in --config, else faceapi")
+    unlock = sub.add_parser(
+        "unlock", help="run the face-unlock loop on a camera, video, stream or image folder",
+        description="detect -> align -> embed -> compare with the enrolled owner -> decide, frame by frame. Unlocks "
+        "after k matching frames of the last n with the liveness challenge passed; relocks when the owner has not "
+        "been verified for --relock-after seconds (for files, time = frame index / fps). A window shows the result "
+        "where a display exists; --save and --json-log record it headless.")
+    unlock.add_argument("--source", required=True, help=source_help)
+    unlock.add_argument("--liveness", choices=("off", "blink", "motion"),
+                        help="challenge before unlocking: a blink (eye aspect ratio), a head turn left and right, "
+                        "or none (default: unlock.liveness, blink)")
+    unlock.add_argument("--relock-after", type=float, help="seconds without the owner before relocking (default 2)")
+    unlock.add_argument("--threshold", type=float, help="cosine similarity to accept (default: the calibrated "
+                        "unlock.threshold)")
+    unlock.add_argument("--k", type=int, help="matching frames needed (default 3) ...")
+    unlock.add_argument("--n", type=int, help="... among the last n frames with a face (default 5)")
+    unlock.add_argument("--timeout", type=float, help="seconds before an attempt fails (default 10)")
+    unlock.add_argument("--save", type=Path, help="write the annotated video here (.mp4 or .avi)")
+    unlock.add_argument("--json-log", type=Path, help="one JSON object per processed frame (JSON lines)")
+    unlock.add_argument("--no-window", action="store_true", help="never open a window")
+    unlock.add_argument("--fps", type=float, help="frame rate of an image folder (default 10), or an override")
+    common(unlock, "the model the templates were made with; after a federated round, the new global model")
+    calibrate = sub.add_parser(
+        "calibrate", help="pick the unlock threshold for a target false-accept rate",
+        description="Embed a folder of labelled faces (one folder per person) with the unlock model, score every "
+        "genuine and impostor pair, write ROC/DET curves to a PNG and the threshold for --target-far into the "
+        "`unlock:` section of --config (created if absent; the YAML is rewritten without its comments).")
+    calibrate.add_argument("--faces", required=True, type=Path, help="DIR/<person>/*.jpg|png|pgm")
+    calibrate.add_argument("--config", required=True, type=Path, help="the device config to write the threshold to")
+    calibrate.add_argument("--model", help="model to calibrate (default: unlock.model in --config, else faceapi)")
+    calibrate.add_argument("--target-far", type=float, default=1e-3, help="false-accept rate (default 1e-3)")
+    calibrate.add_argument("--plot", type=Path, help="ROC/DET PNG (default: unlock-calibration.png by --config)")
+    calibrate.add_argument("--json", type=Path, help="also write the figures as JSON")
+    calibrate.add_argument("--threads", type=int, default=1, help="CPU threads for the nets (default 1)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,6 +124,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "flash":
         return _flash(args)
+    if args.command in ("enroll", "unlock", "calibrate"):
+        from edge_agent.unlock.commands import run_command
+
+        return run_command(args)
     if args.command == "profiles":
         from firmware_configs import profile_names, profile_path
 
@@ -117,7 +179,8 @@ def _run(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError) as exc:
         print(f"facefed-agent: cannot load data from {config.data}: {exc}", file=sys.stderr)
         return 2
-    trainer = LocalTrainer(dataset, config.state_dir, config.device.batch_size, config.augment, config.seed)
+    trainer = LocalTrainer(dataset, config.state_dir, config.device.batch_size, config.augment, config.seed,
+                           config.device.trunk_precision, config.device.threads)
     try:
         EdgeAgent(config, trainer, progress=args.progress).run()
     except KeyboardInterrupt:

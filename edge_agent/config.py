@@ -6,9 +6,12 @@ section, then command-line overrides.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
+
+import yaml
 
 from fedwire.config import ConfigError, TlsConfig, merge_dicts, parse_config, read_yaml, require
 from fedwire.mqtt import parse_broker_url
@@ -49,6 +52,7 @@ class DeviceProfile:
     backend: Literal["torch", "onnx", "tflite"] = "torch"  # runtime for inference (embedding)
     threads: int = 1
     training: bool = True
+    trunk_precision: Literal["fp32", "int8"] = "fp32"  # a frozen pretrained trunk run int8 (ONNX Runtime) when training
     batch_size: int = 32
     local_epochs: int = 1
     max_chunk_bytes: int = 256 * 1024
@@ -60,6 +64,40 @@ class DeviceProfile:
         require(1 <= self.batch_size <= 4096, "batch_size", "must be in [1, 4096]")
         require(1 <= self.local_epochs <= 1000, "local_epochs", "must be in [1, 1000]")
         require(1024 <= self.max_chunk_bytes <= 256 * 1024 * 1024, "max_chunk_bytes", "must be in [1 KiB, 256 MiB]")
+
+
+@dataclass
+class UnlockSettings:
+    """Face unlock (`facefed-agent enroll | unlock | calibrate`); `calibrate` writes threshold and target_far."""
+
+    model: Path | None = None  # the deployed model unlock runs; None: the pretrained face-api descriptor
+    store: Path | None = None  # the owner's templates; None: <state_dir>/unlock
+    threshold: float | None = None  # cosine similarity; None: edge_agent.unlock's default for the pretrained model
+    target_far: float = 1e-3  # the false-accept rate the threshold was calibrated for
+    calibrated_model_sha256: str | None = None  # the model the threshold was calibrated on
+    k: int = 3  # matching frames needed among the last n frames with a face
+    n: int = 5
+    timeout_s: float = 10.0  # an attempt that has not unlocked by then fails
+    lockout_failures: int = 5  # failed attempts in a row before a lockout
+    lockout_s: float = 30.0
+    relock_after_s: float = 2.0  # locked again once the owner has not been verified this long
+    liveness: Literal["off", "blink", "motion"] = "blink"
+    reembed_after_round: bool = True  # re-embed the enrolment with each new global model (the agent does it)
+
+    def check(self) -> None:
+        require(self.model is None or self.model.is_file(), "model", f"no such file: {self.model}")
+        require(self.threshold is None or -1.0 <= self.threshold <= 1.0, "threshold",
+                "must be a cosine similarity in [-1, 1]")
+        require(0.0 < self.target_far < 1.0, "target_far", "must be in (0, 1)")
+        require(1 <= self.n <= 100, "n", "must be in [1, 100]")
+        require(1 <= self.k <= self.n, "k", "must be in [1, n]")
+        require(0 < self.timeout_s <= 3600, "timeout_s", "must be in (0, 3600]")
+        require(1 <= self.lockout_failures <= 100, "lockout_failures", "must be in [1, 100]")
+        require(0 <= self.lockout_s <= 86400, "lockout_s", "must be in [0, 86400]")
+        require(0 <= self.relock_after_s <= 3600, "relock_after_s", "must be in [0, 3600]")
+
+    def store_dir(self, state_dir: Path) -> Path:
+        return self.store if self.store is not None else state_dir / "unlock"
 
 
 @dataclass
@@ -78,6 +116,7 @@ class AgentConfig:
     exit_when_finished: bool = False  # a fleet device keeps waiting for the next federation
     aggregator_key: Path | None = None  # Ed25519 public key: refuse unsigned or altered models and rounds
     tls: TlsConfig = field(default_factory=TlsConfig)  # files for an mqtts:// broker
+    unlock: UnlockSettings = field(default_factory=UnlockSettings)  # face unlock on this device
 
     def check(self) -> None:
         try:
@@ -110,3 +149,40 @@ def load_agent_config(path: str | Path, overrides: dict | None = None) -> AgentC
         raise ConfigError("profile", str(exc), str(path)) from None
     device = merge_dicts(read_yaml(profile_file), raw.get("device") or {})
     return parse_config(AgentConfig, {**raw, "device": device}, source=str(path), base_dir=path.parent)
+
+
+def load_unlock_settings(path: str | Path) -> tuple[UnlockSettings, Path | None]:
+    """(the `unlock:` section, the template store) of agent.yaml or of a YAML file holding only that section.
+
+    Only that section is validated: enroll, unlock and calibrate need no broker and no training data. The
+    store is unlock.store, else <state_dir>/unlock when the file names a state_dir, else None.
+    """
+    path = Path(path)
+    raw = read_yaml(path)
+    settings = _parse_unlock(raw.get("unlock") or {}, path)
+    state_dir = raw.get("state_dir")
+    if settings.store is None and isinstance(state_dir, str) and state_dir:
+        return settings, settings.store_dir(path.parent / Path(state_dir).expanduser())
+    return settings, settings.store
+
+
+def update_unlock_settings(path: str | Path, values: dict) -> UnlockSettings:
+    """Merge values into the `unlock:` section of the YAML at path (created if absent), validate, rewrite.
+
+    The file is rewritten by yaml.safe_dump: its comments are not kept.
+    """
+    path = Path(path)
+    raw = read_yaml(path) if path.exists() else {}
+    unlock = merge_dicts(raw.get("unlock") or {}, values)
+    settings = _parse_unlock(unlock, path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(yaml.safe_dump({**raw, "unlock": unlock}, sort_keys=False), encoding="utf-8")
+    os.replace(tmp, path)
+    return settings
+
+
+def _parse_unlock(section: dict, path: Path) -> UnlockSettings:
+    try:
+        return parse_config(UnlockSettings, section, base_dir=path.parent)
+    except ConfigError as exc:
+        raise ConfigError(f"unlock.{exc.field}", exc.reason, str(path)) from None

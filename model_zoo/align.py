@@ -133,6 +133,15 @@ def dlib_chip_transform(landmarks68: np.ndarray, size: int = DLIB_CHIP_SIZE,
     return estimate_similarity(points[DLIB_CHIP_INDICES], dlib_mean_shape68(size, padding)[DLIB_CHIP_INDICES])
 
 
+def arcface_transform(landmarks68: np.ndarray) -> np.ndarray:
+    """Image -> 112x112 ArcFace crop similarity, fitted on the 5 points reduced from the 68 landmarks: the input
+    every backbone (MobileFaceNet, faceapi-resnet) and every export of one expects."""
+    points = np.asarray(landmarks68, dtype=np.float64)
+    if points.shape != (68, 2):
+        raise ValueError(f"expected [68, 2] landmarks, got shape {points.shape}")
+    return estimate_similarity(five_points_from_68(points), ARCFACE_112)
+
+
 def arcface_to_dlib_transform(arcface_size: int = ARCFACE_SIZE, chip_size: int = DLIB_CHIP_SIZE,
                               padding: float = DLIB_CHIP_PADDING) -> np.ndarray:
     """ArcFace crop -> dlib chip similarity, fitted between the two 5-point templates.

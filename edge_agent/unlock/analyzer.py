@@ -1,0 +1,124 @@
+"""Per frame: detect -> 68 landmarks -> ArcFace alignment -> embedding, each stage timed.
+
+Detection and landmarks are the shared FacePipeline's (the ported face-api nets); the embedder is the
+device's model behind edge_agent.backends' one interface (torch, ONNX Runtime or TFLite), fed 112x112
+ArcFace-aligned crops, the input contract of every backbone and export.
+"""
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from edge_agent.backends import Embedder, TorchEmbedder, load_embedder
+from model_zoo import align
+from model_zoo.exported import sha256_file
+from model_zoo.faceapi import detect_faces
+from model_zoo.faceapi.loader import default_models_dir
+from model_zoo.pipeline import FacePipeline
+
+
+PRETRAINED = "faceapi"  # --model value for the pretrained face-api descriptor (faceapi-resnet backbone)
+MAX_FACES = 4  # faces per frame that get landmarks and an embedding: bounds the frame time in a crowd
+STAGES = ("detect", "landmarks", "align", "embed")
+RECOGNITION_WEIGHTS = "face_recognition_model.bin"
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """Which model made an embedding: templates only compare with embeddings of the same model."""
+
+    path: str | None  # None: the pretrained face-api descriptor
+    sha256: str
+    backend: str
+
+    @property
+    def label(self) -> str:
+        return Path(self.path).name if self.path else "pretrained face-api descriptor"
+
+
+@dataclass
+class AnalyzedFace:
+    box: tuple[float, float, float, float]  # x, y, width, height in frame pixels
+    detector_score: float
+    landmarks68: np.ndarray  # float64 [68, 2] frame pixels
+    chip: np.ndarray  # uint8 [112, 112, 3] RGB, ArcFace-aligned
+    embedding: np.ndarray  # float32 [D], L2-normalised
+
+
+@dataclass
+class StageTimes:
+    ms: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))
+
+    def total(self) -> float:
+        return sum(self.ms.values())
+
+
+class FaceAnalyzer:
+    def __init__(self, embedder: Embedder, model: ModelRef, pipeline: FacePipeline | None = None) -> None:
+        if embedder.input.size != align.ARCFACE_SIZE:
+            raise ValueError(f"the model takes {embedder.input.size}px input; unlock feeds {align.ARCFACE_SIZE}px "
+                             "ArcFace-aligned crops")
+        self.embedder = embedder
+        self.model = model
+        self.pipeline = pipeline if pipeline is not None else FacePipeline()
+
+    def analyze(self, frame_rgb: np.ndarray) -> tuple[list[AnalyzedFace], StageTimes]:
+        """Every face in the frame (at most MAX_FACES, best detector score first), with stage times."""
+        times = StageTimes()
+        start = time.perf_counter()
+        detections = detect_faces(self.pipeline.models.detector, frame_rgb, self.pipeline.detector_input_size,
+                                  self.pipeline.score_threshold)
+        detections = sorted(detections, key=lambda d: -d.score)[:MAX_FACES]
+        times.ms["detect"] = _ms_since(start)
+        if not detections:
+            return [], times
+        return self._describe(frame_rgb, [d.box for d in detections], [d.score for d in detections], times), times
+
+    def analyze_photo(self, image_rgb: np.ndarray) -> AnalyzedFace:
+        """The best face of a labelled photo; a tight crop the detector misses is taken whole as the face box
+        (as FacePipeline.embed_frames does)."""
+        faces, times = self.analyze(image_rgb)
+        if faces:
+            return faces[0]
+        height, width = image_rgb.shape[:2]
+        return self._describe(image_rgb, [(0.0, 0.0, float(width), float(height))], [0.0], times)[0]
+
+    def _describe(self, frame, boxes, scores, times: StageTimes) -> list[AnalyzedFace]:
+        start = time.perf_counter()
+        landmarks = self.pipeline.landmarks_in_boxes(frame, boxes)
+        times.ms["landmarks"] = _ms_since(start)
+        start = time.perf_counter()
+        chips = np.stack([align.warp(frame, align.arcface_transform(points), align.ARCFACE_SIZE) for points in landmarks])
+        times.ms["align"] = _ms_since(start)
+        start = time.perf_counter()
+        embeddings = self.embedder.embed(chips)
+        times.ms["embed"] = _ms_since(start)
+        return [AnalyzedFace(tuple(map(float, box)), float(score), points, chip, emb)
+                for box, score, points, chip, emb in zip(boxes, scores, landmarks, chips, embeddings)]
+
+
+def _ms_since(start: float) -> float:
+    return (time.perf_counter() - start) * 1000.0
+
+
+def load_model(model: str | Path | None, threads: int = 1, backend: str | None = None) -> tuple[Embedder, ModelRef]:
+    """The embedder for --model: a .safetensors checkpoint, an .onnx / .tflite export, or None / 'faceapi' for the
+    pretrained face-api descriptor (faceapi-resnet backbone, weights from $FACEFED_FACEAPI_DIR)."""
+    if model is None or str(model) == PRETRAINED:
+        from model_zoo.backbones import build_backbone
+
+        weights = default_models_dir() / RECOGNITION_WEIGHTS
+        if not weights.is_file():
+            raise FileNotFoundError(f"pretrained face-api weights not found at {weights}: set FACEFED_FACEAPI_DIR "
+                                    "or pass --model FILE")
+        digest = hashlib.sha256(b"faceapi-resnet:" + sha256_file(weights).encode()).hexdigest()
+        return TorchEmbedder(build_backbone("faceapi-resnet"), threads), ModelRef(None, digest, "torch")
+    path = Path(model)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such model file: {path}")
+    embedder = load_embedder(path, backend, threads)
+    return embedder, ModelRef(str(path.resolve()), sha256_file(path), embedder.backend)

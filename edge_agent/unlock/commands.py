@@ -1,0 +1,157 @@
+"""The enroll, unlock and calibrate commands behind edge_agent.cli: settings from the command line and the
+device config, the model, the store; each returns the process exit code."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from fedwire.config import ConfigError
+
+from .analyzer import PRETRAINED, FaceAnalyzer, load_model
+from .decision import DecisionRules
+from .liveness import make_challenge
+from .store import StoreError, TemplateStore
+
+log = logging.getLogger("facefed.unlock")
+
+# Cosine threshold of the pretrained face-api descriptor through this alignment at FAR 1e-3: 0.9285 on all pairs
+# of 25 ORL + celeb-dev calibration people (bench/unlock_bench.py, int8 export, mean cosine 0.9996 to torch),
+# rounded up; used only when the config has no calibrated threshold.
+PRETRAINED_THRESHOLD = 0.93
+
+
+class CommandError(Exception):
+    """Bad input: printed as `facefed-agent <command>: <message>`, exit code 2."""
+
+
+def _settings(args: argparse.Namespace):
+    from edge_agent.config import UnlockSettings, load_unlock_settings
+
+    if args.config is None:
+        return UnlockSettings(), None
+    if not Path(args.config).is_file() and args.command == "calibrate":
+        return UnlockSettings(), None  # calibrate creates the file
+    return load_unlock_settings(args.config)
+
+
+def _store(args: argparse.Namespace, configured: Path | None) -> TemplateStore:
+    root = args.store or configured
+    if root is None:
+        raise CommandError("no template store: pass --store DIR, or --config with unlock.store or state_dir")
+    return TemplateStore(root)
+
+
+def _analyzer(model, threads: int) -> FaceAnalyzer:
+    import torch
+
+    if threads < 1:
+        raise CommandError(f"--threads must be >= 1, got {threads}")
+    torch.set_num_threads(threads)  # the detector and landmark nets run in torch
+    embedder, ref = load_model(model, threads)
+    return FaceAnalyzer(embedder, ref)
+
+
+def run_command(args: argparse.Namespace) -> int:
+    handlers = {"enroll": enroll_command, "unlock": unlock_command, "calibrate": calibrate_command}
+    try:
+        return handlers[args.command](args)
+    except (CommandError, ConfigError, StoreError, ValueError, FileNotFoundError, OSError) as exc:
+        print(f"facefed-agent {args.command}: {exc}", file=sys.stderr)
+        return 2
+
+
+def enroll_command(args: argparse.Namespace) -> int:
+    from .enroll import enroll
+    from .sources import open_source
+
+    settings, configured_store = _settings(args)
+    store = _store(args, configured_store)
+    analyzer = _analyzer(args.model or settings.model or PRETRAINED, args.threads)
+    with open_source(args.source, args.fps) as source:
+        result = enroll(args.name, source, analyzer, store, args.templates, args.max_frames)
+    rejected = ", ".join(f"{k} {v}" for k, v in result.rejected.most_common()) or "none"
+    print(f"enrolled {args.name}: {len(result.enrolment.chips)} template(s) from {result.frames} frame(s) "
+          f"(rejected: {rejected}) with {analyzer.model.label}, stored in {store.root}")
+    return 0
+
+
+def unlock_command(args: argparse.Namespace) -> int:
+    from .session import UnlockSession, run_unlock
+    from .sources import open_source
+
+    settings, configured_store = _settings(args)
+    store = _store(args, configured_store)
+    enrolments = store.load_all()
+    model = args.model or _enrolment_model(enrolments)
+    analyzer = _analyzer(model, args.threads)
+    rules = DecisionRules(
+        threshold=_threshold(args, settings, analyzer), k=args.k or settings.k, n=args.n or settings.n,
+        timeout_s=settings.timeout_s if args.timeout is None else args.timeout,
+        lockout_failures=settings.lockout_failures, lockout_s=settings.lockout_s,
+        relock_after_s=settings.relock_after_s if args.relock_after is None else args.relock_after)
+    liveness = args.liveness or settings.liveness
+    session = UnlockSession(analyzer, enrolments, rules, make_challenge(liveness))
+    with open_source(args.source, args.fps) as source:
+        log.info("unlock on %s with %s: threshold %.3f, %d of %d frames, liveness %s, relock after %.1f s",
+                 source.info.description, analyzer.model.label, rules.threshold, rules.k, rules.n, liveness,
+                 rules.relock_after_s)
+        summary = run_unlock(session, source, args.save, args.json_log, show_window=not args.no_window)
+    unlocked = sum(1 for _, _, event in summary.events if event == "unlocked")
+    print(f"{summary.frames} frames: unlocked {unlocked} time(s), {summary.states['unlocked']} frames unlocked"
+          + (f"; annotated video {args.save}" if args.save else "") + (f"; log {args.json_log}" if args.json_log else ""))
+    return 0
+
+
+def _enrolment_model(enrolments) -> str:
+    """The model the templates were made with (after a federated round: the re-embedded global model)."""
+    paths = {e.model.path for e in enrolments}
+    if len(paths) > 1:
+        raise CommandError(f"the enrolments were made by different models ({', '.join(map(str, paths))}): "
+                           "pass --model and enrol again where needed")
+    path = paths.pop()
+    if path is not None and not Path(path).is_file():
+        raise CommandError(f"the model the templates were made with is gone ({path}): pass --model and enrol again")
+    return path or PRETRAINED
+
+
+def _threshold(args: argparse.Namespace, settings, analyzer: FaceAnalyzer) -> float:
+    if args.threshold is not None:
+        return args.threshold
+    if settings.threshold is not None:
+        if settings.calibrated_model_sha256 not in (None, analyzer.model.sha256):
+            log.warning("unlock.threshold was calibrated on another model: run `facefed-agent calibrate` again")
+        return settings.threshold
+    if analyzer.model.path is None:
+        log.info("no calibrated threshold in the config: using %.2f, the pretrained descriptor's at FAR 1e-3",
+                 PRETRAINED_THRESHOLD)
+        return PRETRAINED_THRESHOLD
+    raise CommandError(f"no threshold for {analyzer.model.label}: run `facefed-agent calibrate --faces DIR --config "
+                       "agent.yaml --model ...` or pass --threshold")
+
+
+def calibrate_command(args: argparse.Namespace) -> int:
+    from edge_agent.config import update_unlock_settings
+
+    from .calibrate import calibrate_embeddings, embed_labelled, labelled_images, plot_roc_det
+
+    settings, _ = _settings(args)
+    samples = labelled_images(args.faces)
+    analyzer = _analyzer(args.model or settings.model or PRETRAINED, args.threads)
+    data = embed_labelled(analyzer, samples)
+    calibration, scores, genuine = calibrate_embeddings(data, args.target_far)
+    plot = args.plot or Path(args.config).with_name("unlock-calibration.png")
+    plot_roc_det(scores, genuine, calibration, plot, f"{analyzer.model.label} on {args.faces.name}")
+    update_unlock_settings(args.config, {"threshold": round(calibration.threshold, 6),
+                                         "target_far": calibration.target_far,
+                                         "calibrated_model_sha256": analyzer.model.sha256})
+    if args.json:
+        args.json.write_text(json.dumps({**calibration.to_dict(), "model": analyzer.model.label,
+                                         "images": len(samples), "identities": len(data.identities)}, indent=2))
+    print(f"threshold {calibration.threshold:.4f} for FAR {calibration.target_far:g}: FAR {calibration.far:.2e} "
+          f"({calibration.false_accepts}/{calibration.impostor_trials} impostor pairs), FRR {calibration.frr:.3f} "
+          f"({calibration.false_rejects}/{calibration.genuine_trials} genuine pairs), EER {calibration.eer:.3f}; "
+          f"written to {args.config}, curves in {plot}")
+    return 0

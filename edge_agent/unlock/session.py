@@ -1,0 +1,162 @@
+"""The unlock loop: frames -> faces -> similarity to the enrolled owner(s) -> verdict -> lock state, with a
+JSON record per frame, an annotated video, a window, and a log line per decision."""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .analyzer import FaceAnalyzer
+from .decision import (CHALLENGE_RESET_EVENTS, DecisionRules, LockState, UnlockStateMachine, Verdict,
+                       frame_verdict)
+from .geometry import mean_eye_aspect_ratio
+from .liveness import LivenessChallenge
+from .overlay import FaceLabel, VideoOut, Window, annotate
+from .sources import Frame, FrameSource
+from .store import Enrolment
+
+log = logging.getLogger("facefed.unlock")
+
+
+@dataclass
+class FaceRecord:
+    box: list[float]
+    name: str  # the enrolled person it is closest to
+    score: float  # cosine similarity to that person's template
+    ear: float  # eye aspect ratio, for the liveness trace
+
+
+@dataclass
+class FrameRecord:
+    """One line of --json-log."""
+
+    frame: int
+    t: float  # seconds: wall clock for live sources, frame index / fps for files
+    faces: list[FaceRecord]
+    score: float | None  # best face's score
+    name: str | None
+    verdict: str
+    live: bool  # liveness challenge passed in this attempt
+    liveness: str
+    state: str  # "locked" or "unlocked" (a lockout is locked, with lockout true)
+    lockout: bool
+    event: str | None  # unlocked, relocked, attempt_failed, locked_out, lockout_ended
+    ms: float  # processing time of this frame
+    stage_ms: dict[str, float] = field(default_factory=dict)  # detect, landmarks, align, embed, decide
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), separators=(",", ":"))
+
+
+class UnlockSession:
+    def __init__(self, analyzer: FaceAnalyzer, enrolments: list[Enrolment], rules: DecisionRules,
+                 challenge: LivenessChallenge) -> None:
+        if not enrolments:
+            raise ValueError("no enrolled owner to unlock for")
+        for enrolment in enrolments:
+            if enrolment.model.sha256 != analyzer.model.sha256:
+                raise ValueError(
+                    f"{enrolment.name}'s templates were made by {enrolment.model.label} (sha256 "
+                    f"{enrolment.model.sha256[:12]}), but unlock runs {analyzer.model.label} (sha256 "
+                    f"{analyzer.model.sha256[:12]}): enrol again with this --model")
+        self.analyzer = analyzer
+        self.names = [e.name for e in enrolments]
+        self.templates = np.stack([e.template() for e in enrolments])  # [people, D]
+        self.rules = rules
+        self.challenge = challenge
+        self.machine = UnlockStateMachine(rules)
+
+    def process(self, frame: Frame) -> tuple[FrameRecord, list[FaceLabel]]:
+        faces, times = self.analyzer.analyze(frame.rgb)
+        start = time.perf_counter()
+        records = []
+        for face in faces:
+            similarity = self.templates @ face.embedding
+            best = int(np.argmax(similarity))
+            records.append(FaceRecord([round(v, 1) for v in face.box], self.names[best], float(similarity[best]),
+                                      mean_eye_aspect_ratio(face.landmarks68)))
+        verdict = frame_verdict([r.score for r in records], self.rules)
+        candidate = max(range(len(faces)), key=lambda i: records[i].score) if faces else None
+        # The challenge must be passed by the face that matches: a stranger's blink followed by the owner's
+        # photo must not count, so any frame with faces but no match starts the challenge again.
+        if verdict is Verdict.MATCH:
+            live = self.challenge.observe(frame.time_s, faces[candidate].landmarks68)
+        else:
+            if verdict is not Verdict.NO_FACE:
+                self.challenge.reset()
+            live = self.challenge.observe(frame.time_s, None)
+        decision = self.machine.step(frame.time_s, verdict, live)
+        if decision.event in CHALLENGE_RESET_EVENTS:
+            self.challenge.reset()
+        stage_ms = {**times.ms, "decide": (time.perf_counter() - start) * 1000.0}
+        best = records[candidate] if candidate is not None else None
+        record = FrameRecord(
+            frame=frame.index, t=round(frame.time_s, 4), faces=records,
+            score=None if best is None else best.score, name=None if best is None else best.name,
+            verdict=verdict.value, live=self.challenge.passed, liveness=self.challenge.status,
+            state="unlocked" if decision.state is LockState.UNLOCKED else "locked",
+            lockout=decision.state is LockState.LOCKED_OUT,
+            event=None if decision.event is None else decision.event.value,
+            ms=round(sum(stage_ms.values()), 2), stage_ms={k: round(v, 2) for k, v in stage_ms.items()})
+        if decision.event is not None:
+            log.info("frame %d t=%.2fs: %s (%s score %s, %d/%d matching frames, %s, %d failed attempt(s))",
+                     frame.index, frame.time_s, decision.event.value, record.name or "no face",
+                     "-" if record.score is None else f"{record.score:.3f}", decision.matches_in_window,
+                     self.rules.n, self.challenge.status, decision.failures)
+        labels = [FaceLabel(tuple(f.box), f"{f.name} {f.score:.2f}", f.score >= self.rules.threshold) for f in records]
+        return record, labels
+
+
+@dataclass
+class UnlockSummary:
+    frames: int
+    events: list[tuple[int, float, str]]  # (frame, t, event)
+    states: Counter  # frames per state
+
+
+def run_unlock(session: UnlockSession, source: FrameSource, save: Path | None = None, json_log: Path | None = None,
+               show_window: bool = True) -> UnlockSummary:
+    video = VideoOut(save, source.info.fps) if save else None
+    window = Window() if show_window else None
+    log_file = json_log.open("w", encoding="utf-8") if json_log else None
+    summary = UnlockSummary(0, [], Counter())
+    try:
+        for frame in source:
+            record, labels = session.process(frame)
+            summary.frames += 1
+            summary.states[record.state] += 1
+            if record.event:
+                summary.events.append((record.frame, record.t, record.event))
+            if log_file:
+                log_file.write(record.to_json() + "\n")
+            if video or (window and window.enabled):
+                shown = annotate(frame.rgb, labels, _banner(record), "locked_out" if record.lockout else record.state,
+                                 _timings(record))
+                if video:
+                    video.write(shown)
+                if window and not window.show(shown):
+                    break
+    finally:
+        if log_file:
+            log_file.close()
+        if video:
+            video.close()
+        if window:
+            window.close()
+    return summary
+
+
+def _banner(record: FrameRecord) -> str:
+    state = "LOCKED OUT" if record.lockout else record.state.upper()
+    who = f" {record.name} {record.score:.2f}" if record.state == "unlocked" and record.name else ""
+    return f"{state}{who} | {record.liveness} | t={record.t:.1f}s"
+
+
+def _timings(record: FrameRecord) -> str:
+    stages = " ".join(f"{k} {v:.0f}" for k, v in record.stage_ms.items())
+    return f"{record.ms:.0f} ms ({stages})"
