@@ -25,6 +25,7 @@ model: {arch: mobilefacenet, act: relu, embedding_size: 128, seed: 0}
 train: {local_epochs: 1, lr: 0.05, momentum: 0.9, weight_decay: 0.0005, margin: 0.5}
 eval: {data: null, every: 1}      # folder of held-out identities: accuracy per round in the log
 export: {formats: [], calibration: null}   # e.g. [onnx, onnx-int8]: state_dir/exports after each round
+shard_workers: 1                  # > 1: `serve` reduces, W `worker`s share the updates (MQTT 5 broker; docs/scale-out.md)
 """
 
 
@@ -42,6 +43,16 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", required=True, help="aggregator.yaml (see `example-config`)")
     serve.add_argument("--broker", help="override the config's broker URL")
     serve.add_argument("--rounds", type=int, help="override the number of rounds")
+    serve.add_argument("--spawn-workers", action="store_true",
+                       help="with shard_workers > 1: also start the shard workers on this machine (otherwise "
+                       "start each with `facefed-aggregator worker --index I`, on any machine)")
+    worker = sub.add_parser("worker", help="one shard worker of a sharded aggregator (shard_workers > 1)",
+                            description="Aggregate the updates of the devices this worker owns (crc32(device id) "
+                            "modulo shard_workers) from an MQTT 5 shared subscription, and hand the partial sum to "
+                            "`serve` at the end of each round. See docs/scale-out.md.")
+    worker.add_argument("--config", required=True, help="the same aggregator.yaml as `serve`")
+    worker.add_argument("--index", required=True, type=int, help="this worker's index, 0 .. shard_workers-1")
+    worker.add_argument("--broker", help="override the config's broker URL")
     sub.add_parser("example-config", help="print a commented aggregator.yaml")
     _add_pki_commands(sub)
     return parser
@@ -178,14 +189,29 @@ def main(argv: list[str] | None = None) -> int:
     from aggregator.config import load_aggregator_config
     from aggregator.service import AggregatorService
 
-    overrides = {k: v for k, v in {"broker": args.broker, "rounds": args.rounds}.items() if v is not None}
+    overrides = {k: v for k, v in {"broker": args.broker, "rounds": getattr(args, "rounds", None)}.items()
+                 if v is not None}
     try:
         config = load_aggregator_config(args.config, overrides)
     except ConfigError as exc:
         print(f"facefed-aggregator: bad config: {exc}", file=sys.stderr)
         return 2
+    if args.command == "worker" and not 0 <= args.index < config.shard_workers:
+        print(f"facefed-aggregator: --index {args.index} is not in [0, shard_workers={config.shard_workers})",
+              file=sys.stderr)
+        return 2
     try:
-        AggregatorService(config).run()
+        if args.command == "worker":
+            from aggregator.sharded import ShardWorker
+
+            ShardWorker(config, args.index).run()
+        elif config.shard_workers > 1:
+            from aggregator.sharded import run_sharded
+
+            spawn = ["--broker", config.broker] if args.spawn_workers else []
+            run_sharded(config, Path(args.config) if args.spawn_workers else None, spawn)
+        else:
+            AggregatorService(config).run()
     except KeyboardInterrupt:
         return 130
     except ConnectionError as exc:

@@ -1,0 +1,546 @@
+"""Scale-out aggregation: W workers share the update stream through an MQTT 5 shared subscription,
+each keeps a partial float64 weighted sum, and a reducer adds the partial sums into the FedAvg result.
+
+Design (fedwire/PROTOCOL.md section 11, docs/scale-out.md):
+* Workers subscribe to `$share/facefed-aggregators/{p}/update/+/manifest` and `.../chunk/+`; the broker
+  hands each message to one worker. A device's upload is many messages (chunks, then the manifest), so
+  every device has one **owner** worker, `crc32(device_id) % W`. A worker that receives a message of a
+  device it does not own republishes it unchanged on `{p}/shard/route/{owner}/update/{dev}/...`, which only
+  the owner subscribes to. The owner thus sees the whole upload and runs the normal reassembly,
+  validation, acknowledgement and streaming sum of AggregatorService on it: exact, with no new rules.
+* The owner acks the device and tells the reducer (`{p}/shard/accepted/{w}`), which counts towards the
+  quorum. At quorum or deadline the reducer publishes `{p}/shard/close` (retained); each worker then stops
+  accepting for that round, publishes its sum Σ n_k·w_k (float64 safetensors, as a chunked transfer on
+  `{p}/shard/partial/{w}/...`) and a `ShardReport` listing the devices in it. The reducer merges the W
+  partial sums (WeightedSum.merge: float64 addition) and closes the round exactly as the single-process
+  service does (strategy step, checkpoint, global model, summary, next announcement).
+
+The single-process service stays the default (`shard_workers: 1`); this module is used only when
+`shard_workers` > 1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import queue
+import subprocess
+import sys
+import time
+import zlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from aggregator.config import AggregatorConfig
+from aggregator.fedavg import WeightedSum
+from aggregator.service import STREAM_POLL_S, AggregatorService, OpenRound
+from fedwire.chunking import CompletedTransfer, Reassembler, build_transfer
+from fedwire.errors import ProtocolError
+from fedwire.messages import (
+    DeviceStatus,
+    RoundAnnouncement,
+    TransferManifest,
+    UpdateAck,
+    _Fields,
+    _Message,
+)
+from fedwire.mqtt import SHARE_PREFIX
+
+log = logging.getLogger("facefed.aggregator.sharded")
+
+SHARE_GROUP = "facefed-aggregators"
+WORKER_STOP_TIMEOUT_S = 30.0
+
+
+# ---- pure helpers ------------------------------------------------------------------------------------
+
+def owner(device_id: str, workers: int) -> int:
+    """The worker that aggregates `device_id`'s updates: stable across processes and machines."""
+    return zlib.crc32(device_id.encode("utf-8")) % workers
+
+
+def partial_tensors(acc: WeightedSum) -> dict[str, np.ndarray]:
+    """The float64 sums Σ n_k·w_k of a partial sum, as they go on the wire."""
+    return dict(acc._sums)  # WeightedSum has no public accessor for its sums yet
+
+
+def partial_sum(sums: Mapping[str, np.ndarray], dtypes: Mapping[str, np.dtype], total_weight: int,
+                count: int) -> WeightedSum:
+    """Rebuild a worker's WeightedSum from its wire form; `dtypes` are the global model's (the mean's) dtypes."""
+    if set(sums) != set(dtypes):
+        raise ValueError(f"partial sum holds {sorted(sums)}, the global model {sorted(dtypes)}")
+    if any(np.asarray(value).dtype != np.float64 for value in sums.values()):
+        raise ValueError("partial sums travel as float64")
+    acc = WeightedSum()
+    acc._sums = {name: np.array(value, dtype=np.float64) for name, value in sums.items()}
+    acc._dtypes = dict(dtypes)
+    acc.total_weight, acc.count = total_weight, count
+    return acc
+
+
+@dataclass(frozen=True)
+class ShardTopics:
+    """The topics between workers and reducer, under the federation prefix."""
+
+    prefix: str
+
+    @property
+    def close(self) -> str:
+        return f"{self.prefix}/shard/close"
+
+    def accepted(self, worker: int) -> str:
+        return f"{self.prefix}/shard/accepted/{worker}"
+
+    def worker_status(self, worker: int) -> str:
+        return f"{self.prefix}/shard/worker/{worker}"
+
+    def report(self, worker: int) -> str:
+        return f"{self.prefix}/shard/report/{worker}"
+
+    def partial_manifest(self, worker: int) -> str:
+        return f"{self.prefix}/shard/partial/{worker}/manifest"
+
+    def partial_chunk(self, worker: int, index: int) -> str:
+        return f"{self.prefix}/shard/partial/{worker}/chunk/{index}"
+
+    def route(self, worker: int, update_topic: str) -> str:
+        """Where a worker forwards another owner's update message: the same topic under shard/route/{owner}."""
+        return f"{self.prefix}/shard/route/{worker}/{update_topic[len(self.prefix) + 1:]}"
+
+    def unroute(self, topic: str, worker: int) -> str | None:
+        """The device's original topic of a message forwarded to `worker`, or None."""
+        head = f"{self.prefix}/shard/route/{worker}/"
+        return f"{self.prefix}/{topic[len(head):]}" if topic.startswith(head) else None
+
+    def parse(self, topic: str) -> tuple[str, int] | None:
+        """(kind, worker) of a reducer-side topic: accepted, report, partial_manifest, partial_chunk."""
+        head = f"{self.prefix}/shard/"
+        if not topic.startswith(head):
+            return None
+        match topic[len(head):].split("/"):
+            case ["worker", w] if w.isdigit():
+                return "worker", int(w)
+            case ["accepted", w] if w.isdigit():
+                return "accepted", int(w)
+            case ["report", w] if w.isdigit():
+                return "report", int(w)
+            case ["partial", w, "manifest"] if w.isdigit():
+                return "partial_manifest", int(w)
+            case ["partial", w, "chunk", i] if w.isdigit() and i.isdigit():
+                return "partial_chunk", int(w)
+        return None
+
+    def worker_subscriptions(self, worker: int) -> list[str]:
+        p = self.prefix
+        shared = f"{SHARE_PREFIX}{SHARE_GROUP}/{p}/update/+"
+        routed = f"{p}/shard/route/{worker}/update/+"
+        return [f"{shared}/manifest", f"{shared}/chunk/+", f"{routed}/manifest", f"{routed}/chunk/+",
+                f"{p}/round", f"{p}/global/manifest", f"{p}/global/chunk/+", self.close]
+
+    def reducer_subscriptions(self) -> list[str]:
+        p = self.prefix
+        return [f"{p}/status/+", f"{p}/shard/worker/+", f"{p}/shard/accepted/+", f"{p}/shard/report/+",
+                f"{p}/shard/partial/+/manifest", f"{p}/shard/partial/+/chunk/+"]
+
+
+# ---- messages between workers and reducer (JSON, rules of PROTOCOL.md section 4) -------------------------
+
+@dataclass
+class ShardClose(_Message):
+    """Reducer -> workers (retained): stop accepting updates for `round` and send your partial sum."""
+
+    round: int
+    announce_id: str  # of the round's latest announcement, so a stale retained close is never obeyed
+    protocol: int = 1
+
+    @classmethod
+    def from_fields(cls, f: _Fields) -> ShardClose:
+        return cls(f.integer("round"), f.text("announce_id"))
+
+
+@dataclass
+class ShardAccepted(_Message):
+    """Worker -> reducer: one more update entered worker `worker`'s partial sum (counts towards the quorum)."""
+
+    round: int
+    worker: int
+    device_id: str
+    num_samples: int
+    protocol: int = 1
+
+    @classmethod
+    def from_fields(cls, f: _Fields) -> ShardAccepted:
+        return cls(f.integer("round"), f.integer("worker"), f.device_id("device_id"), f.integer("num_samples"))
+
+
+@dataclass
+class ShardReport(_Message):
+    """Worker -> reducer, after its partial transfer: what the partial sum holds."""
+
+    round: int
+    worker: int
+    transfer_id: str  # the partial sum's transfer, "" when it holds no update
+    clients: dict[str, int] = field(default_factory=dict)  # device -> n_k
+    train_losses: dict[str, float] = field(default_factory=dict)
+    bytes_up: int = 0
+    rejected: int = 0
+    forwarded: int = 0  # messages this worker routed to other owners
+    protocol: int = 1
+
+    @classmethod
+    def from_fields(cls, f: _Fields) -> ShardReport:
+        clients = f.mapping("clients")
+        for device, n in clients.items():
+            if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
+                raise f.fail("clients", f"{device}: {n!r} is not a positive int")
+        report = cls(f.integer("round"), f.integer("worker"), f.text("transfer_id"), clients,
+                     f.float_map("train_losses"), f.integer("bytes_up"), f.integer("rejected"),
+                     f.integer("forwarded"))
+        if bool(report.clients) != bool(report.transfer_id):
+            raise f.fail("transfer_id", "must be set exactly when clients is not empty")
+        return report
+
+
+# ---- the link -------------------------------------------------------------------------------------------
+
+def _v5_only(config: AggregatorConfig, client_id: str, state_dir: Path | None = None) -> AggregatorConfig:
+    return dataclasses.replace(config, protocol="5", client_id=client_id, state_dir=state_dir or config.state_dir)
+
+
+class _NeedsMqtt5:
+    """Connect with MQTT 5 and explain a refusal: the broker must offer shared subscriptions."""
+
+    def _connect(self) -> None:
+        try:
+            super()._connect()
+        except ConnectionError as exc:
+            raise ConnectionError(
+                f"{exc} -- sharded aggregation (shard_workers > 1) needs an MQTT 5 broker with shared subscriptions "
+                "(mosquitto >= 1.6, EMQX, HiveMQ, VerneMQ); amqtt, the embedded broker, speaks only MQTT 3.1.1") from exc
+
+
+# ---- worker ----------------------------------------------------------------------------------------------
+
+class ShardWorker(_NeedsMqtt5, AggregatorService):
+    """Aggregates the updates of the devices it owns into a partial sum; the reducer runs the rounds."""
+
+
+    def __init__(self, config: AggregatorConfig, index: int) -> None:
+        if not 0 <= index < config.shard_workers:
+            raise ValueError(f"worker index {index} is not in [0, {config.shard_workers})")
+        # Each worker journals the updates it accepted in its own state folder (restored after a restart).
+        super().__init__(_v5_only(config, f"{config.client_id}-shard-{index}", config.state_dir / f"shard-{index}"))
+        self.index = index
+        self.workers = config.shard_workers
+        self.shard = ShardTopics(config.topic_prefix)
+        self.global_reassembler = Reassembler(timeout_s=config.round_timeout_s)
+        self.closed_round: int | None = None
+        self.pending_close: ShardClose | None = None  # a close seen before its round's announcement
+        self.forwarded = 0
+        self.finished = False
+
+    def subscriptions(self) -> list[str]:
+        return self.shard.worker_subscriptions(self.index)
+
+    def run(self) -> None:
+        """Serve until the reducer announces that the federation finished."""
+        try:
+            self._connect()
+            self._publish_worker_state("online")
+            log.info("shard worker %d of %d ready", self.index, self.workers)
+            while not self.finished:
+                try:
+                    event = self.events.get(timeout=STREAM_POLL_S)
+                except queue.Empty:
+                    pass
+                else:
+                    self.handle_event(event)
+                for dropped in self.reassembler.expire(time.time()):
+                    log.warning("dropped incomplete transfer %s (chunks missing past timeout)", dropped)
+        finally:
+            self.close()
+
+    def handle_message(self, topic: str, payload: bytes) -> None:
+        routed = self.shard.unroute(topic, self.index)
+        if routed is not None:  # another worker forwarded one of our devices' messages
+            super().handle_message(routed, payload)
+            return
+        try:
+            if topic == self.shard.close:
+                self._on_close(ShardClose.from_json(payload))
+                return
+            parsed = self.topics.parse(topic)
+            if parsed.kind in ("update_manifest", "update_chunk"):
+                target = owner(parsed.device_id, self.workers)
+                if target == self.index:
+                    super().handle_message(topic, payload)
+                else:
+                    self._link.publish(self.shard.route(target, topic), payload)
+                    self.forwarded += 1
+            elif parsed.kind == "round":
+                self._on_announcement(RoundAnnouncement.from_json(payload))
+            elif parsed.kind == "global_manifest":
+                manifest = TransferManifest.from_json(payload)
+                self._on_global(self.global_reassembler.add_manifest("global", manifest, time.time()))
+            elif parsed.kind == "global_chunk":
+                self._on_global(self.global_reassembler.add_chunk("global", payload, time.time()))
+        except ProtocolError as exc:
+            log.warning("dropped message on %s (%d bytes): %s", topic, len(payload), exc)
+
+    def _on_global(self, completed: CompletedTransfer | None) -> None:
+        if completed is not None:
+            self.global_tensors = completed.tensors
+            self.model_version = completed.manifest.model_version
+
+    def _on_announcement(self, ann: RoundAnnouncement) -> None:
+        if ann.state == "finished":
+            self.finished = True
+            return
+        current = self.current
+        if current is not None and current.number == ann.round:
+            # The same round announced again (a new deadline, or a restarted reducer): keep the partial sum
+            # and tell the reducer again what it holds, so a reducer that lost count can close the round.
+            current.announcement = ann
+            for device_id, num_samples in current.accepted.items():
+                self._publish_accepted(ShardAccepted(current.number, self.index, device_id, num_samples))
+            self._apply_pending_close()
+            return
+        if ann.round == self.closed_round:
+            return  # the retained announcement of a round already closed, seen again
+        if current is not None:
+            log.warning("round %d replaced by round %d before the reducer closed it", current.number, ann.round)
+        if self.model_version != ann.model_version:
+            log.warning("round %d trains from model v%d but this worker holds v%d",
+                        ann.round, ann.model_version, self.model_version)
+        self.strategy.begin_round(self.global_tensors)
+        self.current = OpenRound(ann.round, ann.model_version, ann, time.time(), ann.min_clients)
+        self._restore_accepted(self.current)  # after a restart mid-round; drops journals of other rounds
+        self.forwarded = 0
+        self._apply_pending_close()
+
+    def _apply_pending_close(self) -> None:
+        close, self.pending_close = self.pending_close, None
+        if close is not None:
+            self._on_close(close)
+
+    def _send_ack(self, ack: UpdateAck) -> None:
+        super()._send_ack(ack)
+        if ack.accepted:
+            # AggregatorService._complete records the device (and n_k) before it acks.
+            self._publish_accepted(ShardAccepted(ack.round, self.index, ack.device_id,
+                                                 self.current.accepted[ack.device_id]))
+
+    def _publish_accepted(self, accepted: ShardAccepted) -> None:
+        self._link.publish(self.shard.accepted(self.index), accepted.to_json())
+
+    def _on_close(self, close: ShardClose) -> None:
+        current = self.current
+        if current is None:
+            if close.round != self.closed_round:
+                # After a restart the retained close may arrive before the retained announcement.
+                self.pending_close = close
+            return
+        if close.announce_id != current.announcement.announce_id:
+            return  # a retained close of an earlier round (or of an earlier federation under this prefix)
+        acc = self.strategy._sum
+        transfer_id = ""
+        if acc.count:
+            manifest, chunks = build_transfer(
+                "update", f"shard-{self.index}", current.number, current.model_version, partial_tensors(acc),
+                num_samples=acc.total_weight, metrics={"count": float(acc.count)},
+                max_chunk_bytes=self.config.max_chunk_bytes)
+            self._link.publish_transfer(self.shard.partial_manifest(self.index),
+                                        lambda i: self.shard.partial_chunk(self.index, i), manifest, chunks)
+            transfer_id = manifest.transfer_id
+        self._publish_report(ShardReport(
+            current.number, self.index, transfer_id, dict(current.accepted), dict(current.train_losses),
+            current.bytes_up, current.rejected, self.forwarded))
+        log.info("round %d closed on worker %d: %d updates, %d messages forwarded",
+                 current.number, self.index, acc.count, self.forwarded)
+        self.closed_round, self.current = current.number, None
+
+    def _publish_worker_state(self, state: str) -> None:
+        status = DeviceStatus(f"shard-{self.index}", state, self.current.number if self.current else None, time.time())
+        self._link.publish(self.shard.worker_status(self.index), status.to_json(), retain=True)
+
+    def close(self) -> None:
+        if self._link is not None and self._link.connected:
+            self._publish_worker_state("offline")
+        super().close()
+
+    def _publish_report(self, report: ShardReport) -> None:
+        self._link.publish(self.shard.report(self.index), report.to_json())
+
+
+# ---- reducer ---------------------------------------------------------------------------------------------
+
+class ShardReducer(_NeedsMqtt5, AggregatorService):
+    """The aggregator of record: announces rounds, publishes global models, keeps the state directory;
+    it counts the workers' acceptances for the quorum and merges their partial sums."""
+
+    def __init__(self, config: AggregatorConfig) -> None:
+        super().__init__(_v5_only(config, config.client_id))
+        self.workers = config.shard_workers
+        self.shard = ShardTopics(config.topic_prefix)
+        # Partial sums are float64: twice the bytes of a float32 update.
+        self.partials = Reassembler(max_payload_bytes=2 * config.max_update_bytes, timeout_s=config.round_timeout_s)
+        self.progress: dict[str, int] = {}  # devices the workers accepted this round -> n_k
+        self.reports: dict[int, ShardReport] = {}
+        self.partial_transfers: dict[int, CompletedTransfer] = {}
+        self.closing_since: float | None = None
+        self.online_workers: set[int] = set()
+
+    def subscriptions(self) -> list[str]:
+        return self.shard.reducer_subscriptions()
+
+    def _connect(self) -> None:
+        """Connect, then wait until every worker is online: updates published before any worker
+        subscribed would reach no one (the broker keeps no messages for a shared subscription nobody holds)."""
+        super()._connect()
+        deadline = time.monotonic() + self.config.round_timeout_s
+        while len(self.online_workers) < self.workers:
+            if time.monotonic() > deadline:
+                raise ConnectionError(f"only workers {sorted(self.online_workers)} of {self.workers} came online "
+                                      f"within {self.config.round_timeout_s:.0f} s (start them with "
+                                      "`facefed-aggregator worker --index I`)")
+            try:
+                self.handle_event(self.events.get(timeout=STREAM_POLL_S))
+            except queue.Empty:
+                pass
+        log.info("all %d shard workers online", self.workers)
+
+    def handle_message(self, topic: str, payload: bytes) -> None:
+        parsed = self.shard.parse(topic)
+        if parsed is None:
+            super().handle_message(topic, payload)  # device status
+            return
+        kind, worker = parsed
+        current = self.current
+        try:
+            if worker >= self.workers:
+                raise ProtocolError("topic", f"worker {worker} is not one of the {self.workers} configured")
+            if kind == "worker":
+                status = DeviceStatus.from_json(payload)
+                if status.state == "online":
+                    self.online_workers.add(worker)
+                else:
+                    self.online_workers.discard(worker)
+            elif kind == "accepted":
+                accepted = ShardAccepted.from_json(payload)
+                if current is not None and accepted.round == current.number:
+                    self.progress[accepted.device_id] = accepted.num_samples
+            elif kind == "report":
+                report = ShardReport.from_json(payload)
+                if current is not None and report.round == current.number and report.worker == worker:
+                    self.reports[worker] = report
+            elif kind == "partial_manifest":
+                self._on_partial(worker, self.partials.add_manifest(f"shard-{worker}",
+                                                                     TransferManifest.from_json(payload), time.time()))
+            else:
+                self._on_partial(worker, self.partials.add_chunk(f"shard-{worker}", payload, time.time()))
+        except ProtocolError as exc:
+            log.warning("dropped message on %s (%d bytes): %s", topic, len(payload), exc)
+
+    def _on_partial(self, worker: int, completed: CompletedTransfer | None) -> None:
+        if completed is not None and self.current is not None and completed.manifest.round == self.current.number:
+            self.partial_transfers[worker] = completed
+
+    def _open_round(self, number: int) -> None:
+        self.progress, self.reports, self.partial_transfers, self.closing_since = {}, {}, {}, None
+        super()._open_round(number)
+
+    def _check_round_close(self, now: float) -> None:
+        current = self.current
+        if current is None:
+            return
+        for dropped in self.partials.expire(now):
+            log.warning("dropped incomplete partial sum %s", dropped)
+        if self.closing_since is None:
+            past_deadline = now >= current.announcement.deadline
+            if len(self.progress) >= current.quorum or (past_deadline and self.progress):
+                self.closing_since = now
+                self._link.publish(self.shard.close, ShardClose(current.number, current.announcement.announce_id).to_json(), retain=True)
+                log.info("round %d: %d updates accepted by the workers, collecting partial sums",
+                         current.number, len(self.progress))
+            elif past_deadline:
+                log.warning("round %d deadline passed with no updates: announcing it again", current.number)
+                self._open_round(current.number)
+        elif self._all_partials_in() or now - self.closing_since > self.config.round_timeout_s:
+            self._reduce()
+
+    def _all_partials_in(self) -> bool:
+        if len(self.reports) < self.workers:
+            return False
+        return all(not r.transfer_id or (w in self.partial_transfers
+                                         and self.partial_transfers[w].manifest.transfer_id == r.transfer_id)
+                   for w, r in self.reports.items())
+
+    def _reduce(self) -> None:
+        current = self.current
+        missing = sorted(set(range(self.workers)) - set(self.reports))
+        if missing:
+            log.error("round %d: no partial sum from workers %s in time; their updates are left out",
+                      current.number, missing)
+        dtypes = {name: value.dtype for name, value in self.global_tensors.items()}
+        for worker, report in sorted(self.reports.items()):
+            current.bytes_up += report.bytes_up
+            current.rejected += report.rejected
+            transfer = self.partial_transfers.get(worker)
+            if not report.transfer_id or transfer is None or transfer.manifest.transfer_id != report.transfer_id:
+                continue
+            try:
+                check_report(report, transfer.manifest)
+                self.strategy._sum.merge(partial_sum(transfer.tensors, dtypes, report_weight(report),
+                                                     len(report.clients)))
+            except ValueError as exc:
+                log.error("round %d: partial sum of worker %d refused: %s", current.number, worker, exc)
+                continue
+            current.accepted.update(report.clients)
+            current.train_losses.update(report.train_losses)
+        if self.strategy.num_updates == 0:
+            log.warning("round %d: no partial sum arrived: announcing it again", current.number)
+            self._open_round(current.number)
+            return
+        self._close_round()
+
+
+def report_weight(report: ShardReport) -> int:
+    return sum(report.clients.values())
+
+
+def check_report(report: ShardReport, manifest: TransferManifest) -> None:
+    """A worker's report and its partial-sum transfer must describe the same updates."""
+    if manifest.num_samples != report_weight(report):
+        raise ValueError(f"partial sum weighs {manifest.num_samples}, its report lists {report_weight(report)}")
+    if manifest.metrics.get("count") != len(report.clients):
+        raise ValueError(f"partial sum counts {manifest.metrics.get('count')} updates, its report lists "
+                         f"{len(report.clients)}")
+    if any(spec.dtype != "F64" for spec in manifest.tensors):
+        raise ValueError("partial sums travel as float64")
+
+
+# ---- processes ---------------------------------------------------------------------------------------------
+
+def worker_command(config_path: Path, index: int, overrides: Sequence[str] = ()) -> list[str]:
+    return [sys.executable, "-m", "aggregator", "worker", "--config", str(config_path), "--index", str(index),
+            *overrides]
+
+
+def run_sharded(config: AggregatorConfig, config_path: Path | None = None, overrides: Sequence[str] = ()) -> None:
+    """Run the reducer; with config_path, also start the shard_workers worker processes on this machine."""
+    workers = [subprocess.Popen(worker_command(config_path, i, overrides)) for i in range(config.shard_workers)] \
+        if config_path is not None else []
+    grace = 0.0  # if the reducer fails, stop the workers at once
+    try:
+        ShardReducer(config).run()
+        grace = WORKER_STOP_TIMEOUT_S  # they stop on the "finished" announcement
+    finally:
+        for process in workers:
+            try:
+                process.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                process.terminate()
+                process.wait()
