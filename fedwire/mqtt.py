@@ -68,6 +68,16 @@ def parse_broker_url(url: str) -> BrokerAddress:
     return BrokerAddress(parts.hostname, port or DEFAULT_PORTS[parts.scheme], parts.scheme == "mqtts")
 
 
+SHARE_PREFIX = "$share/"
+
+
+def unshared(topic_filter: str) -> str:
+    """`$share/<group>/<filter>` matches what `<filter>` matches (MQTT 5 section 4.8.2)."""
+    if topic_filter.startswith(SHARE_PREFIX):
+        return topic_filter.split("/", 2)[2]
+    return topic_filter
+
+
 @dataclass
 class _Attempt:
     """Outcome of one connection attempt, filled in by the paho callbacks."""
@@ -93,7 +103,13 @@ class MqttLink:
         keepalive: int = 30,
         tls: TlsFiles | None = None,
         clean_session: bool = True,
+        ack_after_handling: bool = False,
     ) -> None:
+        """ack_after_handling: on_message(topic, payload, ack) gets a third argument, a callable that sends the
+        QoS 1 PUBACK; call it (from any thread) once the message is handled. The broker sends only a few
+        unacknowledged messages at a time (Mosquitto: max_inflight_messages, 20), so a slow consumer makes the
+        broker hold the backlog instead of this process, and with a persistent session a message not yet
+        acknowledged when the process dies is delivered again."""
         if protocol not in PROTOCOLS:
             raise ProtocolError("protocol", f"{protocol!r} is not one of {PROTOCOLS}")
         self.address = parse_broker_url(url)
@@ -108,6 +124,7 @@ class MqttLink:
         self._requested_protocol = protocol
         self._tls = tls
         self._clean_session = clean_session
+        self._ack_after_handling = ack_after_handling
         self._lock = threading.Lock()  # guards _subscriptions and _publish_failures
         self._publish_failures: dict[int, str] = {}  # mid -> MQTT 5 PUBACK failure reason
         self._connected = threading.Event()
@@ -118,6 +135,7 @@ class MqttLink:
         self._in_callback = threading.local()
         self._protocol_version: str | None = None
         self._client: paho.Client | None = None
+        self._connections = 0  # accepted CONNACKs so far, reconnections included
 
     # -- public API ---------------------------------------------------------
 
@@ -130,6 +148,14 @@ class MqttLink:
     @property
     def connected(self) -> bool:
         return self._connected.is_set()
+
+    @property
+    def connections(self) -> int:
+        """How many times the broker accepted this link (1 after connect(), +1 per reconnection).
+
+        An owner that sees it change knows the link was re-established: the broker may have
+        restarted and lost what it held (retained messages, queued or half-sent publishes)."""
+        return self._connections
 
     def connect(self, timeout: float = 10.0) -> None:
         """Connect and subscribe, blocking until the broker acknowledged both."""
@@ -207,6 +233,7 @@ class MqttLink:
             client_id=self.client_id,
             protocol=paho.MQTTv5 if v5 else paho.MQTTv311,
             clean_session=None if v5 else self._clean_session,  # MQTT 5 uses clean_start at connect()
+            manual_ack=self._ack_after_handling,
         )
         if self.address.tls:
             tls = self._tls or TlsFiles()
@@ -310,6 +337,10 @@ class MqttLink:
             log.warning("%s: broker %s refused reconnection: %s", self.client_id, self.url, reason)
             return
         self._subscribe_all(client)
+        self._connections += 1
+        if self._connections > 1:
+            log.info("%s: reconnected to %s (session %s)", self.client_id, self.url,
+                     "resumed" if flags.session_present else "new")
         self._connected.set()
         attempt.connack.set()
 
@@ -350,7 +381,7 @@ class MqttLink:
 
     def _is_subscribed(self, topic: str) -> bool:
         with self._lock:
-            return any(paho.topic_matches_sub(pattern, topic) for pattern in self._subscriptions)
+            return any(paho.topic_matches_sub(unshared(pattern), topic) for pattern in self._subscriptions)
 
     def _handle_publish(self, client: paho.Client, userdata: object, mid: int,
                         reason: ReasonCode, properties: Properties | None) -> None:
@@ -359,14 +390,33 @@ class MqttLink:
                 self._publish_failures[mid] = str(reason)
 
     def _handle_message(self, client: paho.Client, userdata: object, message: paho.MQTTMessage) -> None:
+        ack = self._acknowledger(client, message)
         if not self._is_subscribed(message.topic):
             # amqtt 0.12.1 sends a new client the retained messages of *every* client's subscriptions.
             log.debug("%s: dropped %s, not subscribed", self.client_id, message.topic)
+            ack()
             return
         self._in_callback.active = True
         try:
-            self._on_message_cb(message.topic, message.payload)
+            if self._ack_after_handling:
+                self._on_message_cb(message.topic, message.payload, ack)
+            else:
+                self._on_message_cb(message.topic, message.payload)
         except Exception:  # an exception here would kill paho's network thread
             log.exception("%s: on_message failed for %s", self.client_id, message.topic)
+            ack()
         finally:
             self._in_callback.active = False
+
+    def _acknowledger(self, client: paho.Client, message: paho.MQTTMessage) -> Callable[[], None]:
+        """The PUBACK for `message` (a no-op unless acks are manual and it is QoS 1 or 2)."""
+        if not self._ack_after_handling or message.qos == 0:
+            return lambda: None
+        connection = self._connections
+
+        def ack() -> None:
+            # A packet id belongs to one connection: after a reconnection the broker resends the message
+            # under a new id, and acking the old one could acknowledge some other message.
+            if self._connections == connection:
+                client.ack(message.mid, message.qos)
+        return ack

@@ -280,3 +280,28 @@ def test_broker_cli_serves_until_sigterm(links):
     finally:
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=10) == 0
+
+
+def test_acks_after_handling_make_the_broker_hold_the_backlog(mosquitto_broker, links):
+    """A consumer that has not acknowledged gets only the broker's in-flight window (mosquitto: 20)."""
+    held: queue.Queue[tuple[str, object]] = queue.Queue()
+    links(mosquitto_broker, ["bp/+"], lambda topic, payload, ack: held.put((topic, ack)),
+          ack_after_handling=True, clean_session=False)
+    sender = links(mosquitto_broker, [])
+    for i in range(60):
+        sender.publish(f"bp/{i}", b"x" * 1000, qos=1)
+    time.sleep(1.0)
+    first = [held.get_nowait() for _ in range(held.qsize())]
+    assert 0 < len(first) < 60  # the rest wait at the broker
+    for _, ack in first:
+        ack()
+    received = len(first)
+    deadline = time.monotonic() + WAIT_S
+    while received < 60 and time.monotonic() < deadline:
+        try:
+            _, ack = held.get(timeout=0.5)
+        except queue.Empty:
+            continue
+        ack()
+        received += 1
+    assert received == 60  # acknowledging opens the window again, and nothing is lost
