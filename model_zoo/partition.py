@@ -29,15 +29,61 @@ def split_holdout(labels, num_holdout: int, seed: int) -> tuple[np.ndarray, np.n
     return np.flatnonzero(~holdout_mask), np.flatnonzero(holdout_mask)
 
 
-def partition_by_identity(labels, num_clients: int, seed: int) -> list[np.ndarray]:
-    """Shuffle identities and deal them into num_clients disjoint groups (sizes may differ); all indices used."""
+def identity_counts(num_identities: int, weights) -> np.ndarray:
+    """How many identities each client gets: at least one each, the rest in proportion to weights.
+
+    Largest-remainder rounding of num_identities * w_k / sum(w) after the one-each floor, so the counts
+    add up to num_identities exactly; ties go to the earlier client.
+    """
+    weights = np.asarray(weights, dtype=np.float64)
+    if weights.ndim != 1 or len(weights) == 0 or not np.all(np.isfinite(weights)) or np.any(weights <= 0):
+        raise ValueError(f"weights must be a non-empty 1-D array of finite values > 0, got {weights}")
+    if not len(weights) <= num_identities:
+        raise ValueError(f"{num_identities} identities cannot give {len(weights)} clients one identity each")
+    spare = num_identities - len(weights)
+    quota = spare * weights / weights.sum()
+    counts = np.floor(quota).astype(np.int64)
+    order = np.argsort(-(quota - counts), kind="stable")
+    counts[order[:spare - counts.sum()]] += 1
+    return counts + 1
+
+
+def partition_by_identity(labels, num_clients: int, seed: int, weights=None) -> list[np.ndarray]:
+    """Shuffle identities and deal them into num_clients disjoint groups; all indices used.
+
+    weights=None deals them as evenly as possible; otherwise client k receives identity_counts(...)[k]
+    identities, roughly in proportion to weights[k] (unequal client sizes, so n_k matters in FedAvg).
+    """
     labels = _labels(labels)
     identities = np.unique(labels)
     if not 1 <= num_clients <= len(identities):
         raise ValueError(f"num_clients must be in [1, {len(identities)}] for {len(identities)} identities, "
                          f"got {num_clients}")
     shuffled = np.random.default_rng(seed).permutation(identities)
-    return [_indices_of(labels, group) for group in np.array_split(shuffled, num_clients)]
+    if weights is None:
+        return [_indices_of(labels, group) for group in np.array_split(shuffled, num_clients)]
+    if len(weights) != num_clients:
+        raise ValueError(f"need one weight per client: {num_clients} clients, {len(weights)} weights")
+    cuts = np.cumsum(identity_counts(len(identities), weights))[:-1]
+    return [_indices_of(labels, group) for group in np.split(shuffled, cuts)]
+
+
+def skewed_weights(num_clients: int, skew: float) -> np.ndarray:
+    """Geometric client weights from 1 up to skew (the largest client's share over the smallest's)."""
+    if num_clients < 1 or not skew >= 1:
+        raise ValueError(f"need num_clients >= 1 and skew >= 1, got {num_clients} and {skew}")
+    return skew ** (np.arange(num_clients) / max(1, num_clients - 1))
+
+
+def cap_per_identity(labels, max_per_identity: int, seed: int) -> np.ndarray:
+    """Sorted indices keeping at most max_per_identity seeded-random samples of each identity."""
+    labels = _labels(labels)
+    if max_per_identity < 1:
+        raise ValueError(f"max_per_identity must be >= 1, got {max_per_identity}")
+    rng = np.random.default_rng(seed)
+    kept = [rng.permutation(members)[:max_per_identity]
+            for members in (np.flatnonzero(labels == identity) for identity in np.unique(labels))]
+    return np.sort(np.concatenate(kept))
 
 
 def _dirichlet_draw(labels: np.ndarray, identities: np.ndarray, num_clients: int, alpha: float,

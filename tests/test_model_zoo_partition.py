@@ -2,7 +2,8 @@
 import numpy as np
 import pytest
 
-from model_zoo.partition import partition_by_identity, partition_dirichlet, split_holdout
+from model_zoo.partition import (cap_per_identity, identity_counts, partition_by_identity, partition_dirichlet,
+                                 skewed_weights, split_holdout)
 
 LABELS = np.repeat(np.arange(12), [10, 10, 10, 10, 8, 8, 8, 8, 5, 5, 3, 3])
 
@@ -68,3 +69,36 @@ def test_dirichlet_rejects_impossible_requests():
         partition_dirichlet(LABELS, 50, alpha=1.0, seed=0, min_size=2)
     with pytest.raises(ValueError, match="alpha"):
         partition_dirichlet(LABELS, 2, alpha=0.0, seed=0)
+
+
+@pytest.mark.parametrize("weights", [[1, 2, 3], [1.0, 1.0, 5.0, 1.0], skewed_weights(5, 3.0)])
+def test_weighted_identity_split_is_disjoint_complete_and_unequal(weights):
+    parts = partition_by_identity(LABELS, len(weights), seed=3, weights=weights)
+    _assert_exact_cover(parts, len(LABELS))
+    ids = [set(LABELS[p]) for p in parts]
+    assert sum(len(s) for s in ids) == 12 and all(ids)  # disjoint, every client has someone
+    counts = identity_counts(12, weights)
+    assert [len(s) for s in ids] == counts.tolist() and counts.sum() == 12
+    assert counts[int(np.argmax(weights))] == counts.max() > counts.min()  # the heaviest client is the largest
+    assert all(np.array_equal(a, b) for a, b in zip(parts, partition_by_identity(LABELS, len(weights), 3, weights)))
+
+
+def test_identity_counts_hand_computed_and_validated():
+    assert identity_counts(10, [1, 1]).tolist() == [5, 5]
+    assert identity_counts(10, [1, 3]).tolist() == [3, 7]  # 1 each, then 8 split 2 : 6
+    assert identity_counts(4, [1, 100, 1, 1]).tolist() == [1, 1, 1, 1]  # the one-each floor wins
+    assert skewed_weights(3, 4.0).tolist() == [1.0, 2.0, 4.0] and skewed_weights(1, 4.0).tolist() == [1.0]
+    with pytest.raises(ValueError, match="one identity each"):
+        identity_counts(2, [1, 1, 1])
+    with pytest.raises(ValueError, match="weights"):
+        identity_counts(5, [1, 0])
+    with pytest.raises(ValueError, match="one weight per client"):
+        partition_by_identity(LABELS, 3, seed=0, weights=[1, 2])
+
+
+def test_cap_per_identity_keeps_at_most_k_of_each_and_is_seeded():
+    kept = cap_per_identity(LABELS, 4, seed=1)
+    counts = np.bincount(LABELS[kept], minlength=12)
+    assert counts.tolist() == [4] * 10 + [3, 3] and np.all(np.diff(kept) > 0)
+    assert np.array_equal(kept, cap_per_identity(LABELS, 4, seed=1))
+    assert not np.array_equal(kept, cap_per_identity(LABELS, 4, seed=2))

@@ -96,3 +96,94 @@ def test_three_epochs_from_scratch_reduce_loss_on_orl():
     report = evaluate_backbone(backbone, ds)
     assert {"accuracy", "eer", "tar_at_far", "rank1", "genuine_pairs"} <= set(report)
     assert report["genuine_pairs"] == 10 * 45
+
+
+def _prox_run(mu: float, epochs: int = 1):
+    backbone, head = _fresh(3)
+    start = {k: v.clone() for k, v in backbone.state_dict().items()}
+    train_local(backbone, head, _tiny_dataset(n=8), TrainConfig(epochs=epochs, batch_size=4, lr=0.1, seed=5,
+                                                                proximal_mu=mu))
+    drift = sum(float(((backbone.state_dict()[k] - start[k]) ** 2).sum()) for k, _ in backbone.named_parameters())
+    return backbone.state_dict(), drift
+
+
+def test_fedprox_mu_zero_is_plain_training_and_mu_pulls_towards_the_start():
+    plain, plain_drift = _prox_run(0.0)
+    backbone, head = _fresh(3)
+    train_local(backbone, head, _tiny_dataset(n=8), TrainConfig(epochs=1, batch_size=4, lr=0.1, seed=5))
+    assert all(torch.equal(plain[k], backbone.state_dict()[k]) for k in plain)  # bit for bit
+    _, weak = _prox_run(1.0)
+    _, strong = _prox_run(8.0)  # lr * mu stays well inside SGD-with-momentum's stable range
+    assert strong < weak < plain_drift  # the proximal term keeps the weights near the round's global model
+    with pytest.raises(ValueError, match="proximal_mu"):
+        train_local(*_fresh(3), _tiny_dataset(), TrainConfig(proximal_mu=-1.0))
+
+
+def test_proximal_term_matches_hand_computation():
+    from model_zoo.train import proximal_term
+
+    w = [torch.tensor([1.0, 2.0]), torch.tensor([[3.0]])]
+    anchor = [torch.tensor([0.0, 0.0]), torch.tensor([[1.0]])]
+    assert float(proximal_term(w, anchor, 0.5)) == pytest.approx(0.25 * (1 + 4 + 4))
+
+
+def test_one_class_softmax_is_trivial_and_anchors_give_it_a_gradient():
+    from model_zoo.losses import AnchoredArcFaceHead, negative_anchors
+
+    torch.manual_seed(0)
+    embeddings = torch.randn(6, 128, requires_grad=True)
+    labels = torch.zeros(6, dtype=torch.long)
+    plain = ArcFaceHead(128, 1)
+    loss = torch.nn.functional.cross_entropy(plain(embeddings, labels), labels)
+    loss.backward()
+    assert loss.item() == 0.0 and embeddings.grad.abs().max().item() == 0.0  # plain FedAvg learns nothing here
+    embeddings.grad = None
+    anchored = AnchoredArcFaceHead(128, 1, negative_anchors(16, 128, seed=3))
+    logits = anchored(embeddings, labels)
+    assert logits.shape == (6, 17)
+    loss = torch.nn.functional.cross_entropy(logits, labels)
+    loss.backward()
+    assert loss.item() > 0 and embeddings.grad.abs().max().item() > 0
+    assert set(anchored.state_dict()) == {"weight"}  # anchors are regenerated from the seed, never stored
+
+
+def test_negative_anchors_are_seeded_unit_vectors():
+    from model_zoo.losses import negative_anchors
+
+    a = negative_anchors(8, 128, seed=1)
+    assert a.shape == (8, 128) and torch.allclose(a.norm(dim=1), torch.ones(8))
+    assert torch.equal(a, negative_anchors(8, 128, seed=1)) and not torch.equal(a, negative_anchors(8, 128, seed=2))
+    with pytest.raises(ValueError):
+        negative_anchors(0, 128, seed=1)
+
+
+def test_spreadout_penalty_hand_computed():
+    from model_zoo.losses import AnchoredArcFaceHead, spreadout_penalty
+
+    anchors = torch.eye(3)
+    # Own vector on anchor 0 (distance 0 -> (1 - 0)^2 = 1); the other two are sqrt(2) > 1 away -> 0.
+    assert float(spreadout_penalty(torch.tensor([[2.0, 0.0, 0.0]]), anchors)) == pytest.approx(1.0)
+    # 60 degrees from anchor 0 is distance 1: exactly on the hinge.
+    v = torch.tensor([[0.5, 3 ** 0.5 / 2, 0.0]])
+    assert float(spreadout_penalty(v, torch.eye(3)[[0, 2]])) == pytest.approx(0.0, abs=1e-6)
+    head = AnchoredArcFaceHead(3, 1, anchors, spreadout_weight=2.0)
+    with torch.no_grad():
+        head.weight.copy_(torch.tensor([[1.0, 0.0, 0.0]]))
+    assert head.penalty().item() == pytest.approx(2.0)
+    assert AnchoredArcFaceHead(3, 1, anchors, spreadout_weight=0.0).penalty() is None
+    with pytest.raises(ValueError, match="anchors"):
+        AnchoredArcFaceHead(3, 1, torch.eye(4))
+
+
+def test_recalibrate_batchnorm_sets_running_stats_to_the_data_and_keeps_modes():
+    from model_zoo.train import recalibrate_batchnorm
+
+    torch.manual_seed(0)
+    x = torch.randn(12, 3) * torch.tensor([1.0, 5.0, 0.1]) + torch.tensor([2.0, -1.0, 7.0])
+    bn = torch.nn.BatchNorm1d(3)
+    bn.eval()
+    recalibrate_batchnorm(bn, lambda idx: bn(x[idx]), n=12, batch_size=6)
+    assert not bn.training and bn.momentum == 0.1
+    halves = x.split(6)  # equal-weight average of the two batches' statistics
+    torch.testing.assert_close(bn.running_mean, x.mean(0))
+    torch.testing.assert_close(bn.running_var, torch.stack([h.var(0) for h in halves]).mean(0))

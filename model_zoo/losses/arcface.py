@@ -37,10 +37,14 @@ class ArcFaceHead(nn.Module):
         """Plain scaled cosine logits, for accuracy and prediction."""
         return self.scale * self.cosine(embeddings)
 
+    def penalty(self) -> torch.Tensor | None:
+        """A regulariser over the head's own parameters, added to the training loss; None: nothing to add."""
+        return None
+
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         cos = self.cosine(embeddings)
         sin = torch.sqrt((1.0 - cos * cos).clamp(0.0, 1.0))
         cos_margin = cos * self._cos_m - sin * self._sin_m
         cos_margin = torch.where(cos > self._th, cos_margin, cos - self._mm)
-        target = F.one_hot(labels, self.num_classes).to(torch.bool)
+        target = F.one_hot(labels, cos.shape[1]).to(torch.bool)  # columns past num_classes are never targets
         return self.scale * torch.where(target, cos_margin, cos)
