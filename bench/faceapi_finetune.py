@@ -44,7 +44,8 @@ from model_zoo.backbones import build_backbone
 from model_zoo.checkpoint import load_checkpoint, shared_tensors
 from model_zoo.data import FaceDataset, load_dataset, save_folders, shared_datasets_root, to_model_input
 from model_zoo.evaluate import evaluate_embeddings
-from model_zoo.export import export_onnx, prepare_for_quantization, quantize_onnx_static
+from edge_agent.backends import load_embedder
+from model_zoo.export import Int8Trunk, export_model
 from model_zoo.losses import ArcFaceHead
 from model_zoo.pipeline import FacePipeline
 from model_zoo.train import TrainConfig, TrunkFeatureCache, embed_images, train_local
@@ -68,7 +69,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--margin", type=float, default=0.0, help="ArcFace margin of the device heads (radians)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--cost-epochs", type=int, default=2, help="epochs timed per device-cost row")
+    parser.add_argument("--trunk-precision", choices=["fp32", "int8"], default="fp32",
+                        help="devices run the frozen trunk in fp32 (torch) or int8 (ONNX Runtime) while training")
+    parser.add_argument("--cost-epochs", type=int, default=2,
+                        help="epochs timed per device-cost row (0: skip the device-cost rows)")
     parser.add_argument("--out", type=Path, default=None, help="keep the federation's run folder here")
     parser.add_argument("--json", type=Path, default=None, help="write the results here as JSON")
     return parser.parse_args(argv)
@@ -118,8 +122,7 @@ def frame_landmarks(pipeline: FacePipeline, images: np.ndarray) -> np.ndarray:
 
 def arcface_crops(images: np.ndarray, landmarks: np.ndarray) -> np.ndarray:
     """112x112 crops aligned to the ArcFace 5-point template, the input the backbones expect."""
-    return np.stack([align.warp(image, align.estimate_similarity(align.five_points_from_68(points),
-                                                                 align.ARCFACE_112), align.ARCFACE_SIZE)
+    return np.stack([align.warp(image, align.arcface_transform(points), align.ARCFACE_SIZE)
                      for image, points in zip(images, landmarks)])
 
 
@@ -127,37 +130,28 @@ def arcface_crops(images: np.ndarray, landmarks: np.ndarray) -> np.ndarray:
 
 def int8_trunk_check(trainable: str, calibration: np.ndarray, held_out: FaceDataset) -> list[dict]:
     """Held-out verification and trunk ms/image: torch float trunk vs ONNX Runtime int8 trunk, float tail."""
-    import onnxruntime as ort
-
     net = build_backbone("faceapi-resnet", trainable=trainable)
-    layers = torch.nn.Sequential(*list(net.trunk.children())[1:])  # the weights; the fixed re-framing stays float
+    layers = net.trunk_layers()  # the weights; the fixed re-framing stays float
     with torch.no_grad():
         chips = net.trunk.chip(to_model_input(calibration)).numpy()
         eval_chips = net.trunk.chip(to_model_input(held_out.images)).numpy()
-    with tempfile.TemporaryDirectory() as tmp:
-        fp32, prepared, int8 = (Path(tmp) / name for name in ("fp32.onnx", "prepared.onnx", "int8.onnx"))
-        with contextlib.redirect_stdout(io.StringIO()):  # the exporter narrates every step
-            export_onnx(layers, fp32, chips.shape[1:], input_name="chip", output_name="features")
-        prepare_for_quantization(fp32, prepared)
-        quantize_onnx_static(prepared, int8, chips, input_name="chip")
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = options.inter_op_num_threads = 1
-        session = ort.InferenceSession(str(int8), options, providers=["CPUExecutionProvider"])
-        runners = {
-            "torch fp32": lambda batch: layers(torch.from_numpy(batch)).numpy(),
-            "onnxruntime int8": lambda batch: session.run(None, {"chip": batch})[0],
-        }
-        rows, reference = [], None
-        for name, run in runners.items():
-            start = time.perf_counter()
-            with torch.no_grad():
-                features = np.concatenate([run(eval_chips[i:i + 32]) for i in range(0, len(eval_chips), 32)])
-                ms = 1000 * (time.perf_counter() - start) / len(eval_chips)
-                embeddings = net.forward_tail(torch.from_numpy(features)).numpy()
-            reference = embeddings if reference is None else reference
-            row = verification_row(f"pretrained, {name} trunk", "celeb-dev held out", embeddings, held_out.labels)
-            rows.append({**row, "trunk_ms_per_image": ms,
-                         "min_cosine_to_fp32": float((embeddings * reference).sum(axis=1).min())})
+    with contextlib.redirect_stdout(io.StringIO()):  # the exporter narrates every step
+        int8 = Int8Trunk(layers, chips, threads=1)
+    runners = {
+        "torch fp32": lambda batch: layers(torch.from_numpy(batch)).numpy(),
+        "onnxruntime int8": lambda batch: int8(torch.from_numpy(batch)).numpy(),
+    }
+    rows, reference = [], None
+    for name, run in runners.items():
+        start = time.perf_counter()
+        with torch.no_grad():
+            features = np.concatenate([run(eval_chips[i:i + 32]) for i in range(0, len(eval_chips), 32)])
+            ms = 1000 * (time.perf_counter() - start) / len(eval_chips)
+            embeddings = net.forward_tail(torch.from_numpy(features)).numpy()
+        reference = embeddings if reference is None else reference
+        row = verification_row(f"pretrained, {name} trunk", "celeb-dev held out", embeddings, held_out.labels)
+        rows.append({**row, "trunk_ms_per_image": ms,
+                     "min_cosine_to_fp32": float((embeddings * reference).sum(axis=1).min())})
     return rows
 
 
@@ -192,12 +186,20 @@ def run(args: argparse.Namespace) -> dict:
         sim_config = SimulationConfig(
             data=[Path(tmp) / "celeb"], out=out, clients=args.clients, rounds=args.rounds,
             local_epochs=args.local_epochs, lr=args.lr, margin=args.margin, holdout=args.holdout, seed=args.seed,
-            arch="faceapi-resnet", model_options={"trainable": args.trainable})
+            arch="faceapi-resnet", model_options={"trainable": args.trainable},
+            trunk_precision=args.trunk_precision)
         clients, held_out_small = prepare_partitions(load_dataset(Path(tmp) / "celeb", layout="folders"), sim_config)
         print(f"federation: {args.clients} clients ({', '.join(str(len(c)) for c in clients)} images), "
               f"held out: {', '.join(held_out_small.identities)}", flush=True)
         final_path, rounds = federate(sim_config)
         fine_tuned, _ = load_checkpoint(final_path)
+        calibration = np.concatenate([c.images for c in clients])
+        calibration = calibration[np.random.default_rng(args.seed).choice(len(calibration), 128, replace=False)]
+        print("exporting the fine-tuned model as deployed: onnx-int8 ...", flush=True)
+        with contextlib.redirect_stdout(io.StringIO()):
+            deployed = load_embedder(export_model(final_path, "onnx-int8", Path(tmp) / "export", calibration,
+                                                  model_version=args.rounds).model_path)
+            deployed_celeb = deployed.embed(identities_subset(celeb, held_out_small.identities).images)
     pretrained = build_backbone("faceapi-resnet", trainable=args.trainable)
     held_out = identities_subset(celeb, held_out_small.identities)
 
@@ -205,6 +207,8 @@ def run(args: argparse.Namespace) -> dict:
     rows = [verification_row("pretrained", "celeb-dev held out", embed_images(pretrained, held_out.images),
                              held_out.labels),
             verification_row("fine-tuned", "celeb-dev held out", embed_images(fine_tuned, held_out.images),
+                             held_out.labels),
+            verification_row("fine-tuned, deployed onnx-int8", "celeb-dev held out", deployed_celeb,
                              held_out.labels)]
     orl = load_dataset(args.orl)
     pipeline = FacePipeline(detector_input_size=128)
@@ -213,20 +217,20 @@ def run(args: argparse.Namespace) -> dict:
     crops = arcface_crops(orl.images, landmarks)
     rows += [verification_row("pretrained, pipeline (dlib chip)", "ORL", pipeline.embed_chips(chips), orl.labels),
              verification_row("pretrained", "ORL", embed_images(pretrained, crops), orl.labels),
-             verification_row("fine-tuned", "ORL", embed_images(fine_tuned, crops), orl.labels)]
+             verification_row("fine-tuned", "ORL", embed_images(fine_tuned, crops), orl.labels),
+             verification_row("fine-tuned, deployed onnx-int8", "ORL", deployed.embed(crops), orl.labels)]
 
     print("int8 trunk ...", flush=True)
-    calibration = np.concatenate([c.images for c in clients])
-    calibration = calibration[np.random.default_rng(args.seed).choice(len(calibration), 128, replace=False)]
     int8_rows = int8_trunk_check(args.trainable, calibration, held_out)
 
     print("device cost ...", flush=True)
-    cost_rows = [device_cost(arch, trainable, clients[0], args.cost_epochs) for arch, trainable in COST_MODELS]
+    cost_rows = [device_cost(arch, trainable, clients[0], args.cost_epochs) for arch, trainable in COST_MODELS
+                 if args.cost_epochs > 0]
     return {
         "celeb": str(args.celeb), "orl": str(args.orl), "held_out_identities": held_out.identities,
         "clients": args.clients, "client_images": [len(c) for c in clients],
         "train_per_identity": args.train_per_identity, "rounds": args.rounds, "local_epochs": args.local_epochs,
-        "trainable": args.trainable, "lr": args.lr, "margin": args.margin, "seed": args.seed,
+        "trainable": args.trainable, "trunk_precision": args.trunk_precision, "lr": args.lr, "margin": args.margin, "seed": args.seed,
         "federation": "facefed simulate code: embedded MQTT broker, aggregator and agent processes",
         "torch_threads": torch.get_num_threads(),
         "round_log": [{k: r.get(k) for k in ("round", "clients", "bytes_up", "train_loss", "eer")} for r in rounds],

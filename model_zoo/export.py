@@ -28,7 +28,7 @@ from torch import nn
 
 from .backbones import backbone_spec, build_backbone
 from .checkpoint import load_checkpoint, shared_tensors
-from .data import IMAGE_EXTENSIONS, IMAGE_SIZE, letterbox, load_dataset, read_image, to_rgb
+from .data import IMAGE_EXTENSIONS, IMAGE_SIZE, letterbox, load_dataset, read_image, to_model_input, to_rgb
 from .exported import (AgreementCheck, ExportCard, InputSpec, Quantization, check_faces, embed_batches,
                        open_runtime, sha256_file, sidecar_path)
 from .metrics import verification_report
@@ -136,7 +136,10 @@ def load_source(model) -> Source:
         return Source(source.backbone, source.sha256, None, {"model_version": 0})
     if isinstance(model, nn.Module):
         digest = hashlib.sha256(safetensors_bytes(shared_tensors(model))).hexdigest()
-        return Source(copy.deepcopy(model).eval(), digest, None, {})
+        backbone = copy.deepcopy(model).eval()
+        if getattr(backbone, "trunk_runtime", None) is not None:
+            backbone.trunk_runtime = None  # export the float graph: the format says how it is quantized
+        return Source(backbone, digest, None, {})
     backbone, meta = load_checkpoint(model)
     return Source(backbone, sha256_file(model), str(model), meta)
 
@@ -276,6 +279,42 @@ def _export_onnx_int8(backbone, path, pixels, float_ends) -> Quantization:
     return Quantization(scheme="static PTQ, QDQ (onnxruntime)", weights="int8 per-channel symmetric",
                         activations="uint8 per-tensor asymmetric", calibration="MinMax",
                         calibration_images=len(pixels), float_layers=float_layers)
+
+
+class Int8Trunk:
+    """A frozen trunk's layers as an int8 ONNX Runtime session (static PTQ as onnx-int8), chips -> features.
+
+    Devices fine-tune only the tail, so the trunk runs once per local image (features are cached): running it
+    int8 is what makes the fine-tuned model quantized on the device, and the tail then learns on exactly the
+    features the deployed int8 model computes.
+    """
+
+    def __init__(self, layers: nn.Module, calibration_chips: np.ndarray, threads: int = 1) -> None:
+        from .exported import OnnxModel
+
+        with tempfile.TemporaryDirectory(prefix="int8-trunk-") as scratch:
+            fp32, prepared, int8 = (Path(scratch) / name for name in ("fp32.onnx", "prepared.onnx", "int8.onnx"))
+            export_onnx(layers, fp32, calibration_chips.shape[1:], input_name="chip", output_name="features")
+            prepare_for_quantization(fp32, prepared)
+            quantize_onnx_static(prepared, int8, calibration_chips, input_name="chip")
+            self._model = OnnxModel(int8, threads)  # the session holds the model: the file may go
+
+    def __call__(self, chips: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self._model(np.ascontiguousarray(chips.numpy(), dtype=np.float32)))
+
+    def __deepcopy__(self, memo) -> Int8Trunk:
+        return self  # an inference session never changes, and cannot be copied
+
+
+def quantize_trunk(backbone: nn.Module, calibration_images: np.ndarray, threads: int = 1,
+                   limit: int = 128) -> None:
+    """Run backbone's frozen trunk in int8 from now on, calibrated on (at most `limit` of) these uint8 faces."""
+    if not hasattr(backbone, "trunk_layers"):
+        raise ValueError(f"{type(backbone).__name__} has no separable frozen trunk to quantize")
+    faces = _spread(Faces(check_faces(calibration_images, IMAGE_SIZE), None, "device images"), limit)
+    with torch.no_grad():
+        chips = backbone.trunk.chip(to_model_input(faces.images)).numpy()
+    backbone.trunk_runtime = Int8Trunk(backbone.trunk_layers().eval(), chips, threads)
 
 
 # --- TFLite ---

@@ -224,3 +224,28 @@ def test_cli_exports_the_pretrained_descriptor_as_version_0(celeb_small: FaceDat
     exported = load_embedder(path).embed(images)
     torch_side = embed_images(build_backbone("faceapi-resnet"), images)
     assert (exported * torch_side).sum(axis=1).min() > 0.9999
+
+
+@needs_shared
+def test_an_int8_trunk_feeds_the_tail_close_to_float_and_training_still_learns(celeb_small: FaceDataset) -> None:
+    from model_zoo.export import quantize_trunk
+
+    data = celeb_small.subset(np.flatnonzero(celeb_small.labels < 3))
+    net = build_backbone("faceapi-resnet", trainable="last")
+    tail_before = _state(net.tail)
+    float_embeddings = embed_images(net, data.images)
+    quantize_trunk(net, data.images, limit=16)
+    int8_embeddings = embed_images(net, data.images)
+    cosine = (float_embeddings * int8_embeddings).sum(axis=1)
+    assert cosine.min() > 0.99 and cosine.max() < 1.0 - 1e-7  # close, and really not the float trunk
+
+    # As in the cached-feature test above: a random head, so there is a loss to lower.
+    losses = []
+    for epochs in (1, 4):
+        torch.manual_seed(0)
+        head = ArcFaceHead(128, data.num_classes)
+        cache = TrunkFeatureCache()
+        losses.append(train_local(net, head, data, TrainConfig(epochs=epochs, batch_size=8, lr=0.01, seed=0),
+                                  trunk_cache=cache).loss)
+        net.tail.load_state_dict(tail_before)
+    assert losses[1] < 0.8 * losses[0]

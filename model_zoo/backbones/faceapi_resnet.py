@@ -18,6 +18,7 @@ The rest is the `trunk`: pretrained weights read from `weights_dir` on each mach
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -122,6 +123,9 @@ class FaceApiResNet(nn.Module):
         self.tail = nn.Sequential(OrderedDict([*((n, blocks[n]) for n in trained),
                                                ("projection", Projection(net.fc))]))
         self.trunk.requires_grad_(False)
+        # Set by model_zoo.export.quantize_trunk: the trunk's layers as an int8 runtime, [N,3,150,150] chips ->
+        # features. Machine-local, like the trunk's weights: never shared or checkpointed.
+        self.trunk_runtime: Callable[[torch.Tensor], torch.Tensor] | None = None
         self.eval()
 
     def train(self, mode: bool = True) -> FaceApiResNet:
@@ -130,7 +134,13 @@ class FaceApiResNet(nn.Module):
         return self
 
     def trunk_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.trunk(x)
+        if self.trunk_runtime is None:
+            return self.trunk(x)
+        return self.trunk_runtime(self.trunk.chip(x))
+
+    def trunk_layers(self) -> nn.Sequential:
+        """The trunk after the fixed re-framing: the frozen pretrained layers, chips in, features out."""
+        return nn.Sequential(OrderedDict(list(self.trunk.named_children())[1:]))
 
     def forward_tail(self, features: torch.Tensor) -> torch.Tensor:
         return self.tail(features)
