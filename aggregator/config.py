@@ -51,9 +51,17 @@ class TrainSettings:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     margin: float = 0.5  # ArcFace additive angular margin of the devices' heads, in radians
+    proximal_mu: float = 0.0  # FedProx: devices add mu/2 * ||w - w_global||^2 to their loss (0: plain FedAvg)
+    # Single-identity devices: this many fixed random negative class vectors, generated on each device from
+    # anchor_seed, join every head as negatives (0: off). See model_zoo/losses/anchors.py.
+    negative_anchors: int = 0
+    anchor_seed: int = 0
 
     def check(self) -> None:
         require(self.local_epochs >= 1, "local_epochs", "must be >= 1")
+        require(0 <= self.proximal_mu <= 100, "proximal_mu", "must be in [0, 100]")
+        require(0 <= self.negative_anchors <= 65536, "negative_anchors", "must be in [0, 65536] (0 = off)")
+        require(self.anchor_seed >= 0, "anchor_seed", "must be >= 0")
         require(0 <= self.margin < 1.5, "margin", "must be in [0, 1.5) radians")
         require(0 < self.lr <= 10, "lr", "must be in (0, 10]")
         require(0 <= self.momentum < 1, "momentum", "must be in [0, 1)")
@@ -113,6 +121,7 @@ class AggregatorConfig:
     train: TrainSettings = field(default_factory=TrainSettings)
     eval: EvalConfig = field(default_factory=EvalConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    shard_workers: int = 1  # > 1: workers share the update stream via MQTT 5 shared subscriptions (docs/scale-out.md)
 
     def check(self) -> None:
         if self.broker is not None:
@@ -134,6 +143,15 @@ class AggregatorConfig:
         require(0 < self.fraction_fit <= 1, "fraction_fit", "must be in (0, 1]")
         if self.signing_key is not None:
             require(self.signing_key.is_file(), "signing_key", f"no such file: {self.signing_key}")
+        require(1 <= self.shard_workers <= 256, "shard_workers", "must be in [1, 256]")
+        if self.shard_workers > 1:
+            require(self.broker is not None, "shard_workers",
+                    "needs an MQTT 5 broker with shared subscriptions (set broker: mqtt://...; the embedded "
+                    "amqtt broker speaks only MQTT 3.1.1)")
+            require(self.protocol != "3.1.1", "shard_workers", "needs MQTT 5 (protocol: 5 or auto), not 3.1.1")
+            require(self.strategy in ("fedavg", "fedavgm", "fedadam"), "shard_workers",
+                    f"works with fedavg, fedavgm and fedadam (sums are additive); {self.strategy} needs every "
+                    "update in one process")
 
     @property
     def topics(self) -> Topics:

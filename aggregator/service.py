@@ -12,13 +12,14 @@ import math
 import queue
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from aggregator.config import AggregatorConfig
-from aggregator.state import StateDir
+from aggregator.state import AcceptedUpdate, StateDir
 from aggregator.strategy import build_strategy
 from aggregator.validation import UpdateRejected, check_finite, check_running_variances, check_update_manifest
 from fedwire.broker import EmbeddedBroker
@@ -35,6 +36,7 @@ from model_zoo.checkpoint import load_checkpoint, load_shared_tensors, shared_te
 log = logging.getLogger("facefed.aggregator")
 
 STREAM_POLL_S = 0.2
+PUBLISH_RETRY_S = 1.0  # pause between attempts to publish retained state while the broker is away
 
 
 @dataclass
@@ -47,12 +49,14 @@ class OpenRound:
     started: float
     quorum: int
     accepted: dict[str, int] = field(default_factory=dict)  # device -> n_k
+    transfers: dict[str, str] = field(default_factory=dict)  # device -> transfer id of its accepted update
     train_losses: dict[str, float] = field(default_factory=dict)
     bytes_up: int = 0
     rejected: int = 0
 
 
 class AggregatorService:
+
     def __init__(self, config: AggregatorConfig) -> None:
         self.config = config
         self.topics = config.topics
@@ -60,7 +64,8 @@ class AggregatorService:
         self.strategy = build_strategy(config.strategy, _train_dict(config), config.clip_norm, config.trim_fraction,
                                        config.server_lr)
         self.reassembler = Reassembler(max_payload_bytes=config.max_update_bytes, timeout_s=config.round_timeout_s)
-        self.events: queue.Queue[tuple[str, bytes]] = queue.Queue()
+        # (topic, payload, ack): acked once handled, so the broker, not this process, holds any backlog.
+        self.events: queue.Queue[tuple[str, bytes, Callable[[], None]]] = queue.Queue()
         self.backbone = build_backbone(config.model.arch, **config.model.backbone_kwargs())
         self.global_tensors: dict[str, np.ndarray] = {}
         self.model_version = 0
@@ -71,6 +76,9 @@ class AggregatorService:
         self._signing_key = load_signing_key(config.signing_key) if config.signing_key else None
         self._broker: EmbeddedBroker | None = None
         self._link: MqttLink | None = None
+        self._link_connections = 0  # the link's connection count when the retained state was last published
+        self._global_transfer: tuple[TransferManifest, list[bytes]] | None = None
+        self._retained: dict[str, bytes] = {}  # topic -> last retained message (round, summary)
 
     # ---- lifecycle -------------------------------------------------------
 
@@ -137,24 +145,33 @@ class AggregatorService:
         self._link = MqttLink(
             url,
             client_id=self.config.client_id,
-            on_message=lambda topic, payload: self.events.put((topic, payload)),
-            subscriptions=self.topics.aggregator_subscriptions(),
+            on_message=lambda topic, payload, ack: self.events.put((topic, payload, ack)),
+            subscriptions=self.subscriptions(),
             protocol=self.config.protocol,
             tls=self.config.tls.files() if url.startswith("mqtts://") else None,
+            clean_session=False,  # the broker queues updates (QoS 1) for us while we are down
+            ack_after_handling=True,
         )
         self._link.connect()
+        self._link_connections = self._link.connections
         log.info("connected to %s (MQTT %s)", url, self._link.protocol_version)
+
+    def subscriptions(self) -> list[str]:
+        """Topic filters of this process (aggregator/sharded.py's reducer and workers use others)."""
+        return self.topics.aggregator_subscriptions()
 
     # ---- rounds ------------------------------------------------------------
 
     def _serve_until_done(self) -> None:
         while self.model_version < self.config.rounds:
             try:
-                topic, payload = self.events.get(timeout=STREAM_POLL_S)
+                event = self.events.get(timeout=STREAM_POLL_S)
             except queue.Empty:
                 pass
             else:
-                self.handle_message(topic, payload)
+                self.handle_event(event)
+            if self._link.connections != self._link_connections:
+                self._republish_retained()
             self._check_round_close(time.time())
 
     def _open_round(self, number: int) -> None:
@@ -173,10 +190,20 @@ class AggregatorService:
         )
         self.strategy.begin_round(self.global_tensors)
         self.current = OpenRound(number, self.model_version, announcement, time.time(), quorum)
-        self._link.publish(self.topics.round, self._signed(announcement).to_json(), retain=True)
+        self._restore_accepted(self.current)
+        self._publish_retained(self.topics.round, self._signed(announcement).to_json())
         sampled = f", {len(participants)} devices sampled" if participants else ""
         log.info("round %d open: model v%d, quorum %d%s, deadline in %.0f s",
                  number, self.model_version, quorum, sampled, self.config.round_timeout_s)
+
+    def _restore_accepted(self, current: OpenRound) -> None:
+        """Replay the updates acknowledged in this round before a crash, in their original order."""
+        for update in self.state.load_accepted(current.number, current.model_version):
+            self.strategy.accumulate(update.tensors, update.num_samples)
+            self._count_accepted(current, update)
+        if current.accepted:
+            log.info("round %d: restored %d acknowledged update(s) from %s: %s", current.number,
+                     len(current.accepted), self.state.open_round, ", ".join(current.accepted))
 
     def _sample_participants(self, number: int) -> list[str]:
         """A seeded sample of the devices seen online, or [] (everyone) when training on all."""
@@ -228,8 +255,9 @@ class AggregatorService:
         entry = _log_entry(summary, current)
         checkpoint = self.state.save_round(current.number, self.backbone, self._checkpoint_meta(), entry,
                                            getattr(self.strategy, "slots", None))
+        self.state.clear_accepted()  # the checkpoint now holds them
         self._export(checkpoint)
-        self._link.publish(self.topics.round_summary, summary.to_json(), retain=True)
+        self._publish_retained(self.topics.round_summary, summary.to_json())
         log.info(_round_line(summary))
         if self.model_version < self.config.rounds:
             self._open_round(self.model_version + 1)
@@ -239,10 +267,43 @@ class AggregatorService:
             "global", "aggregator", self.model_version, self.model_version, self.global_tensors,
             max_chunk_bytes=self.config.max_chunk_bytes,
         )
-        self.global_bytes = self._link.publish_transfer(
-            self.topics.global_manifest, self.topics.global_chunk, self._signed(manifest), chunks, retain=True
-        )
+        self._global_transfer = (self._signed(manifest), chunks)
+        self._publish_global_transfer()
         log.debug("published global model v%d (%d bytes in %d chunks)", self.model_version, self.global_bytes, len(chunks))
+
+    def _publish_global_transfer(self) -> None:
+        manifest, chunks = self._global_transfer
+
+        def publish() -> None:
+            self.global_bytes = self._link.publish_transfer(self.topics.global_manifest, self.topics.global_chunk,
+                                                            manifest, chunks, retain=True)
+
+        self._until_published(f"global model v{manifest.model_version}", publish)
+
+    def _publish_retained(self, topic: str, payload: bytes) -> None:
+        self._retained[topic] = payload
+        self._until_published(topic, lambda: self._link.publish(topic, payload, retain=True))
+
+    def _until_published(self, what: str, publish: Callable[[], None]) -> None:
+        """Retained state must reach the broker: retry while the link reconnects (it does so forever)."""
+        while True:
+            try:
+                publish()
+                return
+            except (ConnectionError, TimeoutError) as exc:
+                log.warning("could not publish %s (%s); retrying", what, exc)
+                time.sleep(PUBLISH_RETRY_S)
+
+    def _republish_retained(self) -> None:
+        """After a reconnection: the broker may have restarted without our retained messages
+        (persistence off, or saved before they were published), so publish them again. The bytes
+        are identical, so agents see the same announce id and transfer id and ignore them."""
+        self._link_connections = self._link.connections
+        log.info("connection to the broker re-established: publishing the global model v%d and round state again",
+                 self.model_version)
+        self._publish_global_transfer()
+        for topic, payload in self._retained.items():
+            self._publish_retained(topic, payload)
 
     def _announce_finished(self) -> None:
         announcement = RoundAnnouncement(
@@ -254,11 +315,18 @@ class AggregatorService:
             min_clients=self.config.min_clients,
             train={},
         )
-        self._link.publish(self.topics.round, self._signed(announcement).to_json(), retain=True)
+        self._publish_retained(self.topics.round, self._signed(announcement).to_json())
         log.info("federation finished after round %d; final model %s",
                  self.model_version, self.state.checkpoint_path(self.model_version))
 
     # ---- inbound messages ---------------------------------------------------
+
+    def handle_event(self, event: tuple[str, bytes, Callable[[], None]]) -> None:
+        topic, payload, ack = event
+        try:
+            self.handle_message(topic, payload)
+        finally:
+            ack()
 
     def handle_message(self, topic: str, payload: bytes) -> None:
         """Route one inbound message; anything malformed is logged and dropped."""
@@ -288,8 +356,16 @@ class AggregatorService:
             self._reject(device_id, manifest, "no round is open")
             return
         current.bytes_up += len(payload)
-        if device_id in current.accepted:
-            log.info("ignored duplicate update from %s for round %d", device_id, current.number)
+        if current.transfers.get(device_id) == manifest.transfer_id:
+            # Sent again (redelivery, or a resend after a reconnect or a restart of ours): counted once, acked again.
+            log.info("round %d: update %s from %s was already accepted; acknowledging it again",
+                     current.number, manifest.transfer_id, device_id)
+            self._send_ack(UpdateAck(device_id, current.number, manifest.transfer_id, True, ""))
+            return
+        if device_id in current.accepted and manifest.round == current.number:
+            reason = f"an update from {device_id} was already accepted for round {current.number}"
+            log.info("ignored a second update from %s: %s", device_id, reason)
+            self._send_ack(UpdateAck(device_id, manifest.round, manifest.transfer_id, False, reason))
             return
         participants = current.announcement.participants
         if participants and device_id not in participants:
@@ -355,19 +431,33 @@ class AggregatorService:
             current.rejected += 1
             self._reject(device_id, manifest, str(exc))
             return
-        current.accepted[device_id] = manifest.num_samples
-        if "train_loss" in manifest.metrics:
-            current.train_losses[device_id] = float(manifest.metrics["train_loss"])
+        loss = manifest.metrics.get("train_loss")
+        update = AcceptedUpdate(device_id, manifest.transfer_id, manifest.num_samples,
+                                None if loss is None else float(loss), tensors)
+        # Durable before the ack: a device told "accepted" is counted even if we crash right after.
+        self.state.save_accepted(current.number, current.model_version, update)
+        self._count_accepted(current, update)
         self._send_ack(UpdateAck(device_id, current.number, manifest.transfer_id, True, ""))
         log.info("round %d: update from %s accepted (n=%d, %d/%d)", current.number, device_id,
                  manifest.num_samples, len(current.accepted), current.quorum)
+
+    @staticmethod
+    def _count_accepted(current: OpenRound, update: AcceptedUpdate) -> None:
+        current.accepted[update.device_id] = update.num_samples
+        current.transfers[update.device_id] = update.transfer_id
+        if update.train_loss is not None:
+            current.train_losses[update.device_id] = update.train_loss
 
     def _reject(self, device_id: str, manifest: TransferManifest, reason: str) -> None:
         log.warning("rejected update from %s: %s", device_id, reason)
         self._send_ack(UpdateAck(device_id, manifest.round, manifest.transfer_id, False, reason))
 
     def _send_ack(self, ack: UpdateAck) -> None:
-        self._link.publish(self.topics.ack(ack.device_id), ack.to_json(), qos=1)
+        try:
+            self._link.publish(self.topics.ack(ack.device_id), ack.to_json(), qos=1)
+        except (ConnectionError, TimeoutError) as exc:
+            # Whatever we decided is already recorded; the device resends after a reconnect and is answered again.
+            log.warning("ack for %s's update %s not delivered: %s", ack.device_id, ack.transfer_id, exc)
 
     # ---- evaluation ------------------------------------------------------------
 
@@ -412,6 +502,7 @@ def _train_dict(config: AggregatorConfig) -> dict[str, Any]:
     return {
         "local_epochs": t.local_epochs, "lr": t.lr, "momentum": t.momentum, "weight_decay": t.weight_decay,
         "margin": t.margin,
+        "proximal_mu": t.proximal_mu, "negative_anchors": t.negative_anchors, "anchor_seed": t.anchor_seed,
         "codec": config.update_codec,
         # Devices build the same backbone from this before loading the global tensors.
         "model": {"arch": m.arch, **{k: v for k, v in m.backbone_kwargs().items() if k not in MACHINE_LOCAL_KWARGS}},

@@ -28,6 +28,7 @@ log = logging.getLogger("facefed.agent")
 
 POLL_S = 0.2
 GLOBAL_REFETCH_S = 15.0  # re-request retained global chunks if a transfer stalls this long
+ACK_TIMEOUT_S = 30.0  # send an update again if no ack came this long after it was sent
 
 
 @dataclass
@@ -42,6 +43,8 @@ class PendingUpload:
     manifest: TransferManifest
     chunks: list[bytes]
     attempts: int = 1
+    sent_on: int | None = None  # the link's connection count when it was last fully published; None: not yet
+    sent_at: float = 0.0  # time.monotonic() of that publish
 
 
 class EdgeAgent:
@@ -57,6 +60,7 @@ class EdgeAgent:
         self.announcement: RoundAnnouncement | None = None
         self.handled: set[str] = set()  # announce ids already answered
         self.upload: PendingUpload | None = None
+        self.accepted: tuple[int, int] | None = None  # (round, model version) of the last update acknowledged
         self.finished = False
         self.rounds_trained = 0
         self.status_state = "offline"
@@ -87,6 +91,7 @@ class EdgeAgent:
             will=(self.topics.status(self.device_id), offline, True),
             protocol=self.config.protocol,
             tls=self.config.tls.files() if self.config.broker.startswith("mqtts://") else None,
+            clean_session=False,  # acks sent while the connection is down wait at the broker
         )
         self._link.connect()
         log.info("%s connected to %s (MQTT %s), %d local samples", self.device_id, self.config.broker,
@@ -100,6 +105,14 @@ class EdgeAgent:
             pass
         else:
             self.handle_message(topic, payload)
+        upload = self.upload
+        if upload is not None and self._link.connected and (
+                upload.sent_on != self._link.connections or time.monotonic() - upload.sent_at > ACK_TIMEOUT_S):
+            # Interrupted, sent before a reconnection (a restarted broker may have lost it, or delivered it before
+            # the aggregator subscribed again), or never acknowledged: send it again. The transfer id is
+            # unchanged, so the aggregator counts it at most once.
+            log.info("round %d: sending the unacknowledged update %s again", upload.round, upload.manifest.transfer_id)
+            self._publish_upload(upload)
         now = time.time()
         for dropped in self.reassembler.expire(now):
             log.warning("dropped incomplete global model transfer %s", dropped)
@@ -137,6 +150,7 @@ class EdgeAgent:
 
     def _on_announcement(self, announcement: RoundAnnouncement) -> None:
         self.announcement = announcement
+        self._refresh_enrolment()
         if announcement.state == "finished":
             if not self.finished:
                 log.info("federation finished at round %d", announcement.round)
@@ -155,12 +169,31 @@ class EdgeAgent:
         self._waiting_since = None
         log.info("global model v%d received (%d tensors, %d bytes)", manifest.model_version,
                  len(completed.tensors), completed.payload_bytes)
+        self._refresh_enrolment()
+
+    def _refresh_enrolment(self) -> None:
+        """Face unlock: re-embed the enrolled owner's kept chips once the announced global model has arrived."""
+        ann, model = self.announcement, self.global_model
+        if not self.config.unlock.reembed_after_round or ann is None or model is None \
+                or ann.model_version != model.version:
+            return
+        from edge_agent.unlock.reembed import reembed_enrolment
+
+        try:
+            reembed_enrolment(self.config.unlock.store_dir(self.config.state_dir), ann.train.get("model", {}),
+                              model.tensors, model.version)
+        except (OSError, ValueError) as exc:  # unlock keeps its old templates; training goes on
+            log.warning("could not re-embed the unlock enrolment with model v%d: %s", model.version, exc)
 
     def _on_ack(self, ack: UpdateAck) -> None:
         upload = self.upload
+        if upload is None or ack.transfer_id != upload.manifest.transfer_id:
+            log.info("ignored an ack for update %s (round %d): not the update waiting for one", ack.transfer_id, ack.round)
+            return
         if ack.accepted:
             log.info("round %d: update accepted", ack.round)
             self.upload = None
+            self.accepted = (upload.round, upload.manifest.model_version)
             self._set_status("idle", ack.round)
             return
         log.warning("round %d: update rejected: %s", ack.round, ack.reason)
@@ -192,9 +225,17 @@ class EdgeAgent:
             log.info("round %d: not sampled this round", ann.round)
             self.handled.add(ann.announce_id)
             return
-        if ann.deadline < now:
-            log.info("round %d already past its deadline; waiting for the next one", ann.round)
+        # The deadline is the aggregator's clock, not ours (ours may be off by hours): the aggregator judges it.
+        if (ann.round, ann.model_version) == self.accepted:
+            log.info("round %d announced again; our update was already accepted", ann.round)
             self.handled.add(ann.announce_id)
+            return
+        upload = self.upload
+        if upload is not None and (upload.round, upload.manifest.model_version) == (ann.round, ann.model_version):
+            log.info("round %d announced again (the aggregator restarted?): sending our unacknowledged update again",
+                     ann.round)
+            self.handled.add(ann.announce_id)
+            self._publish_upload(upload)
             return
         if self.global_model is None or self.global_model.version != ann.model_version:
             self._wait_for_global(now, ann)
@@ -245,11 +286,20 @@ class EdgeAgent:
         return wire
 
     def _publish_upload(self, upload: PendingUpload) -> None:
-        sent = self._link.publish_transfer(
-            self.topics.update_manifest(self.device_id),
-            lambda i: self.topics.update_chunk(self.device_id, i),
-            upload.manifest, upload.chunks,
-        )
+        connections = self._link.connections
+        try:
+            sent = self._link.publish_transfer(
+                self.topics.update_manifest(self.device_id),
+                lambda i: self.topics.update_chunk(self.device_id, i),
+                upload.manifest, upload.chunks,
+            )
+        except (ConnectionError, TimeoutError) as exc:
+            upload.sent_on = None
+            log.warning("round %d: upload interrupted (%s); it is sent again once the broker is back", upload.round, exc)
+            return
+        # Counted against the connection it started on: a reconnection during the upload means sending it again.
+        upload.sent_on = connections
+        upload.sent_at = time.monotonic()
         log.info("round %d: uploaded %d bytes in %d chunks", upload.round, sent, len(upload.chunks))
 
     def _refetch_global(self) -> None:
@@ -260,4 +310,7 @@ class EdgeAgent:
     def _set_status(self, state: str, round_number: int | None = None, detail: str = "") -> None:
         self.status_state = state
         status = DeviceStatus(self.device_id, state, round_number, time.time(), detail)
-        self._link.publish(self.topics.status(self.device_id), status.to_json(), retain=True)
+        try:
+            self._link.publish(self.topics.status(self.device_id), status.to_json(), retain=True)
+        except (ConnectionError, TimeoutError) as exc:  # informational: never worth stopping the agent
+            log.warning("status %r not published: %s", state, exc)

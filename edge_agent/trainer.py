@@ -19,8 +19,9 @@ from safetensors.torch import load_file, save_file
 from model_zoo.backbones import MACHINE_LOCAL_KWARGS, FrozenTrunk, build_backbone
 from model_zoo.checkpoint import load_shared_tensors, shared_tensors
 from model_zoo.data import FaceDataset
-from model_zoo.losses import ArcFaceHead
-from model_zoo.train import TrainConfig, TrainResult, TrunkFeatureCache, embed_images, imprint_head, train_local
+from model_zoo.losses import AnchoredArcFaceHead, ArcFaceHead, negative_anchors
+from model_zoo.train import (TrainConfig, TrainResult, TrunkFeatureCache, embed_images, has_frozen_trunk,
+                             imprint_head, train_local)
 
 
 @dataclass
@@ -30,7 +31,10 @@ class RoundResult:
 
 
 class LocalTrainer:
-    def __init__(self, dataset: FaceDataset, state_dir: Path, batch_size: int, augment: bool, seed: int) -> None:
+    def __init__(self, dataset: FaceDataset, state_dir: Path, batch_size: int, augment: bool, seed: int,
+                 trunk_precision: str = "fp32", threads: int = 1) -> None:
+        """trunk_precision "int8": a frozen pretrained trunk runs int8 (ONNX Runtime, calibrated on this device's
+        own images), so the tail trains on the features the deployed int8 model computes."""
         self.dataset = dataset
         self.state_dir = Path(state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -38,6 +42,8 @@ class LocalTrainer:
         self.batch_size = batch_size
         self.augment = augment
         self.seed = seed
+        self.trunk_precision = trunk_precision
+        self.threads = threads
         self._backbone = None
         self._model_spec: dict[str, Any] | None = None
         self._trunk_cache = TrunkFeatureCache()  # frozen-trunk features of the local images, kept across rounds
@@ -51,7 +57,8 @@ class LocalTrainer:
                     progress: bool = False) -> RoundResult:
         backbone = self._backbone_for(model_spec)
         load_shared_tensors(backbone, global_tensors)
-        head = self._load_head(backbone, model_spec.get("embedding_size", 128), float(settings.get("margin", 0.5)))
+        head = self._load_head(backbone, model_spec.get("embedding_size", 128), float(settings.get("margin", 0.5)),
+                               int(settings.get("negative_anchors", 0)), int(settings.get("anchor_seed", 0)))
         cfg = TrainConfig(
             epochs=int(settings.get("local_epochs", default_epochs)),
             batch_size=self.batch_size,
@@ -60,6 +67,7 @@ class LocalTrainer:
             weight_decay=float(settings.get("weight_decay", TrainConfig.weight_decay)),
             augment=self.augment,
             seed=self.seed + round_number,
+            proximal_mu=float(settings.get("proximal_mu", 0.0)),
         )
         result = train_local(backbone, head, self.dataset, cfg, progress=progress, trunk_cache=self._trunk_cache)
         self._save_head(head, model_spec.get("embedding_size", 128))
@@ -72,13 +80,24 @@ class LocalTrainer:
             arch = spec.get("arch", "mobilefacenet")
             kwargs = {k: v for k, v in spec.items() if k != "arch"}
             self._backbone = build_backbone(arch, **kwargs)
+            if self.trunk_precision == "int8" and has_frozen_trunk(self._backbone):
+                from model_zoo.export import quantize_trunk
+
+                quantize_trunk(self._backbone, self.dataset.images, self.threads)
             self._model_spec = spec
         return self._backbone
 
-    def _load_head(self, backbone, embedding_size: int, margin: float) -> ArcFaceHead:
+    def _load_head(self, backbone, embedding_size: int, margin: float, anchors: int = 0,
+                   anchor_seed: int = 0) -> ArcFaceHead:
+        """This device's head; with anchors > 0, followed by that many announced negative anchors (which are
+        generated here from anchor_seed and never stored: see model_zoo/losses/anchors.py)."""
         num_classes = len(self.dataset.identities)
         torch.manual_seed(self.seed)  # a fresh head is reproducible for a given device seed
-        head = ArcFaceHead(embedding_size, num_classes, margin=margin)
+        if anchors > 0:
+            head = AnchoredArcFaceHead(embedding_size, num_classes, negative_anchors(anchors, embedding_size, anchor_seed),
+                                       margin=margin)
+        else:
+            head = ArcFaceHead(embedding_size, num_classes, margin=margin)
         meta_path = self.head_path.with_suffix(".json")
         if self.head_path.exists() and meta_path.exists():
             meta = json.loads(meta_path.read_text())

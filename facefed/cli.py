@@ -65,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="how devices upload: float32 tensors (default, exact) or int8 deltas against the round's "
                      "global model with error feedback (about 4x fewer bytes up)")
 
+    _add_experiment_parser(sub)
+
     ev = sub.add_parser(
         "evaluate",
         help="verification and identification metrics of a model on a labelled folder",
@@ -102,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "labelled ORL/Yale/folder-per-identity dataset (default: $FACEFED_DATA or "
                     "../shared/datasets/orl)")
     ex.add_argument("--version", type=int, help="model version for the file name (default: the checkpoint's)")
+    from facefed.bench_aggregate import add_bench_parser
+
+    add_bench_parser(sub)
     return parser
 
 
@@ -111,8 +116,14 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if args.command == "simulate":
         return _simulate(args)
+    if args.command == "experiment":
+        return _experiment(args)
     if args.command == "export":
         return _export(args)
+    if args.command == "bench":
+        from facefed.bench_aggregate import bench_main
+
+        return bench_main(args)
     return _evaluate(args)
 
 
@@ -167,6 +178,86 @@ def _simulate(args: argparse.Namespace) -> int:
         return 1
     bar.close()
     print(f"done in {result.seconds:.0f} s: {result.metrics_path}, {result.plot_path}, {result.final_checkpoint}")
+    return 0
+
+
+def _add_experiment_parser(sub) -> None:
+    exp = sub.add_parser(
+        "experiment",
+        help="centralized vs local-only vs FedAvg/FedProx/server optimizer, side by side, with a report",
+        description="On the same data, seed and epochs per client, train centralized (pooled), local-only (each "
+        "client alone) and federated over real MQTT (FedAvg, FedProx, FedAvgM or FedAdam), plus optionally a "
+        "single-identity-per-device setting (plain FedAvg vs negative anchors). Everything is scored on held-out "
+        "identities. Writes report.md, results.json, accuracy_per_round.png and roc.png into --out. Options "
+        "given next to --preset override the preset's values.",
+    )
+    exp.add_argument("--preset", choices=["quick", "full"],
+                     help="quick: ORL, 4 clients, a few minutes; full: ORL+Yale+celeb-dev, 8 clients")
+    exp.add_argument("--data", action="append", type=Path,
+                     help="dataset folder (repeat to mix); default: the preset's under ../shared/datasets, "
+                     "else $FACEFED_DATA or ../shared/datasets/orl")
+    exp.add_argument("--out", type=Path, required=True, help="report folder (must be new or empty)")
+    exp.add_argument("--clients", type=int, help="clients, 3..20")
+    exp.add_argument("--rounds", type=int)
+    exp.add_argument("--local-epochs", type=int, help="local epochs per round (all methods get rounds x this)")
+    exp.add_argument("--lr", type=float)
+    exp.add_argument("--batch-size", type=int)
+    exp.add_argument("--split", choices=["identity", "dirichlet"])
+    exp.add_argument("--alpha", type=float, help="Dirichlet concentration")
+    exp.add_argument("--size-skew", type=float,
+                     help="identity split: largest client's identities over the smallest's (1 = equal)")
+    exp.add_argument("--holdout", type=int, help="held-out identities (default: a quarter)")
+    exp.add_argument("--max-per-identity", type=int, help="cap images per identity")
+    exp.add_argument("--seed", type=int)
+    exp.add_argument("--proximal-mu", type=float, help="FedProx mu (default 0.01)")
+    exp.add_argument("--server-strategy", choices=["fedavgm", "fedadam"], help="server optimizer arm")
+    exp.add_argument("--server-lr", type=float, help="server optimizer step size")
+    exp.add_argument("--fraction-fit", type=float, help="federated arms: share of clients sampled per round")
+    exp.add_argument("--min-clients", type=int, help="federated arms: round quorum")
+    exp.add_argument("--round-timeout", type=float, dest="round_timeout_s",
+                     help="federated arms: round deadline in s; updates arriving later are dropped")
+    exp.add_argument("--single-identity-clients", type=int,
+                     help="devices holding one person each for the anchors-vs-FedAvg comparison (0 = off)")
+    exp.add_argument("--negative-anchors", type=int, help="negative anchor vectors for that comparison")
+    exp.add_argument("--methods", help="comma-separated subset of centralized,local,fedavg,fedprox,server")
+    exp.add_argument("--jobs", type=int, help="arms run at the same time (presets: 3; 1 gives per-arm wall times)")
+
+
+EXPERIMENT_FIELDS = ("clients", "rounds", "local_epochs", "lr", "batch_size", "split", "alpha", "size_skew",
+                     "holdout", "max_per_identity", "seed", "proximal_mu", "server_strategy", "server_lr",
+                     "fraction_fit", "min_clients", "round_timeout_s", "single_identity_clients", "negative_anchors",
+                     "jobs")
+
+
+def _experiment(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from facefed.experiment import ExperimentConfig, ExperimentError, preset_config, run_experiment
+    from model_zoo.data import shared_datasets_root
+
+    overrides = {key: getattr(args, key) for key in EXPERIMENT_FIELDS}
+    if args.methods:
+        overrides["methods"] = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    try:
+        if args.preset:
+            cfg = preset_config(args.preset, shared_datasets_root(), args.out, data=args.data, **overrides)
+        else:
+            data = _resolve_data(args.data)
+            if data is None:
+                return 2
+            cfg = ExperimentConfig(data=data, out=args.out, **{k: v for k, v in overrides.items() if v is not None})
+        cfg.check()
+    except ExperimentError as exc:
+        print(f"facefed experiment: {exc}", file=sys.stderr)
+        return 2
+    print(f"facefed experiment: {cfg.preset or 'custom'}: data {', '.join(map(str, cfg.data))} -> {cfg.out}")
+    try:
+        results = run_experiment(cfg, say=tqdm.write)
+    except (ExperimentError, ValueError) as exc:
+        print(f"facefed experiment: {exc}", file=sys.stderr)
+        return 1
+    print((cfg.out / "report.md").read_text())
+    print(f"done in {results['setup']['seconds']:.0f} s: {cfg.out}")
     return 0
 
 

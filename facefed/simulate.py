@@ -49,9 +49,15 @@ class SimulationConfig:
     threads_per_agent: int = 1
     max_chunk_bytes: int = 256 * 1024
     update_codec: str = "safetensors"  # or "int8-delta": compressed uploads
+    trunk_precision: str = "fp32"  # or "int8": devices run a frozen pretrained trunk in int8
     round_timeout_s: float = 600.0
     timeout_s: float = 3600.0
     extra_agent_args: list[str] = field(default_factory=list)
+    strategy: str = "fedavg"  # server optimizer: fedavg, fedavgm, fedadam, median, trimmed_mean
+    server_lr: float | None = None  # fedavgm/fedadam step size; None: the aggregator's default
+    fraction_fit: float = 1.0  # share of the devices sampled into each round
+    min_clients: int | None = None  # round quorum; None: every client (or every sampled one)
+    train_extra: dict = field(default_factory=dict)  # further announced train settings, e.g. {"proximal_mu": 0.01}
 
 
 @dataclass
@@ -94,12 +100,15 @@ def write_run_folder(cfg: SimulationConfig, clients: list[FaceDataset], holdout:
         "broker": broker_url,
         "topic_prefix": prefix,
         "rounds": cfg.rounds,
-        "min_clients": cfg.clients,
+        "min_clients": cfg.min_clients if cfg.min_clients is not None else cfg.clients,
+        "strategy": cfg.strategy,
+        "server_lr": cfg.server_lr,
+        "fraction_fit": cfg.fraction_fit,
         "round_timeout_s": cfg.round_timeout_s,
         "max_chunk_bytes": cfg.max_chunk_bytes,
         "update_codec": cfg.update_codec,
         "model": {"arch": cfg.arch, "act": cfg.act, "options": cfg.model_options, "seed": cfg.seed},
-        "train": {"local_epochs": cfg.local_epochs, "lr": cfg.lr, "margin": cfg.margin},
+        "train": {"local_epochs": cfg.local_epochs, "lr": cfg.lr, "margin": cfg.margin, **cfg.train_extra},
         "eval": {"data": str(out / "eval" / "holdout")},
     }
     aggregator_path = out / "aggregator.yaml"
@@ -118,7 +127,7 @@ def write_run_folder(cfg: SimulationConfig, clients: list[FaceDataset], holdout:
             "seed": cfg.seed + 1000 * k,
             "exit_when_finished": True,
             "device": {"threads": cfg.threads_per_agent, "batch_size": cfg.batch_size,
-                       "max_chunk_bytes": cfg.max_chunk_bytes},
+                       "max_chunk_bytes": cfg.max_chunk_bytes, "trunk_precision": cfg.trunk_precision},
         }
         path = home / "agent.yaml"
         path.write_text(yaml.safe_dump(agent_cfg, sort_keys=False))
@@ -126,15 +135,22 @@ def write_run_folder(cfg: SimulationConfig, clients: list[FaceDataset], holdout:
     return aggregator_path, agent_paths
 
 
-def run_simulation(cfg: SimulationConfig, on_round: Callable[[dict], None] | None = None) -> SimulationResult:
+def run_simulation(cfg: SimulationConfig, on_round: Callable[[dict], None] | None = None,
+                   partitions: tuple[list[FaceDataset], FaceDataset] | None = None) -> SimulationResult:
+    """Run the federation; partitions=(clients, holdout) uses those instead of loading and splitting cfg.data."""
     start = time.time()
     if cfg.out.exists() and any(cfg.out.iterdir()):
         raise SimulationError(f"output folder {cfg.out} is not empty; choose a new --out")
+    if partitions is not None and len(partitions[0]) != cfg.clients:
+        raise SimulationError(f"{len(partitions[0])} client partitions given for {cfg.clients} clients")
     cfg.out.mkdir(parents=True, exist_ok=True)
-    dataset = load_datasets(cfg.data)
-    clients, holdout = prepare_partitions(dataset, cfg)
-    log.info("%d identities / %d images: %d clients (%s), %d held-out identities", len(dataset.identities),
-             len(dataset), len(clients), ", ".join(str(len(c)) for c in clients), len(holdout.identities))
+    if partitions is None:
+        dataset = load_datasets(cfg.data)
+        clients, holdout = prepare_partitions(dataset, cfg)
+        log.info("%d identities / %d images: %d clients (%s), %d held-out identities", len(dataset.identities),
+                 len(dataset), len(clients), ", ".join(str(len(c)) for c in clients), len(holdout.identities))
+    else:
+        clients, holdout = partitions
     broker = None
     url = cfg.broker
     if url is None:
