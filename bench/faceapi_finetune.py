@@ -255,6 +255,8 @@ def print_tables(results: dict) -> None:
     for row in results["int8_trunk"]:
         print(f"  {row['model']}: trunk {row['trunk_ms_per_image']:.2f} ms/image, "
               f"min cosine to the fp32 embeddings {row['min_cosine_to_fp32']:.5f}")
+    if not results["device_cost"]:
+        return
     print(f"\ndevice cost, one client ({results['device_cost'][0]['images']} images), "
           f"torch threads {results['torch_threads']}")
     print(f"{'model':15} {'trainable':9} {'trained params':>14} {'trunk once s':>12} {'epoch wall s':>12} "

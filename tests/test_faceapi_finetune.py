@@ -249,3 +249,14 @@ def test_an_int8_trunk_feeds_the_tail_close_to_float_and_training_still_learns(c
                                   trunk_cache=cache).loss)
         net.tail.load_state_dict(tail_before)
     assert losses[1] < 0.8 * losses[0]
+
+
+@needs_shared
+def test_a_device_profile_asking_for_an_int8_trunk_gets_one(celeb_small: FaceDataset, tmp_path) -> None:
+    from edge_agent.trainer import LocalTrainer
+    from model_zoo.export import Int8Trunk
+
+    spec = {"arch": "faceapi-resnet", "trainable": "last"}
+    int8 = LocalTrainer(celeb_small, tmp_path / "int8", 8, False, 0, trunk_precision="int8")._backbone_for(spec)
+    fp32 = LocalTrainer(celeb_small, tmp_path / "fp32", 8, False, 0)._backbone_for(spec)
+    assert isinstance(int8.trunk_runtime, Int8Trunk) and fp32.trunk_runtime is None
