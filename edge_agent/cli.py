@@ -103,8 +103,9 @@ def _add_unlock_parsers(sub) -> None:
     common(unlock, "the model the templates were made with; after a federated round, the new global model")
     calibrate = sub.add_parser(
         "calibrate", help="pick the unlock threshold for a target false-accept rate",
-        description="Embed a folder of labelled faces (one folder per person) with the unlock model, score every "
-        "genuine and impostor pair, write ROC/DET curves to a PNG and the threshold for --target-far into the "
+        description="Embed a folder of labelled faces (one folder per person) with the unlock model, score "
+        "template trials as unlock compares faces (10 seeded random enrolments of 5 images per person, each template "
+        "against every other image; people need at least 6 images), write ROC/DET curves of those trials to a PNG and the threshold for --target-far into the "
         "`unlock:` section of --config (created if absent; the YAML is rewritten without its comments).")
     calibrate.add_argument("--faces", required=True, type=Path, help="DIR/<person>/*.jpg|png|pgm")
     calibrate.add_argument("--config", required=True, type=Path, help="the device config to write the threshold to")

@@ -69,6 +69,7 @@ def parse_broker_url(url: str) -> BrokerAddress:
 
 
 SHARE_PREFIX = "$share/"
+RECEIVE_MAXIMUM = 20  # unacknowledged messages in flight to a consumer that acks after handling (mosquitto's default)
 
 
 def unshared(topic_filter: str) -> str:
@@ -107,7 +108,8 @@ class MqttLink:
     ) -> None:
         """ack_after_handling: on_message(topic, payload, ack) gets a third argument, a callable that sends the
         QoS 1 PUBACK; call it (from any thread) once the message is handled. The broker sends only a few
-        unacknowledged messages at a time (Mosquitto: max_inflight_messages, 20), so a slow consumer makes the
+        unacknowledged messages at a time (MQTT 5: RECEIVE_MAXIMUM; 3.1.1: the broker's setting, mosquitto's
+        max_inflight_messages, 20), so a slow consumer makes the
         broker hold the backlog instead of this process, and with a persistent session a message not yet
         acknowledged when the process dies is delivered again."""
         if protocol not in PROTOCOLS:
@@ -252,10 +254,12 @@ class MqttLink:
     def _connect_options(self, version: str) -> dict:
         if version != "5":
             return {}
-        properties = None
+        properties = Properties(PacketTypes.CONNECT)
         if not self._clean_session:
-            properties = Properties(PacketTypes.CONNECT)
             properties.SessionExpiryInterval = SESSION_EXPIRY_S
+        if self._ack_after_handling:
+            # MQTT 5 lets the client set the window; without it the broker may send 65,535 unacknowledged messages.
+            properties.ReceiveMaximum = RECEIVE_MAXIMUM
         return {"clean_start": self._clean_session, "properties": properties}
 
     def _start_attempt(self, version: str, deadline: float, probe: bool) -> _Attempt:

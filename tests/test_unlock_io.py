@@ -131,18 +131,21 @@ def test_calibrate_writes_threshold_plot_and_figures(tmp_path):
     faces = tmp_path / "faces"
     for person in ("s3", "s4", "s5", "s6"):
         (faces / person).mkdir(parents=True)
-        for k in range(1, 5):
+        for k in range(1, 8):
             (faces / person / f"{k}.pgm").symlink_to(ORL / person / f"{k}.pgm")
     config, plot, figures = tmp_path / "agent.yaml", tmp_path / "det.png", tmp_path / "calibration.json"
     config.write_text("device_id: cam-01\n")
     assert main(["calibrate", "--faces", str(faces), "--config", str(config), "--model", "faceapi",
-                 "--target-far", "0.01", "--plot", str(plot), "--json", str(figures)]) == 0
+                 "--target-far", "0.001", "--plot", str(plot), "--json", str(figures)]) == 0
     result = json.loads(figures.read_text())
-    assert (result["genuine_trials"], result["impostor_trials"]) == (4 * 6, 6 * 16)  # C(4,2) x 4; 16 per pair
+    # Template trials: 10 enrolments of 5 images per person; each template against its person's 2 other images
+    # and the other 3 people's 21.
+    assert (result["trials"], result["enrol_images"], result["enrolment_draws"]) == ("template", 5, 10)
+    assert (result["genuine_trials"], result["impostor_trials"]) == (4 * 10 * 2, 4 * 10 * 21)
     written = yaml.safe_load(config.read_text())
     assert written["device_id"] == "cam-01"
     assert written["unlock"]["threshold"] == pytest.approx(result["threshold"], abs=1e-6)
-    assert written["unlock"]["target_far"] == 0.01 and result["false_accepts"] == 0  # floor(0.01 x 96) = 0
+    assert written["unlock"]["target_far"] == 0.001 and result["false_accepts"] == 0  # floor(0.001 x 840) = 0
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edge_agent.unlock.calibration import calibrate_threshold, error_rates_at
+from edge_agent.unlock.calibration import (calibrate_threshold, draw_enrolments, mean_template, template_scores,
+                                           template_trials)
 from edge_agent.unlock.decision import DecisionRules, Event, LockState, UnlockStateMachine, Verdict, frame_verdict
 from edge_agent.unlock.geometry import eye_aspect_ratio, mean_eye_aspect_ratio, roll_degrees, yaw_ratio
 from edge_agent.unlock.liveness import BlinkChallenge, MotionChallenge, NoChallenge, make_challenge
@@ -172,8 +173,47 @@ def test_calibrated_threshold_by_hand():
     assert (result.false_accepts, result.false_rejects) == (1, 1)
     assert result.far == pytest.approx(0.1) and result.frr == pytest.approx(0.25)
     assert (result.genuine_trials, result.impostor_trials) == (4, 10)
-    assert error_rates_at(scores, genuine, result.threshold) == pytest.approx((0.1, 0.25))
     strict = calibrate_threshold(scores, genuine, target_far=0.05)  # no false accept allowed
     assert strict.threshold == pytest.approx(0.9) and strict.far == 0.0 and strict.false_rejects == 2
     with pytest.raises(ValueError, match="target_far"):
         calibrate_threshold(scores, genuine, target_far=0.0)
+
+
+def test_template_trials_by_hand():
+    # Person 0 enrols images 0 and 1: template (1, 1) / sqrt(2). Person 1's image 3 scores 0.6 and 0.8 against
+    # them one by one, yet 1.4 / sqrt(2) = 0.990 against their mean, above person 0's own image 2:
+    # averaging raises impostor scores, so the threshold is calibrated on template trials.
+    embeddings = np.array([[1.0, 0.0], [0.0, 1.0], [0.96, 0.28], [0.6, 0.8], [-2.0, 0.0]])  # row 4 not unit
+    labels = np.array([0, 0, 0, 1, 1])
+    np.testing.assert_allclose(mean_template(embeddings[:2]), [0.5 ** 0.5, 0.5 ** 0.5], rtol=1e-6)
+    scores, genuine = template_trials(embeddings, labels, [np.array([0, 1])])
+    np.testing.assert_allclose(scores, [1.24 / 2 ** 0.5, 1.4 / 2 ** 0.5, -(0.5 ** 0.5)], rtol=1e-6)
+    assert genuine.tolist() == [True, False, False]  # images 2, 3, 4: the enrolled images are not probes
+    # FAR 0.5 of 2 impostor trials allows one false accept: the threshold falls to the genuine 0.877.
+    result = calibrate_threshold(scores, genuine, target_far=0.5)
+    assert result.threshold == pytest.approx(1.24 / 2 ** 0.5, rel=1e-6)
+    assert (result.false_accepts, result.false_rejects, result.impostor_trials, result.genuine_trials) == (1, 0, 2, 1)
+    # Two enrolments: person 1 enrols image 3 alone (the template is the image), then image 4 is its genuine probe.
+    scores, genuine = template_trials(embeddings, labels, [np.array([0, 1]), np.array([3])])
+    np.testing.assert_allclose(scores[3:], [0.6, 0.8, 0.8, -0.6], rtol=1e-6)
+    assert genuine.tolist() == [True, False, False, False, False, False, True]
+    np.testing.assert_allclose(template_scores(embeddings, [np.array([3])]), [[0.6, 0.8, 0.8, 1.0, -0.6]], rtol=1e-6)
+    with pytest.raises(ValueError, match="one identity"):
+        template_trials(embeddings, labels, [np.array([1, 3])])
+
+
+def test_enrolment_draws_are_seeded_and_leave_a_genuine_probe():
+    labels = np.array([0] * 7 + [1] * 5 + [2] * 6)
+    enrolments = draw_enrolments(labels, enrol_images=5, draws=4, seed=3)
+    assert len(enrolments) == 8  # person 1 has no image left over after 5, so only persons 0 and 2 enrol
+    assert [int(labels[e[0]]) for e in enrolments] == [0] * 4 + [2] * 4
+    for e in enrolments:
+        assert len(np.unique(e)) == 5 and len(np.unique(labels[e])) == 1
+    assert len({tuple(e) for e in enrolments[:4]}) > 1  # the draws differ ...
+    again = draw_enrolments(labels, enrol_images=5, draws=4, seed=3)
+    assert all(np.array_equal(a, b) for a, b in zip(enrolments, again))  # ... and repeat with the seed
+    scores, genuine = template_trials(np.eye(18), labels, enrolments)
+    # per enrolment: own images outside it (2 or 1) genuine, the other people's (11 or 12) impostor
+    assert (int(genuine.sum()), int((~genuine).sum())) == (4 * 2 + 4 * 1, 4 * 11 + 4 * 12)
+    with pytest.raises(ValueError, match="more than 5 images"):
+        draw_enrolments(np.array([0] * 5 + [1] * 3))

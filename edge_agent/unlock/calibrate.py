@@ -1,5 +1,6 @@
-"""`facefed-agent calibrate`: embed a folder of labelled faces with the unlock model, score every pair, pick the
-threshold for a target FAR, plot the ROC and DET curves, and write the threshold into the device config."""
+"""`facefed-agent calibrate`: embed a folder of labelled faces with the unlock model, score template trials as
+unlock compares them (calibration.template_trials), pick the threshold for a target FAR, plot the ROC and DET
+curves, and write the threshold into the device config."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -8,10 +9,11 @@ from pathlib import Path
 import numpy as np
 
 from model_zoo.data import IMAGE_EXTENSIONS, read_image, to_rgb
-from model_zoo.metrics import pair_scores, report_from_scores
+from model_zoo.metrics import report_from_scores
 
 from .analyzer import FaceAnalyzer
-from .calibration import Calibration, calibrate_threshold
+from .calibration import (ENROL_IMAGES, ENROLMENT_DRAWS, Calibration, calibrate_threshold, draw_enrolments,
+                          template_trials)
 
 
 @dataclass
@@ -45,9 +47,12 @@ def embed_labelled(analyzer: FaceAnalyzer, samples: list[tuple[str, Path]],
     return LabelledEmbeddings(embeddings, labels, identities)
 
 
-def calibrate_embeddings(data: LabelledEmbeddings, target_far: float) -> tuple[Calibration, np.ndarray, np.ndarray]:
-    """(calibration, scores, is-genuine) over every pair."""
-    scores, genuine = pair_scores(data.embeddings, data.labels)
+def calibrate_embeddings(data: LabelledEmbeddings, target_far: float, enrol_images: int = ENROL_IMAGES,
+                         draws: int = ENROLMENT_DRAWS, seed: int = 0) -> tuple[Calibration, np.ndarray, np.ndarray]:
+    """(calibration, scores, is-genuine) over template trials: `draws` random enrolments of `enrol_images`
+    images per identity, each template against every image outside its enrolment."""
+    scores, genuine = template_trials(data.embeddings, data.labels,
+                                      draw_enrolments(data.labels, enrol_images, draws, seed))
     return calibrate_threshold(scores, genuine, target_far), scores, genuine
 
 
@@ -77,7 +82,7 @@ def plot_roc_det(scores: np.ndarray, genuine: np.ndarray, calibration: Calibrati
     for ax in (roc, det):
         ax.axvline(calibration.target_far, color="grey", linestyle=":", linewidth=1)
         ax.grid(True, which="both", alpha=0.3)
-    fig.suptitle(f"{title}: {report.genuine_pairs} genuine, {report.impostor_pairs} impostor pairs, "
+    fig.suptitle(f"{title}: {report.genuine_pairs:,} genuine, {report.impostor_pairs:,} impostor trials, "
                  f"EER {report.eer:.3f}", fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

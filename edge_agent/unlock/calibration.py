@@ -1,7 +1,11 @@
 """Threshold for a target false-accept rate from genuine and impostor scores. Pure numpy, no I/O.
 
-Scores are cosine similarities of every pair (model_zoo.metrics.pair_scores); a pair is accepted when its
-score is >= the threshold, as in model_zoo.metrics.roc_counts.
+Unlock compares each face with the owner's template, the L2-normalised mean of the enrolment embeddings
+(mean_template), so the threshold is calibrated on template trials: several random enrolments per identity
+(draw_enrolments), each one's template scored against the identity's other images (genuine) and every other
+identity's images (impostor) (template_trials). Averaging embeddings raises impostor scores, so a threshold
+calibrated on image pairs (model_zoo.metrics.pair_scores) admits more false accepts than it promises. A trial
+is accepted when its cosine score is >= the threshold, as in model_zoo.metrics.roc_counts.
 """
 from __future__ import annotations
 
@@ -9,7 +13,66 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from model_zoo.metrics import report_from_scores, roc_counts
+from model_zoo.metrics import normalize_rows, report_from_scores, roc_counts
+
+ENROL_IMAGES = 5  # templates `facefed-agent enroll` keeps by default
+ENROLMENT_DRAWS = 10  # random enrolments per identity when calibrating
+
+
+def mean_template(embeddings) -> np.ndarray:
+    """The owner's template: the L2-normalised mean of the enrolment embeddings (one comparison per face)."""
+    mean = np.asarray(embeddings, dtype=np.float64).mean(axis=0)
+    return (mean / max(np.linalg.norm(mean), 1e-12)).astype(np.float32)
+
+
+def draw_enrolments(labels, enrol_images: int = ENROL_IMAGES, draws: int = ENROLMENT_DRAWS,
+                    seed: int = 0) -> list[np.ndarray]:
+    """`draws` random sets of `enrol_images` image indices per identity, identities in label order.
+
+    Each set is drawn independently (an identity with few images may repeat one). Only identities with more
+    than enrol_images images get enrolments, so that one image at least is left as a genuine probe; the
+    others still serve as impostors in template_trials."""
+    if enrol_images < 1 or draws < 1:
+        raise ValueError(f"enrol_images and draws must be >= 1, got {enrol_images} and {draws}")
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    enrolments = []
+    for label in np.unique(labels):
+        images = np.flatnonzero(labels == label)
+        if len(images) > enrol_images:
+            enrolments += [np.sort(rng.choice(images, enrol_images, replace=False)) for _ in range(draws)]
+    if not enrolments:
+        largest = int(np.unique(labels, return_counts=True)[1].max()) if len(labels) else 0
+        raise ValueError(f"template trials need an identity with more than {enrol_images} images (the enrolment "
+                         f"plus a genuine probe); the largest has {largest}")
+    return enrolments
+
+
+def template_scores(embeddings, enrolments: list[np.ndarray]) -> np.ndarray:
+    """[enrolments, images]: cosine similarity of each enrolment's template with every image."""
+    emb = normalize_rows(embeddings)
+    return np.stack([mean_template(emb[np.asarray(e)]) for e in enrolments]).astype(np.float64) @ emb.T
+
+
+def template_trials(embeddings, labels, enrolments: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """(score, is-genuine) of every template trial: each enrolment's template against each image of the same
+    identity outside the enrolment (genuine) and each image of every other identity (impostor); enrolments
+    in order, images in index order within each."""
+    labels = np.asarray(labels)
+    scores = template_scores(embeddings, enrolments)
+    owners = np.array([_owner(labels, e) for e in enrolments])
+    genuine = labels[None, :] == owners[:, None]
+    probe = np.ones_like(genuine)
+    for row, enrolment in enumerate(enrolments):
+        probe[row, enrolment] = False
+    return scores[probe], genuine[probe]
+
+
+def _owner(labels: np.ndarray, enrolment: np.ndarray):
+    owner = np.unique(labels[np.asarray(enrolment)])
+    if len(owner) != 1:
+        raise ValueError(f"an enrolment must hold images of one identity, got labels {owner.tolist()}")
+    return owner[0]
 
 
 @dataclass(frozen=True)
@@ -46,10 +109,3 @@ def calibrate_threshold(scores, genuine, target_far: float) -> Calibration:
         genuine_trials=report.genuine_pairs, impostor_trials=report.impostor_pairs,
         false_accepts=accepted_fa, false_rejects=report.genuine_pairs - accepted_ta, eer=report.eer)
 
-
-def error_rates_at(scores, genuine, threshold: float) -> tuple[float, float]:
-    """(FAR, FRR) of accepting score >= threshold."""
-    scores = np.asarray(scores, dtype=np.float64)
-    genuine = np.asarray(genuine, dtype=bool)
-    accepted = scores >= threshold
-    return float(accepted[~genuine].mean()), float((~accepted[genuine]).mean())

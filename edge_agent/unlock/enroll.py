@@ -10,6 +10,7 @@ import cv2
 import numpy as np
 
 from .analyzer import AnalyzedFace, FaceAnalyzer
+from .calibration import ENROL_IMAGES
 from .geometry import mean_eye_aspect_ratio, roll_degrees, yaw_ratio
 from .sources import FrameSource
 from .store import Enrolment, TemplateStore, validate_name
@@ -57,7 +58,7 @@ class EnrolResult:
     rejected: Counter  # reason -> frames
 
 
-def enroll(name: str, source: FrameSource, analyzer: FaceAnalyzer, store: TemplateStore, templates: int = 5,
+def enroll(name: str, source: FrameSource, analyzer: FaceAnalyzer, store: TemplateStore, templates: int = ENROL_IMAGES,
            max_frames: int = 300, gates: QualityGates = QualityGates()) -> EnrolResult:
     """Keep up to `templates` good frames, spread evenly over those seen (at most max_frames are read; a live
     source stops once it has four times the templates needed), and save them under `name`."""

@@ -22,6 +22,7 @@ from safetensors.numpy import save as save_safetensors
 from model_zoo import align
 
 from .analyzer import ModelRef
+from .calibration import mean_template
 
 STORE_FORMAT = "facefed-unlock-templates"
 DIR_MODE, FILE_MODE = 0o700, 0o600
@@ -57,9 +58,7 @@ class Enrolment:
                              f"for {len(self.chips)} chips")
 
     def template(self) -> np.ndarray:
-        """The owner's template: the L2-normalised mean of the enrolment embeddings (one comparison per face)."""
-        mean = self.embeddings.astype(np.float64).mean(axis=0)
-        return (mean / max(np.linalg.norm(mean), 1e-12)).astype(np.float32)
+        return mean_template(self.embeddings)
 
 
 class TemplateStore:
