@@ -20,6 +20,25 @@ class WeightedSum:
         self.total_weight = 0
         self.count = 0
 
+    @classmethod
+    def from_sums(cls, sums: Mapping[str, np.ndarray], dtypes: Mapping[str, np.dtype], total_weight: int,
+                  count: int) -> WeightedSum:
+        """A partial sum rebuilt from its float64 `sums` (e.g. a shard worker's); `dtypes` are the mean's dtypes."""
+        if set(sums) != set(dtypes):
+            raise ValueError(f"partial sum holds {sorted(sums)}, the global model {sorted(dtypes)}")
+        if any(np.asarray(value).dtype != np.float64 for value in sums.values()):
+            raise ValueError("partial sums travel as float64")
+        acc = cls()
+        acc._sums = {name: np.array(value, dtype=np.float64) for name, value in sums.items()}
+        acc._dtypes = dict(dtypes)
+        acc.total_weight, acc.count = total_weight, count
+        return acc
+
+    @property
+    def sums(self) -> dict[str, np.ndarray]:
+        """The float64 sums of n_k * w_k, as a partial sum travels."""
+        return dict(self._sums)
+
     def add(self, tensors: Mapping[str, np.ndarray], weight: int) -> None:
         if weight <= 0:
             raise ValueError(f"weight must be positive, got {weight}")

@@ -164,12 +164,7 @@ class AggregatorService:
 
     def _serve_until_done(self) -> None:
         while self.model_version < self.config.rounds:
-            try:
-                event = self.events.get(timeout=STREAM_POLL_S)
-            except queue.Empty:
-                pass
-            else:
-                self.handle_event(event)
+            self.handle_next_event()
             if self._link.connections != self._link_connections:
                 self._republish_retained()
             self._check_round_close(time.time())
@@ -320,6 +315,14 @@ class AggregatorService:
                  self.model_version, self.state.checkpoint_path(self.model_version))
 
     # ---- inbound messages ---------------------------------------------------
+
+    def handle_next_event(self) -> None:
+        """Handle the next inbound message, if one arrives within STREAM_POLL_S."""
+        try:
+            event = self.events.get(timeout=STREAM_POLL_S)
+        except queue.Empty:
+            return
+        self.handle_event(event)
 
     def handle_event(self, event: tuple[str, bytes, Callable[[], None]]) -> None:
         topic, payload, ack = event

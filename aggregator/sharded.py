@@ -23,20 +23,18 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import queue
 import subprocess
 import sys
 import time
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 
 from aggregator.config import AggregatorConfig
 from aggregator.fedavg import WeightedSum
-from aggregator.service import STREAM_POLL_S, AggregatorService, OpenRound
+from aggregator.service import AggregatorService, OpenRound
 from fedwire.chunking import CompletedTransfer, Reassembler, build_transfer
 from fedwire.errors import ProtocolError
 from fedwire.messages import (
@@ -60,25 +58,6 @@ WORKER_STOP_TIMEOUT_S = 30.0
 def owner(device_id: str, workers: int) -> int:
     """The worker that aggregates `device_id`'s updates: stable across processes and machines."""
     return zlib.crc32(device_id.encode("utf-8")) % workers
-
-
-def partial_tensors(acc: WeightedSum) -> dict[str, np.ndarray]:
-    """The float64 sums Σ n_k·w_k of a partial sum, as they go on the wire."""
-    return dict(acc._sums)  # WeightedSum has no public accessor for its sums yet
-
-
-def partial_sum(sums: Mapping[str, np.ndarray], dtypes: Mapping[str, np.dtype], total_weight: int,
-                count: int) -> WeightedSum:
-    """Rebuild a worker's WeightedSum from its wire form; `dtypes` are the global model's (the mean's) dtypes."""
-    if set(sums) != set(dtypes):
-        raise ValueError(f"partial sum holds {sorted(sums)}, the global model {sorted(dtypes)}")
-    if any(np.asarray(value).dtype != np.float64 for value in sums.values()):
-        raise ValueError("partial sums travel as float64")
-    acc = WeightedSum()
-    acc._sums = {name: np.array(value, dtype=np.float64) for name, value in sums.items()}
-    acc._dtypes = dict(dtypes)
-    acc.total_weight, acc.count = total_weight, count
-    return acc
 
 
 @dataclass(frozen=True)
@@ -252,12 +231,7 @@ class ShardWorker(_NeedsMqtt5, AggregatorService):
             self._publish_worker_state("online")
             log.info("shard worker %d of %d ready", self.index, self.workers)
             while not self.finished:
-                try:
-                    event = self.events.get(timeout=STREAM_POLL_S)
-                except queue.Empty:
-                    pass
-                else:
-                    self.handle_event(event)
+                self.handle_next_event()
                 for dropped in self.reassembler.expire(time.time()):
                     log.warning("dropped incomplete transfer %s (chunks missing past timeout)", dropped)
         finally:
@@ -345,11 +319,11 @@ class ShardWorker(_NeedsMqtt5, AggregatorService):
             return
         if close.announce_id != current.announcement.announce_id:
             return  # a retained close of an earlier round (or of an earlier federation under this prefix)
-        acc = self.strategy._sum
+        acc = self.strategy.partial_sum
         transfer_id = ""
         if acc.count:
             manifest, chunks = build_transfer(
-                "update", f"shard-{self.index}", current.number, current.model_version, partial_tensors(acc),
+                "update", f"shard-{self.index}", current.number, current.model_version, acc.sums,
                 num_samples=acc.total_weight, metrics={"count": float(acc.count)},
                 max_chunk_bytes=self.config.max_chunk_bytes)
             self._link.publish_transfer(self.shard.partial_manifest(self.index),
@@ -406,10 +380,7 @@ class ShardReducer(_NeedsMqtt5, AggregatorService):
                 raise ConnectionError(f"only workers {sorted(self.online_workers)} of {self.workers} came online "
                                       f"within {self.config.round_timeout_s:.0f} s (start them with "
                                       "`facefed-aggregator worker --index I`)")
-            try:
-                self.handle_event(self.events.get(timeout=STREAM_POLL_S))
-            except queue.Empty:
-                pass
+            self.handle_next_event()
         log.info("all %d shard workers online", self.workers)
 
     def handle_message(self, topic: str, payload: bytes) -> None:
@@ -493,8 +464,8 @@ class ShardReducer(_NeedsMqtt5, AggregatorService):
                 continue
             try:
                 check_report(report, transfer.manifest)
-                self.strategy._sum.merge(partial_sum(transfer.tensors, dtypes, report_weight(report),
-                                                     len(report.clients)))
+                self.strategy.merge(WeightedSum.from_sums(transfer.tensors, dtypes, report_weight(report),
+                                                          len(report.clients)))
             except ValueError as exc:
                 log.error("round %d: partial sum of worker %d refused: %s", current.number, worker, exc)
                 continue

@@ -49,6 +49,15 @@ class FedAvg:
     def num_updates(self) -> int:
         return self._sum.count
 
+    @property
+    def partial_sum(self) -> WeightedSum:
+        """This round's running sum (what a shard worker hands to the reducer)."""
+        return self._sum
+
+    def merge(self, partial: WeightedSum) -> None:
+        """Add a shard worker's partial sum of this round (sums are additive)."""
+        self._sum.merge(partial)
+
     def aggregate(self) -> dict[str, np.ndarray]:
         return self._sum.mean()
 

@@ -7,6 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
+from edge_agent.unlock.calibration import ENROL_IMAGES
 from fedwire.config import ConfigError
 
 EXAMPLE_CONFIG = """\
@@ -76,7 +77,8 @@ def _add_unlock_parsers(sub) -> None:
         "the owner's aligned face chips and their embeddings in the template store. Nothing leaves the device.")
     enroll.add_argument("--name", required=True, help="the owner's name (letters, digits, . _ -)")
     enroll.add_argument("--source", required=True, help=source_help)
-    enroll.add_argument("--templates", type=int, default=5, help="templates to keep (default 5)")
+    enroll.add_argument("--templates", type=int, default=ENROL_IMAGES,
+                        help=f"templates to keep (default {ENROL_IMAGES}, what calibrate assumes)")
     enroll.add_argument("--max-frames", type=int, default=300, help="stop after this many frames (default 300)")
     enroll.add_argument("--fps", type=float, help="frame rate of an image folder (default 10)")
     common(enroll, "the deployed model, unlock.model in --config, else faceapi")

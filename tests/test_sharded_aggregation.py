@@ -18,8 +18,6 @@ from aggregator.sharded import (
     ShardReport,
     ShardTopics,
     owner,
-    partial_sum,
-    partial_tensors,
 )
 from fedwire.config import ConfigError
 from fedwire.errors import ProtocolError
@@ -53,7 +51,7 @@ def test_partial_sums_merge_to_the_single_process_mean() -> None:
         parts[i % 2].add(tensors, n)
     merged = WeightedSum()
     for part in parts:
-        merged.merge(partial_sum(partial_tensors(part), {"w": np.dtype(np.float32)}, part.total_weight, part.count))
+        merged.merge(WeightedSum.from_sums(part.sums, {"w": np.dtype(np.float32)}, part.total_weight, part.count))
     assert np.array_equal(merged.mean()["w"], single.mean()["w"]) and merged.mean()["w"].dtype == np.float32
 
 
