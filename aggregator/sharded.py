@@ -28,7 +28,7 @@ import sys
 import time
 import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 
@@ -41,9 +41,10 @@ from fedwire.messages import (
     DeviceStatus,
     RoundAnnouncement,
     TransferManifest,
+    ShardAccepted,
+    ShardClose,
+    ShardReport,
     UpdateAck,
-    _Fields,
-    _Message,
 )
 from fedwire.mqtt import SHARE_PREFIX
 
@@ -123,64 +124,6 @@ class ShardTopics:
         p = self.prefix
         return [f"{p}/status/+", f"{p}/shard/worker/+", f"{p}/shard/accepted/+", f"{p}/shard/report/+",
                 f"{p}/shard/partial/+/manifest", f"{p}/shard/partial/+/chunk/+"]
-
-
-# ---- messages between workers and reducer (JSON, rules of PROTOCOL.md section 4) -------------------------
-
-@dataclass
-class ShardClose(_Message):
-    """Reducer -> workers (retained): stop accepting updates for `round` and send your partial sum."""
-
-    round: int
-    announce_id: str  # of the round's latest announcement, so a stale retained close is never obeyed
-    protocol: int = 1
-
-    @classmethod
-    def from_fields(cls, f: _Fields) -> ShardClose:
-        return cls(f.integer("round"), f.text("announce_id"))
-
-
-@dataclass
-class ShardAccepted(_Message):
-    """Worker -> reducer: one more update entered worker `worker`'s partial sum (counts towards the quorum)."""
-
-    round: int
-    worker: int
-    device_id: str
-    num_samples: int
-    protocol: int = 1
-
-    @classmethod
-    def from_fields(cls, f: _Fields) -> ShardAccepted:
-        return cls(f.integer("round"), f.integer("worker"), f.device_id("device_id"), f.integer("num_samples"))
-
-
-@dataclass
-class ShardReport(_Message):
-    """Worker -> reducer, after its partial transfer: what the partial sum holds."""
-
-    round: int
-    worker: int
-    transfer_id: str  # the partial sum's transfer, "" when it holds no update
-    clients: dict[str, int] = field(default_factory=dict)  # device -> n_k
-    train_losses: dict[str, float] = field(default_factory=dict)
-    bytes_up: int = 0
-    rejected: int = 0
-    forwarded: int = 0  # messages this worker routed to other owners
-    protocol: int = 1
-
-    @classmethod
-    def from_fields(cls, f: _Fields) -> ShardReport:
-        clients = f.mapping("clients")
-        for device, n in clients.items():
-            if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
-                raise f.fail("clients", f"{device}: {n!r} is not a positive int")
-        report = cls(f.integer("round"), f.integer("worker"), f.text("transfer_id"), clients,
-                     f.float_map("train_losses"), f.integer("bytes_up"), f.integer("rejected"),
-                     f.integer("forwarded"))
-        if bool(report.clients) != bool(report.transfer_id):
-            raise f.fail("transfer_id", "must be set exactly when clients is not empty")
-        return report
 
 
 # ---- the link -------------------------------------------------------------------------------------------

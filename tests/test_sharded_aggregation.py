@@ -15,12 +15,12 @@ from aggregator.config import AggregatorConfig
 from aggregator.fedavg import WeightedSum
 from aggregator.sharded import (
     ShardReducer,
-    ShardReport,
     ShardTopics,
     owner,
 )
 from fedwire.config import ConfigError
 from fedwire.errors import ProtocolError
+from fedwire.messages import ShardReport
 from fedwire.mqtt import unshared
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
