@@ -47,6 +47,8 @@ pattern read {p}/ack/%u
 pattern read {p}/round
 pattern read {p}/global/manifest
 pattern read {p}/global/chunk/+
+pattern read {p}/global/full/manifest
+pattern read {p}/global/full/chunk/+
 pattern read {p}/summary
 
 # Only the aggregator reads updates and statuses and publishes rounds, global models, acks and summaries.
@@ -57,6 +59,8 @@ topic read {p}/status/+
 topic write {p}/round
 topic write {p}/global/manifest
 topic write {p}/global/chunk/+
+topic write {p}/global/full/manifest
+topic write {p}/global/full/chunk/+
 topic write {p}/ack/+
 topic write {p}/summary
 """

@@ -52,6 +52,7 @@ class TrainSettings:
     weight_decay: float = 5e-4
     margin: float = 0.5  # ArcFace additive angular margin of the devices' heads, in radians
     proximal_mu: float = 0.0  # FedProx: devices add mu/2 * ||w - w_global||^2 to their loss (0: plain FedAvg)
+    l2sp_alpha: float = 0.0  # L2-SP: devices add alpha/2 * ||w - w_version0||^2, a fixed pull to the pretrained model
     # Single-identity devices: this many fixed random negative class vectors, generated on each device from
     # anchor_seed, join every head as negatives (0: off). See model_zoo/losses/anchors.py.
     negative_anchors: int = 0
@@ -60,6 +61,7 @@ class TrainSettings:
     def check(self) -> None:
         require(self.local_epochs >= 1, "local_epochs", "must be >= 1")
         require(0 <= self.proximal_mu <= 100, "proximal_mu", "must be in [0, 100]")
+        require(0 <= self.l2sp_alpha <= 1e5, "l2sp_alpha", "must be in [0, 1e5]")
         require(0 <= self.negative_anchors <= 65536, "negative_anchors", "must be in [0, 65536] (0 = off)")
         require(self.anchor_seed >= 0, "anchor_seed", "must be >= 0")
         require(0 <= self.margin < 1.5, "margin", "must be in [0, 1.5) radians")
@@ -112,7 +114,11 @@ class AggregatorConfig:
     tls: TlsConfig = field(default_factory=TlsConfig)  # files for an mqtts:// broker
     strategy: Literal["fedavg", "fedavgm", "fedadam", "median", "trimmed_mean"] = "fedavg"
     server_lr: float | None = None  # fedavgm/fedadam step size; None: 1.0 for fedavgm, 0.01 for fedadam
-    update_codec: Literal["safetensors", "int8-delta"] = "safetensors"  # announced: how devices send updates
+    update_codec: Literal["safetensors", "int8-delta", "topk-int8-delta"] = "safetensors"  # announced: how devices send updates
+    update_topk: float = 0.1  # topk-int8-delta: share of each kernel's elements a device sends (announced)
+    # How the global model is published: safetensors (float32, full) or int8-delta (a delta against the previous
+    # version, the full model retained on {prefix}/global/full/... for devices that lack it). PROTOCOL.md 5.2.
+    download_codec: Literal["safetensors", "int8-delta"] = "safetensors"
     fraction_fit: float = 1.0  # share of the known devices sampled into each round
     seed: int = 0  # client sampling
     clip_norm: float | None = None  # bound each update's L2 distance from the global model
@@ -144,6 +150,9 @@ class AggregatorConfig:
         if self.signing_key is not None:
             require(self.signing_key.is_file(), "signing_key", f"no such file: {self.signing_key}")
         require(1 <= self.shard_workers <= 256, "shard_workers", "must be in [1, 256]")
+        require(0 < self.update_topk <= 1, "update_topk", "must be in (0, 1]")
+        require(self.download_codec == "safetensors" or self.shard_workers == 1, "download_codec",
+                "int8-delta downloads need shard_workers: 1 (workers read the global model as float32)")
         if self.shard_workers > 1:
             require(self.broker is not None, "shard_workers",
                     "needs an MQTT 5 broker with shared subscriptions (set broker: mqtt://...; the embedded "

@@ -25,7 +25,8 @@ from aggregator.validation import UpdateRejected, check_finite, check_running_va
 from fedwire.broker import EmbeddedBroker
 from fedwire.chunking import Reassembler, build_transfer, unpack_chunk
 from fedwire.codec import tensor_specs
-from fedwire.compression import INT8_DELTA, decode_int8_delta, wire_specs
+from fedwire.compression import (INT8_DELTA, PLAIN, as_global_delta, decode_update, encode_global_delta,
+                                 wire_specs)
 from fedwire.errors import ProtocolError
 from fedwire.messages import DeviceStatus, RoundAnnouncement, RoundSummary, TransferManifest, UpdateAck
 from fedwire.mqtt import MqttLink
@@ -36,6 +37,10 @@ from model_zoo.checkpoint import load_checkpoint, load_shared_tensors, shared_te
 log = logging.getLogger("facefed.aggregator")
 
 STREAM_POLL_S = 0.2
+# Chunk data of uploads in progress kept in memory; beyond it, on disk (fedwire.chunking.Reassembler). Chunks come
+# before their manifest, so each upload in progress holds up to a whole payload until then: without a budget the
+# memory would grow with the number of devices uploading at the same moment.
+REASSEMBLY_MEMORY_BYTES = 32 * 2**20
 PUBLISH_RETRY_S = 1.0  # pause between attempts to publish retained state while the broker is away
 
 
@@ -63,7 +68,8 @@ class AggregatorService:
         self.state = StateDir(config.state_dir)
         self.strategy = build_strategy(config.strategy, _train_dict(config), config.clip_norm, config.trim_fraction,
                                        config.server_lr)
-        self.reassembler = Reassembler(max_payload_bytes=config.max_update_bytes, timeout_s=config.round_timeout_s)
+        self.reassembler = Reassembler(max_payload_bytes=config.max_update_bytes, timeout_s=config.round_timeout_s,
+                                       memory_budget_bytes=REASSEMBLY_MEMORY_BYTES, spill_dir=self.state.root)
         # (topic, payload, ack): acked once handled, so the broker, not this process, holds any backlog.
         self.events: queue.Queue[tuple[str, bytes, Callable[[], None]]] = queue.Queue()
         self.backbone = build_backbone(config.model.arch, **config.model.backbone_kwargs())
@@ -78,6 +84,11 @@ class AggregatorService:
         self._link: MqttLink | None = None
         self._link_connections = 0  # the link's connection count when the retained state was last published
         self._global_transfer: tuple[TransferManifest, list[bytes]] | None = None
+        # download_codec int8-delta (PROTOCOL.md 5.2): the full model, retained apart for devices without the base
+        self._full_transfer: tuple[TransferManifest, list[bytes]] | None = None
+        self._global_delta: tuple[int, dict[str, np.ndarray]] | None = None  # (version, wire tensors vs version - 1)
+        self._download_residual: dict[str, np.ndarray] = {}  # server-side error feedback of the download delta
+        self._chunks_retained: dict[str, int] = {}  # chunk topic prefix -> chunks retained there by us
         self._retained: dict[str, bytes] = {}  # topic -> last retained message (round, summary)
 
     # ---- lifecycle -------------------------------------------------------
@@ -228,7 +239,7 @@ class AggregatorService:
 
     def _close_round(self) -> None:
         current = self.current
-        new_tensors = self.strategy.aggregate()
+        new_tensors = self._compress_download(self.strategy.aggregate(), current.number)
         self.global_tensors = new_tensors
         self.model_version = current.number
         load_shared_tensors(self.backbone, new_tensors)
@@ -257,23 +268,53 @@ class AggregatorService:
         if self.model_version < self.config.rounds:
             self._open_round(self.model_version + 1)
 
+    def _compress_download(self, new_tensors: dict[str, np.ndarray], version: int) -> dict[str, np.ndarray]:
+        """download_codec int8-delta: the new global model becomes what devices rebuild from the delta."""
+        if self.config.download_codec != INT8_DELTA:
+            return new_tensors
+        wire, decoded, self._download_residual = encode_global_delta(new_tensors, self.global_tensors,
+                                                                     self._download_residual)
+        self._global_delta = (version, wire)
+        return decoded
+
     def _publish_global(self) -> None:
-        manifest, chunks = build_transfer(
-            "global", "aggregator", self.model_version, self.model_version, self.global_tensors,
-            max_chunk_bytes=self.config.max_chunk_bytes,
-        )
+        v = self.model_version
+        manifest, chunks = build_transfer("global", "aggregator", v, v, self.global_tensors,
+                                          max_chunk_bytes=self.config.max_chunk_bytes)
+        self._full_transfer = None
+        if self.config.download_codec == INT8_DELTA:
+            self._full_transfer = (self._signed(manifest), chunks)
+            if self._global_delta is not None and self._global_delta[0] == v:
+                # Devices holding v - 1 rebuild v from the delta; manifest.payload_sha256 is the full model's hash.
+                delta, delta_chunks = build_transfer("global", "aggregator", v, v, self._global_delta[1],
+                                                     max_chunk_bytes=self.config.max_chunk_bytes)
+                manifest, chunks = as_global_delta(delta, v - 1, manifest.payload_sha256), delta_chunks
+            # else (version 0, or v after a restart: no delta kept): the global topics carry the full model too
         self._global_transfer = (self._signed(manifest), chunks)
         self._publish_global_transfer()
-        log.debug("published global model v%d (%d bytes in %d chunks)", self.model_version, self.global_bytes, len(chunks))
+        log.debug("published global model v%d (%s, %d bytes in %d chunks)", v, manifest.codec, self.global_bytes,
+                  len(chunks))
 
     def _publish_global_transfer(self) -> None:
         manifest, chunks = self._global_transfer
+        full = self._full_transfer
 
         def publish() -> None:
+            if full is not None:  # first: a device told by the delta to fall back finds the full model retained
+                self._link.publish_transfer(self.topics.global_full_manifest, self.topics.global_full_chunk,
+                                            full[0], full[1], retain=True)
+                self._clear_stale_chunks(self.topics.global_full_chunk(""), len(full[1]))
             self.global_bytes = self._link.publish_transfer(self.topics.global_manifest, self.topics.global_chunk,
                                                             manifest, chunks, retain=True)
+            self._clear_stale_chunks(self.topics.global_chunk(0)[:-1], len(chunks))
 
         self._until_published(f"global model v{manifest.model_version}", publish)
+
+    def _clear_stale_chunks(self, chunk_prefix: str, count: int) -> None:
+        """A shorter transfer (a delta after a full model) leaves higher chunk indices retained: clear them."""
+        for index in range(count, self._chunks_retained.get(chunk_prefix, 0)):
+            self._link.publish(f"{chunk_prefix}{index}", b"", retain=True)
+        self._chunks_retained[chunk_prefix] = count
 
     def _publish_retained(self, topic: str, payload: bytes) -> None:
         self._retained[topic] = payload
@@ -381,7 +422,7 @@ class AggregatorService:
                 device_id=device_id,
                 current_round=current.number,
                 model_version=current.model_version,
-                expected=wire_specs(tensor_specs(self.global_tensors), manifest.codec),
+                expected=wire_specs(tensor_specs(self.global_tensors), manifest.codec, self.config.update_topk),
                 max_payload_bytes=self.config.max_update_bytes,
             )
         except UpdateRejected as exc:
@@ -425,8 +466,8 @@ class AggregatorService:
             return
         try:
             tensors = completed.tensors
-            if manifest.codec == INT8_DELTA:
-                tensors = decode_int8_delta(tensors, self.global_tensors)
+            if manifest.codec != PLAIN:  # int8-delta, topk-int8-delta: exact, against this round's global model
+                tensors = decode_update(tensors, self.global_tensors, manifest.codec)
             check_finite(tensors)
             check_running_variances(tensors)
             self.strategy.accumulate(tensors, manifest.num_samples)
@@ -456,8 +497,11 @@ class AggregatorService:
         self._send_ack(UpdateAck(device_id, manifest.round, manifest.transfer_id, False, reason))
 
     def _send_ack(self, ack: UpdateAck) -> None:
+        # Not waiting for the broker's PUBACK: while a publish of ours waits, the link reads past its window of
+        # unhandled messages (fedwire/mqtt.py), and an upload burst would pile up in self.events. paho delivers
+        # the ack, again after a reconnection if need be.
         try:
-            self._link.publish(self.topics.ack(ack.device_id), ack.to_json(), qos=1)
+            self._link.publish_nowait(self.topics.ack(ack.device_id), ack.to_json(), qos=1)
         except (ConnectionError, TimeoutError) as exc:
             # Whatever we decided is already recorded; the device resends after a reconnect and is answered again.
             log.warning("ack for %s's update %s not delivered: %s", ack.device_id, ack.transfer_id, exc)
@@ -505,8 +549,11 @@ def _train_dict(config: AggregatorConfig) -> dict[str, Any]:
     return {
         "local_epochs": t.local_epochs, "lr": t.lr, "momentum": t.momentum, "weight_decay": t.weight_decay,
         "margin": t.margin,
-        "proximal_mu": t.proximal_mu, "negative_anchors": t.negative_anchors, "anchor_seed": t.anchor_seed,
+        "proximal_mu": t.proximal_mu, "l2sp_alpha": t.l2sp_alpha,
+        "negative_anchors": t.negative_anchors, "anchor_seed": t.anchor_seed,
         "codec": config.update_codec,
+        **({"codec_topk": config.update_topk} if config.update_codec == "topk-int8-delta" else {}),
+        **({"download_codec": config.download_codec} if config.download_codec != PLAIN else {}),
         # Devices build the same backbone from this before loading the global tensors.
         "model": {"arch": m.arch, **{k: v for k, v in m.backbone_kwargs().items() if k not in MACHINE_LOCAL_KWARGS}},
     }

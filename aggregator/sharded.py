@@ -31,7 +31,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-
 from aggregator.config import AggregatorConfig
 from aggregator.fedavg import WeightedSum
 from aggregator.service import AggregatorService, OpenRound
@@ -40,13 +39,13 @@ from fedwire.errors import ProtocolError
 from fedwire.messages import (
     DeviceStatus,
     RoundAnnouncement,
-    TransferManifest,
     ShardAccepted,
     ShardClose,
     ShardReport,
+    TransferManifest,
     UpdateAck,
 )
-from fedwire.mqtt import SHARE_PREFIX
+from fedwire.mqtt import SHARE_PREFIX, HeldAck
 
 log = logging.getLogger("facefed.aggregator.sharded")
 
@@ -180,6 +179,36 @@ class ShardWorker(_NeedsMqtt5, AggregatorService):
         finally:
             self.close()
 
+    def handle_event(self, event: tuple[str, bytes, HeldAck]) -> None:  # type: ignore[override]
+        topic, payload, ack = event
+        target = self._foreign_owner(topic)
+        if target is None:
+            super().handle_event(event)
+            return
+        # The device's message is acknowledged once the broker holds the forwarded copy, so a worker that dies
+        # in between gets it again. Waiting here for that PUBACK would stall: it comes in behind the window.
+        ack.release()  # the window bounds what this process holds; paho keeps the copy until its PUBACK
+        try:
+            self._link.publish_nowait(self.shard.route(target, topic), payload, on_acked=ack)
+        except ConnectionError as exc:
+            log.warning("could not forward %s to worker %d: %s", topic, target, exc)
+            ack()  # the device gets no update ack and resends
+            return
+        self.forwarded += 1
+
+    def _foreign_owner(self, topic: str) -> int | None:
+        """The worker owning the device of an update message that reached this one, if it is another."""
+        if topic.startswith(f"{self.shard.prefix}/shard/"):
+            return None
+        try:
+            parsed = self.topics.parse(topic)
+        except ProtocolError:
+            return None
+        if parsed.kind not in ("update_manifest", "update_chunk"):
+            return None
+        target = owner(parsed.device_id, self.workers)
+        return None if target == self.index else target
+
     def handle_message(self, topic: str, payload: bytes) -> None:
         routed = self.shard.unroute(topic, self.index)
         if routed is not None:  # another worker forwarded one of our devices' messages
@@ -190,13 +219,8 @@ class ShardWorker(_NeedsMqtt5, AggregatorService):
                 self._on_close(ShardClose.from_json(payload))
                 return
             parsed = self.topics.parse(topic)
-            if parsed.kind in ("update_manifest", "update_chunk"):
-                target = owner(parsed.device_id, self.workers)
-                if target == self.index:
-                    super().handle_message(topic, payload)
-                else:
-                    self._link.publish(self.shard.route(target, topic), payload)
-                    self.forwarded += 1
+            if parsed.kind in ("update_manifest", "update_chunk"):  # our own device's: handle_event forwards others'
+                super().handle_message(topic, payload)
             elif parsed.kind == "round":
                 self._on_announcement(RoundAnnouncement.from_json(payload))
             elif parsed.kind == "global_manifest":

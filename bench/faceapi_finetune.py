@@ -21,7 +21,20 @@ images, cached across rounds), then seconds per local epoch, and the bytes a dev
 (safetensors payload of the shared tensors), for trainable projection / last / last2 / all and MobileFaceNet.
 The machine is shared: wall seconds move with other load, CPU seconds (process time) much less.
 
+Remedies (issue 3: fine-tuning must not make held-out figures worse than the pretrained net). Every version of
+the global model (version 0 = the pretrained net, then one per round) is scored on both held-out sets and on an
+operator-owned validation set, Yale (15 people never trained on or tested; frames -> 68 landmarks -> ArcFace
+crops), from frozen-trunk features computed once. Then:
+- `--l2sp-alpha A`: devices add A/2 * ||w - w_version0||^2 (L2-SP) to their loss; announced as the train setting
+  `l2sp_alpha`. `--federation in-process` runs the same devices (edge_agent.trainer.LocalTrainer, the agents'
+  settings and seeds) and the aggregator's own FedAvg (aggregator.fedavg.WeightedSum) in this process, without
+  the wire, for quick screens.
+- `--negative-anchors N`: N seeded random negative class vectors join every device head (model_zoo/losses).
+- server-side selection: the version the operator would deploy when choosing, among versions 0..R, the lowest
+  validation EER (ties: the earlier version), and what that version scores on the held-out sets.
+
     python -m bench.faceapi_finetune --json results.json
+    python -m bench.faceapi_finetune --federation in-process --l2sp-alpha 1000 --no-int8 --cost-epochs 0
 """
 
 from __future__ import annotations
@@ -37,18 +50,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from aggregator.fedavg import WeightedSum
 from facefed.simulate import SimulationConfig, prepare_partitions, run_simulation
 from fedwire.codec import encode_tensors
 from model_zoo import align
 from model_zoo.backbones import build_backbone
-from model_zoo.checkpoint import load_checkpoint, shared_tensors
+from model_zoo.checkpoint import load_checkpoint, load_shared_tensors, save_checkpoint, shared_tensors
 from model_zoo.data import FaceDataset, load_dataset, save_folders, shared_datasets_root, to_model_input
 from model_zoo.evaluate import evaluate_embeddings
 from edge_agent.backends import load_embedder
 from model_zoo.export import Int8Trunk, export_model
 from model_zoo.losses import ArcFaceHead
 from model_zoo.pipeline import FacePipeline
-from model_zoo.train import TrainConfig, TrunkFeatureCache, embed_images, train_local
+from model_zoo.train import TrainConfig, TrunkFeatureCache, embed_images, train_local, trunk_features
 
 COST_MODELS = (("faceapi-resnet", "projection"), ("faceapi-resnet", "last"), ("faceapi-resnet", "last2"),
                ("faceapi-resnet", "all"), ("mobilefacenet", None))
@@ -73,6 +87,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="devices run the frozen trunk in fp32 (torch) or int8 (ONNX Runtime) while training")
     parser.add_argument("--cost-epochs", type=int, default=2,
                         help="epochs timed per device-cost row (0: skip the device-cost rows)")
+    parser.add_argument("--federation", choices=["mqtt", "in-process"], default="mqtt",
+                        help="mqtt: facefed simulate's processes over an embedded broker (default); in-process: "
+                        "the same LocalTrainers and FedAvg code in this process, no wire")
+    parser.add_argument("--l2sp-alpha", type=float, default=0.0,
+                        help="L2-SP pull towards the pretrained weights (model version 0), announced as l2sp_alpha")
+    parser.add_argument("--negative-anchors", type=int, default=0,
+                        help="seeded random negative class vectors in every device head (0: off)")
+    parser.add_argument("--weight-decay", type=float, default=None, help="announced weight decay (default 5e-4)")
+    parser.add_argument("--validation", type=Path, default=shared / "yale",
+                        help="the operator's validation set for server-side selection (default Yale; '' to skip)")
+    parser.add_argument("--no-int8", action="store_true", help="skip the onnx-int8 export and the int8 trunk rows")
     parser.add_argument("--out", type=Path, default=None, help="keep the federation's run folder here")
     parser.add_argument("--json", type=Path, default=None, help="write the results here as JSON")
     return parser.parse_args(argv)
@@ -104,6 +129,91 @@ def federate(sim_config: SimulationConfig) -> tuple[Path, list[dict]]:
         f"  round {entry['round']}: clients {entry['clients']}, {entry['bytes_up'] / 1e6:.1f} MB up, "
         f"held-out EER {entry.get('eer', float('nan')):.4f} ({time.perf_counter() - start:.0f} s)", flush=True))
     return result.final_checkpoint, result.rounds
+
+
+def remedy_settings(args: argparse.Namespace) -> dict:
+    """Announced train settings beyond local_epochs, lr and margin."""
+    extra = {}
+    if args.l2sp_alpha > 0:
+        extra["l2sp_alpha"] = args.l2sp_alpha
+    if args.negative_anchors > 0:
+        extra.update(negative_anchors=args.negative_anchors, anchor_seed=args.seed)
+    if args.weight_decay is not None:
+        extra["weight_decay"] = args.weight_decay
+    return extra
+
+
+def check_announceable(extra: dict) -> None:
+    """The MQTT route announces what aggregator.config.TrainSettings holds; anything else stops the aggregator."""
+    import dataclasses
+
+    from aggregator.config import TrainSettings
+
+    missing = sorted(set(extra) - {f.name for f in dataclasses.fields(TrainSettings)})
+    if missing:
+        raise SystemExit(f"the aggregator cannot announce {', '.join(missing)} yet (aggregator.config.TrainSettings "
+                         "and aggregator.service._train_dict lack it): use --federation in-process")
+
+
+def federate_in_process(clients: list[FaceDataset], args: argparse.Namespace, extra: dict, workdir: Path
+                        ) -> tuple[list[dict], list[dict]]:
+    """The agents' training (LocalTrainer, batch 32, augmentation, seed + 1000 k, state in workdir) and the
+    aggregator's FedAvg (WeightedSum over n_k), in this process: (global tensors of versions 0..R, round log)."""
+    from edge_agent.trainer import LocalTrainer
+
+    spec = {"arch": "faceapi-resnet", "trainable": args.trainable}
+    trainers = [LocalTrainer(part, workdir / f"client-{k}" / "state", batch_size=32, augment=True,
+                             seed=args.seed + 1000 * k, trunk_precision=args.trunk_precision)
+                for k, part in enumerate(clients)]
+    versions = [shared_tensors(build_backbone("faceapi-resnet", trainable=args.trainable))]
+    settings = {"local_epochs": args.local_epochs, "lr": args.lr, "margin": args.margin, **extra}
+    log, start = [], time.perf_counter()
+    for number in range(1, args.rounds + 1):
+        total, losses, bytes_up = WeightedSum(), [], 0
+        for trainer in trainers:
+            out = trainer.train_round(number, versions[-1], spec, settings, args.local_epochs)
+            total.add(out.tensors, out.result.num_samples)
+            losses.append((out.result.loss, out.result.num_samples))
+            bytes_up += len(encode_tensors(out.tensors))
+        versions.append(total.mean())
+        loss = sum(l * n for l, n in losses) / sum(n for _, n in losses)
+        log.append({"round": number, "clients": len(trainers), "bytes_up": bytes_up, "train_loss": loss})
+        print(f"  round {number}: clients {len(trainers)}, {bytes_up / 1e6:.1f} MB up, train loss {loss:.4f} "
+              f"({time.perf_counter() - start:.0f} s)", flush=True)
+    return versions, log
+
+
+# --- every version on the held-out sets and the validation set, from trunk features computed once ---
+
+def version_table(trainable: str, versions: list[dict], sets: dict[str, tuple[np.ndarray, np.ndarray]]
+                  ) -> list[dict]:
+    """For each version: {name: (EER, TAR@1e-3, accuracy)} per set; the trunk runs once per image."""
+    net = build_backbone("faceapi-resnet", trainable=trainable).eval()
+    features = {name: trunk_features(net, images) for name, (images, _) in sets.items()}
+    table = []
+    for number, tensors in enumerate(versions):
+        load_shared_tensors(net, tensors)
+        row = {"version": number}
+        with torch.no_grad():
+            for name, (_, labels) in sets.items():
+                f = features[name]
+                emb = torch.cat([net.forward_tail(f[i:i + 128]) for i in range(0, len(f), 128)]).numpy()
+                report = evaluate_embeddings(emb, labels)
+                row[name] = {"eer": report["eer"], "tar_at_far_1e-3": report["tar_at_far"]["1e-3"],
+                             "accuracy": report["accuracy"]}
+        table.append(row)
+    return table
+
+
+def select_version(table: list[dict], validation: str) -> int:
+    """Server-side selection: the version with the lowest validation EER; ties go to the earlier version."""
+    return min(table, key=lambda row: (round(row[validation]["eer"], 6), row["version"]))["version"]
+
+
+def checkpoint_versions(state_dir: Path) -> list[dict]:
+    """Global tensors of every version the aggregator wrote (round-0000 = version 0)."""
+    paths = sorted((state_dir / "checkpoints").glob("round-*.safetensors"))
+    return [shared_tensors(load_checkpoint(path)[0]) for path in paths]
 
 
 # --- ORL: landmarks once, two kinds of input ---
@@ -178,6 +288,9 @@ def device_cost(arch: str, trainable: str | None, data: FaceDataset, epochs: int
 
 def run(args: argparse.Namespace) -> dict:
     torch.set_num_threads(1)
+    extra = remedy_settings(args)
+    if args.federation == "mqtt":
+        check_announceable(extra)
     celeb = load_dataset(args.celeb, layout="folders")
     limited = first_per_identity(celeb, args.train_per_identity)
     with tempfile.TemporaryDirectory() as tmp:
@@ -187,19 +300,30 @@ def run(args: argparse.Namespace) -> dict:
             data=[Path(tmp) / "celeb"], out=out, clients=args.clients, rounds=args.rounds,
             local_epochs=args.local_epochs, lr=args.lr, margin=args.margin, holdout=args.holdout, seed=args.seed,
             arch="faceapi-resnet", model_options={"trainable": args.trainable},
-            trunk_precision=args.trunk_precision)
+            trunk_precision=args.trunk_precision, train_extra=extra)
         clients, held_out_small = prepare_partitions(load_dataset(Path(tmp) / "celeb", layout="folders"), sim_config)
-        print(f"federation: {args.clients} clients ({', '.join(str(len(c)) for c in clients)} images), "
-              f"held out: {', '.join(held_out_small.identities)}", flush=True)
-        final_path, rounds = federate(sim_config)
+        print(f"federation ({args.federation}): {args.clients} clients "
+              f"({', '.join(str(len(c)) for c in clients)} images), held out: "
+              f"{', '.join(held_out_small.identities)}; announced extra settings {extra or 'none'}", flush=True)
+        if args.federation == "mqtt":
+            final_path, rounds = federate(sim_config)
+            versions = checkpoint_versions(out / "aggregator")
+        else:
+            versions, rounds = federate_in_process(clients, args, extra, Path(tmp) / "in-process")
+            final_path = Path(tmp) / "final.safetensors"
+            final_net = build_backbone("faceapi-resnet", trainable=args.trainable)
+            load_shared_tensors(final_net, versions[-1])
+            save_checkpoint(final_path, final_net, {"model_version": args.rounds})
         fine_tuned, _ = load_checkpoint(final_path)
         calibration = np.concatenate([c.images for c in clients])
         calibration = calibration[np.random.default_rng(args.seed).choice(len(calibration), 128, replace=False)]
-        print("exporting the fine-tuned model as deployed: onnx-int8 ...", flush=True)
-        with contextlib.redirect_stdout(io.StringIO()):
-            deployed = load_embedder(export_model(final_path, "onnx-int8", Path(tmp) / "export", calibration,
-                                                  model_version=args.rounds).model_path)
-            deployed_celeb = deployed.embed(identities_subset(celeb, held_out_small.identities).images)
+        deployed = deployed_celeb = None
+        if not args.no_int8:
+            print("exporting the fine-tuned model as deployed: onnx-int8 ...", flush=True)
+            with contextlib.redirect_stdout(io.StringIO()):
+                deployed = load_embedder(export_model(final_path, "onnx-int8", Path(tmp) / "export", calibration,
+                                                      model_version=args.rounds).model_path)
+                deployed_celeb = deployed.embed(identities_subset(celeb, held_out_small.identities).images)
     pretrained = build_backbone("faceapi-resnet", trainable=args.trainable)
     held_out = identities_subset(celeb, held_out_small.identities)
 
@@ -207,9 +331,10 @@ def run(args: argparse.Namespace) -> dict:
     rows = [verification_row("pretrained", "celeb-dev held out", embed_images(pretrained, held_out.images),
                              held_out.labels),
             verification_row("fine-tuned", "celeb-dev held out", embed_images(fine_tuned, held_out.images),
-                             held_out.labels),
-            verification_row("fine-tuned, deployed onnx-int8", "celeb-dev held out", deployed_celeb,
                              held_out.labels)]
+    if deployed is not None:
+        rows.append(verification_row("fine-tuned, deployed onnx-int8", "celeb-dev held out", deployed_celeb,
+                                     held_out.labels))
     orl = load_dataset(args.orl)
     pipeline = FacePipeline(detector_input_size=128)
     landmarks = frame_landmarks(pipeline, orl.images)
@@ -217,11 +342,24 @@ def run(args: argparse.Namespace) -> dict:
     crops = arcface_crops(orl.images, landmarks)
     rows += [verification_row("pretrained, pipeline (dlib chip)", "ORL", pipeline.embed_chips(chips), orl.labels),
              verification_row("pretrained", "ORL", embed_images(pretrained, crops), orl.labels),
-             verification_row("fine-tuned", "ORL", embed_images(fine_tuned, crops), orl.labels),
-             verification_row("fine-tuned, deployed onnx-int8", "ORL", deployed.embed(crops), orl.labels)]
+             verification_row("fine-tuned", "ORL", embed_images(fine_tuned, crops), orl.labels)]
+    if deployed is not None:
+        rows.append(verification_row("fine-tuned, deployed onnx-int8", "ORL", deployed.embed(crops), orl.labels))
 
-    print("int8 trunk ...", flush=True)
-    int8_rows = int8_trunk_check(args.trainable, calibration, held_out)
+    sets = {"celeb-dev held out": (held_out.images, held_out.labels), "ORL": (crops, orl.labels)}
+    if args.validation and str(args.validation) not in ("", ".") and Path(args.validation).is_dir():
+        print("validation set (operator's) ...", flush=True)
+        validation = load_dataset(args.validation)
+        sets["validation"] = (arcface_crops(validation.images, frame_landmarks(FacePipeline(), validation.images)),
+                              validation.labels)
+    print(f"scoring versions 0..{len(versions) - 1} ...", flush=True)
+    per_version = version_table(args.trainable, versions, sets)
+    selected = select_version(per_version, "validation") if "validation" in sets else None
+
+    int8_rows = []
+    if not args.no_int8:
+        print("int8 trunk ...", flush=True)
+        int8_rows = int8_trunk_check(args.trainable, calibration, held_out)
 
     print("device cost ...", flush=True)
     cost_rows = [device_cost(arch, trainable, clients[0], args.cost_epochs) for arch, trainable in COST_MODELS
@@ -231,27 +369,34 @@ def run(args: argparse.Namespace) -> dict:
         "clients": args.clients, "client_images": [len(c) for c in clients],
         "train_per_identity": args.train_per_identity, "rounds": args.rounds, "local_epochs": args.local_epochs,
         "trainable": args.trainable, "trunk_precision": args.trunk_precision, "lr": args.lr, "margin": args.margin, "seed": args.seed,
-        "federation": "facefed simulate code: embedded MQTT broker, aggregator and agent processes",
+        "announced_extra": extra, "validation": str(args.validation) if "validation" in sets else None,
+        "federation": ("facefed simulate code: embedded MQTT broker, aggregator and agent processes"
+                       if args.federation == "mqtt" else
+                       "in-process: the agents' LocalTrainer and the aggregator's WeightedSum, no wire"),
         "torch_threads": torch.get_num_threads(),
         "round_log": [{k: r.get(k) for k in ("round", "clients", "bytes_up", "train_loss", "eer")} for r in rounds],
         "verification": rows, "int8_trunk": int8_rows, "device_cost": cost_rows,
+        "per_version": per_version, "selected_version": selected,
     }
 
 
 def print_tables(results: dict) -> None:
     print(f"\nheld out: {', '.join(results['held_out_identities'])}; {results['clients']} clients "
           f"({results['client_images']} images), {results['rounds']} rounds x {results['local_epochs']} local "
-          f"epochs, trainable {results['trainable']}, lr {results['lr']}, margin {results['margin']}")
+          f"epochs, trainable {results['trainable']}, lr {results['lr']}, margin {results['margin']}, "
+          f"extra settings {results.get('announced_extra') or 'none'}; {results['federation']}")
     print(f"{'round':>5} {'clients':>7} {'MB up':>7} {'train loss':>10} {'EER (aggregator eval)':>22}")
     for r in results["round_log"]:
         loss = "-" if r["train_loss"] is None else f"{r['train_loss']:.4f}"
-        print(f"{r['round']:5d} {r['clients']:7d} {r['bytes_up'] / 1e6:7.2f} {loss:>10} {100 * r['eer']:21.2f}%")
+        eer = "-" if r.get("eer") is None else f"{100 * r['eer']:.2f}%"
+        print(f"{r['round']:5d} {r['clients']:7d} {r['bytes_up'] / 1e6:7.2f} {loss:>10} {eer:>22}")
     print(f"\n{'model':34} {'data':19} {'images':>6} {'genuine':>7} {'accuracy':>8} {'EER':>7} {'TAR@1e-3':>8} "
           f"{'rank-1':>7}")
     for row in results["verification"] + results["int8_trunk"]:
         print(f"{row['model']:34} {row['data']:19} {row['images']:6d} {row['genuine_pairs']:7d} "
               f"{100 * row['accuracy']:7.2f}% "
               f"{100 * row['eer']:6.2f}% {100 * row['tar_at_far_1e-3']:7.2f}% {100 * row['rank1']:6.2f}%")
+    print_versions(results)
     for row in results["int8_trunk"]:
         print(f"  {row['model']}: trunk {row['trunk_ms_per_image']:.2f} ms/image, "
               f"min cosine to the fp32 embeddings {row['min_cosine_to_fp32']:.5f}")
@@ -264,6 +409,20 @@ def print_tables(results: dict) -> None:
     for row in results["device_cost"]:
         print(f"{row['model']:15} {row['trainable']:9} {row['trained_parameters']:14,d} {row['trunk_once_s']:12.2f} "
               f"{row['epoch_wall_s']:12.2f} {row['epoch_cpu_s']:11.2f} {row['upload_bytes'] / 1e6:11.2f} MB")
+
+
+def print_versions(results: dict) -> None:
+    table = results.get("per_version") or []
+    if not table:
+        return
+    names = [k for k in table[0] if k != "version"]
+    print("\nevery global model version (0 = pretrained): EER / TAR@1e-3 / accuracy, %")
+    print(f"{'version':>7} " + " ".join(f"{name:>28}" for name in names))
+    for row in table:
+        cells = [f"{100 * row[n]['eer']:6.3f} / {100 * row[n]['tar_at_far_1e-3']:6.2f} / "
+                 f"{100 * row[n]['accuracy']:6.2f}" for n in names]
+        mark = "  <- selected on validation" if row["version"] == results.get("selected_version") else ""
+        print(f"{row['version']:7d} " + " ".join(f"{c:>28}" for c in cells) + mark)
 
 
 def main(argv: list[str] | None = None) -> None:

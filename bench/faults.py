@@ -29,7 +29,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -341,10 +342,21 @@ def _devices(count: int, first: int = 0, delay_s: float = 0.0, stagger_s: float 
             for i, k in enumerate(range(first, first + count))]
 
 
-def _start(folder: Path, record_updates: bool = False) -> Setup:
+@contextmanager
+def _scenario(folder: Path, verdict: Verdict, record_updates: bool = False) -> Iterator[Setup]:
+    """A broker and a watcher for one scenario. A wait that times out fails the verdict; at the end everything
+    started is stopped and the verdict timed."""
+    start = time.monotonic()
     broker = Mosquitto(folder / "broker")
     broker.start()
-    return Setup(folder, broker, watcher=Watcher(broker.url, record_updates))
+    setup = Setup(folder, broker, watcher=Watcher(broker.url, record_updates))
+    try:
+        yield setup
+    except TimeoutError as exc:
+        verdict.check(str(exc), False)
+    finally:
+        setup.close()
+        verdict.seconds = time.monotonic() - start
 
 
 def _wait_online(setup: Setup, devices: list[Device]) -> None:
@@ -393,9 +405,7 @@ def _check_rounds(setup: Setup, verdict: Verdict, expected_clients: dict[int, li
 def scenario_broker_restart(folder: Path, devices: int = 4, sig: int = signal.SIGKILL, down_s: float = 1.0) -> Verdict:
     """Mosquitto is killed while agents upload round 1, and restarted on the same port (persistence on)."""
     verdict = Verdict(f"broker-restart ({signal.Signals(sig).name}, {devices} devices)")
-    start = time.monotonic()
-    setup = _start(folder, record_updates=True)
-    try:
+    with _scenario(folder, verdict, record_updates=True) as setup:
         fleet_devices = _devices(devices, stagger_s=0.05)
         setup.fleets.append(Fleet(folder, "fleet", setup.broker.url, fleet_devices))
         _wait_online(setup, fleet_devices)
@@ -421,20 +431,13 @@ def scenario_broker_restart(folder: Path, devices: int = 4, sig: int = signal.SI
         verdict.check("every agent reconnected", fleet_log.count("reconnected to") >= devices)
         verdict.check("all agents exited cleanly", setup.fleets[0].process.poll() == 0)
         verdict.notes.append(f"uploads resent after the restart: {fleet_log.count('again')}")
-    except TimeoutError as exc:
-        verdict.check(str(exc), False)
-    finally:
-        setup.close()
-        verdict.seconds = time.monotonic() - start
     return verdict
 
 
 def scenario_aggregator_sigkill(folder: Path, devices: int = 6, kill_after_acks: int = 3) -> Verdict:
     """The aggregator is SIGKILLed right after its k-th accepted ack of round 1, then restarted."""
     verdict = Verdict(f"aggregator-sigkill (after {kill_after_acks} acks, {devices} devices)")
-    start = time.monotonic()
-    setup = _start(folder, record_updates=True)
-    try:
+    with _scenario(folder, verdict, record_updates=True) as setup:
         fleet_devices = _devices(devices, stagger_s=0.6)
         setup.fleets.append(Fleet(folder, "fleet", setup.broker.url, fleet_devices))
         _wait_online(setup, fleet_devices)
@@ -468,11 +471,6 @@ def scenario_aggregator_sigkill(folder: Path, devices: int = 6, kill_after_acks:
                       sum(1 for a in watcher.accepted() if a.transfer_id == replayed.transfer_id) >= 2)
         _check_rounds(setup, verdict, {1: fleet_devices, 2: fleet_devices})
         verdict.notes.append(f"{len(acked_before_kill)} acks seen before the kill: {acked_ids}")
-    except TimeoutError as exc:
-        verdict.check(str(exc), False)
-    finally:
-        setup.close()
-        verdict.seconds = time.monotonic() - start
     return verdict
 
 
@@ -482,9 +480,7 @@ def scenario_devices_vanish(folder: Path, devices: int = 10, vanish_fraction: fl
     deadline closes the round with the rest."""
     doomed_count = max(1, round(devices * vanish_fraction))
     verdict = Verdict(f"devices-vanish ({doomed_count} of {devices} SIGKILLed mid-round)")
-    start = time.monotonic()
-    setup = _start(folder, record_updates=True)
-    try:
+    with _scenario(folder, verdict, record_updates=True) as setup:
         survivors = _devices(devices - doomed_count)
         doomed = _devices(doomed_count, first=devices - doomed_count, delay_s=1.0)
         setup.fleets += [Fleet(folder, "survivors", setup.broker.url, survivors),
@@ -503,20 +499,13 @@ def scenario_devices_vanish(folder: Path, devices: int = 10, vanish_fraction: fl
         verdict.check(f"the deadline closed round 1 with {len(survivors)} of {devices}",
                       f"closing with {len(survivors)} of {devices} clients" in agg.log_text())
         _check_rounds(setup, verdict, {1: survivors})
-    except TimeoutError as exc:
-        verdict.check(str(exc), False)
-    finally:
-        setup.close()
-        verdict.seconds = time.monotonic() - start
     return verdict
 
 
 def scenario_flood(folder: Path, devices: int = 4, flood_mb: int = 256, max_update_mb: int = 16) -> Verdict:
     """One device floods garbage, oversized and never-finished transfers while the others train."""
     verdict = Verdict(f"flood ({flood_mb} MB of junk from one device, {devices} honest devices)")
-    start = time.monotonic()
-    setup = _start(folder)
-    try:
+    with _scenario(folder, verdict) as setup:
         honest = _devices(devices, delay_s=1.5, stagger_s=0.3)
         setup.fleets.append(Fleet(folder, "fleet", setup.broker.url, honest))
         _wait_online(setup, honest)
@@ -555,11 +544,6 @@ def scenario_flood(folder: Path, devices: int = 4, flood_mb: int = 256, max_upda
                       not any(a.device_id == "flooder" for a in setup.watcher.accepted()))
         verdict.check("junk was logged and dropped", "dropped" in agg.log_text())
         _check_rounds(setup, verdict, {1: honest})
-    except TimeoutError as exc:
-        verdict.check(str(exc), False)
-    finally:
-        setup.close()
-        verdict.seconds = time.monotonic() - start
     return verdict
 
 
@@ -603,9 +587,7 @@ def _flood(url: str, device_id: str, total_bytes: int) -> int:
 def scenario_skew_and_late(folder: Path, devices: int = 4, skew_s: float = 3600.0) -> Verdict:
     """Device clocks +1 h and -1 h off; during round 2, updates for round 1 arrive (a replay and a fresh one)."""
     verdict = Verdict(f"clock-skew-and-late (+/-{skew_s:.0f} s clocks, {devices} devices)")
-    start = time.monotonic()
-    setup = _start(folder, record_updates=True)
-    try:
+    with _scenario(folder, verdict, record_updates=True) as setup:
         ahead = _devices(devices // 2, prefix="ahead")
         behind = _devices(devices - devices // 2, first=devices // 2, prefix="behind", delay_s=0.5)
         setup.fleets += [Fleet(folder, "ahead", setup.broker.url, ahead, clock_skew_s=skew_s),
@@ -640,11 +622,6 @@ def scenario_skew_and_late(folder: Path, devices: int = 4, skew_s: float = 3600.
                           f"refused with a reason ({ack.reason if ack else 'no ack'})",
                           ack is not None and "round 1 (current 2)" in ack.reason)
         _check_rounds(setup, verdict, {1: everyone, 2: everyone})
-    except TimeoutError as exc:
-        verdict.check(str(exc), False)
-    finally:
-        setup.close()
-        verdict.seconds = time.monotonic() - start
     return verdict
 
 

@@ -54,7 +54,7 @@ from fedwire.topics import Topics
 MOSQUITTO = Path("/usr/sbin/mosquitto")
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_S = 0.1
-UPLOAD_THREADS = 4  # concurrent uploads per device process
+UPLOAD_THREADS = 4  # concurrent uploads per device process (default of --upload-threads)
 ROUND_TIMEOUT_S = 1800.0
 
 
@@ -104,7 +104,7 @@ class DeviceCounters:
 
 
 def run_devices(broker: str, prefix: str, first: int, count: int, shapes: dict[str, list[int]], seed: int,
-                spread_s: float) -> dict:
+                spread_s: float, upload_threads: int = UPLOAD_THREADS) -> dict:
     """One device process: `count` devices, each its own MQTT connection; returns when the federation finishes.
 
     A device uploads at a fixed offset in [0, spread_s) after it sees the announcement (its "training time")."""
@@ -139,7 +139,7 @@ def run_devices(broker: str, prefix: str, first: int, count: int, shapes: dict[s
                 counters.bytes_up += sent
                 counters.uploads += 1
 
-    threads = [threading.Thread(target=uploader, daemon=True) for _ in range(UPLOAD_THREADS)]
+    threads = [threading.Thread(target=uploader, daemon=True) for _ in range(upload_threads)]
     for thread in threads:
         thread.start()
     handled: set[tuple[int, str]] = set()
@@ -302,7 +302,7 @@ def model_shapes(arch: str) -> dict[str, list[int]]:
 
 
 def run_fleet(devices: int, rounds: int, shard_workers: int, processes: int, broker: str | None, seed: int,
-              arch: str, workdir: Path, spread_s: float = 0.0) -> dict:
+              arch: str, workdir: Path, spread_s: float = 0.0, upload_threads: int = UPLOAD_THREADS) -> dict:
     """One federation of `devices` simulated devices; returns per-round figures."""
     shapes = model_shapes(arch)
     (workdir / "shapes.json").write_text(json.dumps(shapes))
@@ -322,7 +322,8 @@ def run_fleet(devices: int, rounds: int, shard_workers: int, processes: int, bro
     bounds = np.linspace(0, devices, procs + 1).astype(int)
     device_procs = [subprocess.Popen(
         [sys.executable, "-m", "bench.fleet_load", "--device-process", str(lo), str(hi - lo), "--broker", broker,
-         "--prefix", prefix, "--seed", str(seed), "--shapes", str(workdir / "shapes.json"), "--spread", str(spread_s)],
+         "--prefix", prefix, "--seed", str(seed), "--shapes", str(workdir / "shapes.json"), "--spread", str(spread_s),
+         "--upload-threads", str(upload_threads)],
         cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True) for lo, hi in itertools.pairwise(bounds) if hi > lo]
     for proc in device_procs:  # every device connected and subscribed before the first round opens
         line = proc.stdout.readline()
@@ -359,6 +360,7 @@ def run_fleet(devices: int, rounds: int, shard_workers: int, processes: int, bro
             stop(mosquitto)
     return {"devices": devices, "rounds": rounds_report(observer, cpu_marks, shapes, seed, rounds),
             "shard_workers": shard_workers, "device_processes": len(device_procs), "spread_s": spread_s,
+            "concurrent_uploads": len(device_procs) * upload_threads,
             "peak_rss_mb": dict(sampler.peak_mb), "device_counters": merge_counters(counters),
             "params": int(sum(np.prod(s) for s in shapes.values())), "arch": arch}
 
@@ -424,6 +426,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--spread", type=float, default=0.0, metavar="S",
                         help="each device uploads at a random offset in [0, S) s after the announcement, as if "
                         "training took that long (default 0: all at once, the worst case for the aggregator)")
+    parser.add_argument("--upload-threads", type=int, default=UPLOAD_THREADS, metavar="T",
+                        help=f"uploads in progress at once per device process (default {UPLOAD_THREADS}); with "
+                        "--processes P at most P*T devices upload at the same time")
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--keep", type=Path, help="keep logs and state in this folder instead of a temp dir")
     parser.add_argument("--device-process", nargs=2, type=int, metavar=("FIRST", "COUNT"), help=argparse.SUPPRESS)
@@ -434,10 +439,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.device_process is not None:
         first, count = args.device_process
         shapes = json.loads(args.shapes.read_text())
-        print(json.dumps(run_devices(args.broker, args.prefix, first, count, shapes, args.seed, args.spread)), flush=True)
+        print(json.dumps(run_devices(args.broker, args.prefix, first, count, shapes, args.seed, args.spread,
+                                     args.upload_threads)), flush=True)
         return 0
-    if min(args.devices) < 1 or args.rounds < 1 or args.shard_workers < 1 or args.processes < 1:
-        parser.error("--devices, --rounds, --shard-workers and --processes must be >= 1")
+    if min(args.devices) < 1 or min(args.rounds, args.shard_workers, args.processes, args.upload_threads) < 1:
+        parser.error("--devices, --rounds, --shard-workers, --processes and --upload-threads must be >= 1")
     if args.keep is not None:
         args.keep.mkdir(parents=True, exist_ok=True)
     results = []
@@ -445,7 +451,7 @@ def main(argv: list[str] | None = None) -> int:
         workdir = Path(tempfile.mkdtemp(prefix=f"fleet-{devices}-", dir=args.keep))
         try:
             results.append(run_fleet(devices, args.rounds, args.shard_workers, args.processes, args.broker,
-                                     args.seed, args.arch, workdir, args.spread))
+                                     args.seed, args.arch, workdir, args.spread, args.upload_threads))
         finally:
             if args.keep is None:
                 shutil.rmtree(workdir, ignore_errors=True)

@@ -17,10 +17,22 @@ import numpy as np
 from edge_agent.config import AgentConfig
 from edge_agent.train_window import may_train, read_device
 from edge_agent.trainer import LocalTrainer
-from fedwire.chunking import Reassembler, build_transfer
-from fedwire.compression import INT8_DELTA, PLAIN, encode_int8_delta
+from fedwire.chunking import CompletedTransfer, Reassembler, build_transfer
+from fedwire.codec import encode_tensors, sha256_hex
+from fedwire.compression import (
+    DEFAULT_TOPK_FRACTION,
+    PLAIN,
+    UPLOAD_CODECS,
+    decode_update,
+    encode_update,
+)
 from fedwire.errors import ProtocolError
-from fedwire.messages import DeviceStatus, RoundAnnouncement, TransferManifest, UpdateAck
+from fedwire.messages import (
+    DeviceStatus,
+    RoundAnnouncement,
+    TransferManifest,
+    UpdateAck,
+)
 from fedwire.mqtt import MqttLink
 from fedwire.signing import SignatureError, load_verify_key, verify
 
@@ -29,6 +41,7 @@ log = logging.getLogger("facefed.agent")
 POLL_S = 0.2
 GLOBAL_REFETCH_S = 15.0  # re-request retained global chunks if a transfer stalls this long
 ACK_TIMEOUT_S = 30.0  # send an update again if no ack came this long after it was sent
+FULL_MODEL_TIMEOUT_S = 60.0  # how long one fetch of the retained full model may take (download codec fallback)
 
 
 @dataclass
@@ -66,6 +79,9 @@ class EdgeAgent:
         self.status_state = "offline"
         self.last_refusal = ""
         self.residual: dict[str, np.ndarray] = {}  # int8-delta error feedback, kept on the device
+        self.full_fetches = 0  # download codec: full models fetched because a delta's base was missing
+        self._pending_full: TransferManifest | None = None  # a delta we could not apply, until the full model came
+        self._full_tried_at = 0.0
         self._waiting_since: float | None = None
         self._link: MqttLink | None = None
         self._verify_key = load_verify_key(config.aggregator_key) if config.aggregator_key else None
@@ -165,11 +181,98 @@ class EdgeAgent:
         if manifest.kind != "global" or manifest.sender != "aggregator":
             log.warning("ignored a global-topic transfer of kind %r from %r", manifest.kind, manifest.sender)
             return
-        self.global_model = GlobalModel(manifest.model_version, completed.tensors)
+        if manifest.codec != PLAIN:
+            self._on_global_delta(completed)
+            return
+        self._pending_full = None
+        self._set_global(manifest.model_version, completed.tensors, f"{completed.payload_bytes} bytes")
+
+    def _set_global(self, version: int, tensors: dict[str, np.ndarray], how: str) -> None:
+        self.global_model = GlobalModel(version, tensors)
         self._waiting_since = None
-        log.info("global model v%d received (%d tensors, %d bytes)", manifest.model_version,
-                 len(completed.tensors), completed.payload_bytes)
+        log.info("global model v%d received (%d tensors, %s)", version, len(tensors), how)
         self._refresh_enrolment()
+
+    def _on_global_delta(self, completed: CompletedTransfer) -> None:
+        """Download codec (PROTOCOL.md 5.2): rebuild version v from v - 1, or fetch the retained full model."""
+        manifest = completed.manifest
+        if self.global_model is not None and self.global_model.version == manifest.model_version:
+            return  # already rebuilt (a retained copy delivered again)
+        held = None if self.global_model is None else self.global_model.version
+        if held == manifest.base_version:
+            try:
+                tensors = decode_update(completed.tensors, self.global_model.tensors, manifest.codec)
+            except ProtocolError as exc:
+                log.warning("global model v%d: malformed delta (%s); fetching the full model", manifest.model_version, exc)
+            else:
+                if sha256_hex(encode_tensors(tensors)) == manifest.model_sha256:
+                    self._pending_full = None
+                    self._set_global(manifest.model_version, tensors,
+                                     f"delta from v{held}, {completed.payload_bytes} bytes")
+                    return
+                log.warning("global model v%d: the delta does not rebuild the announced model; fetching the full model",
+                            manifest.model_version)
+        else:
+            log.info("global model v%d is a delta against v%s but this device holds %s: fetching the full model",
+                     manifest.model_version, manifest.base_version, "nothing" if held is None else f"v{held}")
+        self._pending_full = manifest
+        self._try_full_model(time.time())
+
+    def _try_full_model(self, now: float) -> None:
+        wanted = self._pending_full
+        if wanted is None:
+            return
+        self._full_tried_at = now
+        tensors = self._fetch_full_model(wanted.model_version, wanted.model_sha256)
+        if tensors is None:
+            log.warning("full global model v%d not fetched yet; trying again in %.0f s", wanted.model_version,
+                        GLOBAL_REFETCH_S)
+            return
+        self._pending_full = None
+        self.full_fetches += 1
+        self._set_global(wanted.model_version, tensors, "full model, fallback")
+
+    def _fetch_full_model(self, version: int, sha256: str) -> dict[str, np.ndarray] | None:
+        """The retained full model `version` (its payload hashing to `sha256`), over a short-lived second link
+        subscribed only to the full-model topics, so devices that can apply deltas never receive it."""
+        events: queue.Queue[tuple[str, bytes]] = queue.Queue()
+        link = MqttLink(
+            self.config.broker, client_id=f"facefed-agent-{self.device_id}-full",
+            on_message=lambda topic, payload: events.put((topic, payload)),
+            subscriptions=[self.topics.global_full_manifest, self.topics.global_full_chunk("+")],
+            protocol=self.config.protocol,
+            tls=self.config.tls.files() if self.config.broker.startswith("mqtts://") else None,
+        )
+        reassembler = Reassembler(timeout_s=FULL_MODEL_TIMEOUT_S)
+        deadline = time.monotonic() + FULL_MODEL_TIMEOUT_S
+        try:
+            link.connect()
+            while time.monotonic() < deadline:
+                try:
+                    topic, payload = events.get(timeout=POLL_S)
+                except queue.Empty:
+                    continue
+                try:
+                    if topic == self.topics.global_full_manifest:
+                        completed = reassembler.add_manifest("full", self._trusted(TransferManifest.from_json(payload)),
+                                                             time.time())
+                    else:
+                        completed = reassembler.add_chunk("full", payload, time.time())
+                except ProtocolError as exc:  # SignatureError included: a forged full model is never used
+                    log.warning("full model fetch: dropped message on %s: %s", topic, exc)
+                    continue
+                if completed is None:
+                    continue
+                m = completed.manifest
+                if (m.kind, m.sender, m.codec, m.model_version, m.payload_sha256) == \
+                        ("global", "aggregator", PLAIN, version, sha256):
+                    return completed.tensors
+                log.info("full model fetch: got v%d, waiting for v%d", m.model_version, version)
+        except (ConnectionError, TimeoutError, OSError) as exc:
+            log.warning("full model fetch failed: %s", exc)
+        finally:
+            link.close()
+        return None
 
     def _refresh_enrolment(self) -> None:
         """Face unlock: re-embed the enrolled owner's kept chips once the announced global model has arrived."""
@@ -244,6 +347,10 @@ class EdgeAgent:
         self._train_and_upload(ann)
 
     def _wait_for_global(self, now: float, ann: RoundAnnouncement) -> None:
+        if self._pending_full is not None and self._pending_full.model_version == ann.model_version:
+            if now - self._full_tried_at > GLOBAL_REFETCH_S:
+                self._try_full_model(now)
+            return
         if self._waiting_since is None:
             self._waiting_since = now
         elif now - self._waiting_since > GLOBAL_REFETCH_S:
@@ -256,6 +363,8 @@ class EdgeAgent:
         settings = dict(ann.train)
         model_spec = settings.pop("model", {})
         codec = settings.pop("codec", PLAIN)
+        topk = float(settings.pop("codec_topk", DEFAULT_TOPK_FRACTION))
+        settings.pop("download_codec", None)  # informational: each global manifest declares its own codec
         start = time.time()
         outcome = self.trainer.train_round(ann.round, self.global_model.tensors, model_spec, settings,
                                            self.config.device.local_epochs, progress=self.progress)
@@ -265,7 +374,7 @@ class EdgeAgent:
         metrics = {"train_loss": result.loss, "train_accuracy": result.accuracy, "train_seconds": result.seconds,
                    "local_epochs": float(result.epochs)}
         manifest, chunks = build_transfer(
-            "update", self.device_id, ann.round, ann.model_version, self._encode(outcome.tensors, codec),
+            "update", self.device_id, ann.round, ann.model_version, self._encode(outcome.tensors, codec, topk),
             num_samples=result.num_samples, metrics=metrics, max_chunk_bytes=self.config.device.max_chunk_bytes,
             codec=codec,
         )
@@ -274,15 +383,16 @@ class EdgeAgent:
         self._publish_upload(self.upload)
         self.rounds_trained += 1
 
-    def _encode(self, tensors: dict[str, np.ndarray], codec: str) -> dict[str, np.ndarray]:
-        """Wire tensors for `codec`; int8-delta carries this device's quantization error to the next round."""
+    def _encode(self, tensors: dict[str, np.ndarray], codec: str, topk: float = DEFAULT_TOPK_FRACTION
+                ) -> dict[str, np.ndarray]:
+        """Wire tensors for `codec`; the compressed codecs carry this device's quantization error to the next round."""
         if codec == PLAIN:
             return tensors
-        if codec != INT8_DELTA:
+        if codec not in UPLOAD_CODECS:
             raise ProtocolError("codec", f"the aggregator asked for unknown codec {codec!r}")
         if set(self.residual) - set(tensors):
             self.residual = {}  # the model changed shape: old errors no longer apply
-        wire, self.residual = encode_int8_delta(tensors, self.global_model.tensors, self.residual)
+        wire, self.residual = encode_update(tensors, self.global_model.tensors, codec, self.residual, topk)
         return wire
 
     def _publish_upload(self, upload: PendingUpload) -> None:

@@ -7,6 +7,7 @@ in the state directory between rounds and never returned for upload.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors.numpy import load_file as load_numpy_file
+from safetensors.numpy import save_file as save_numpy_file
 from safetensors.torch import load_file, save_file
 
 from model_zoo.backbones import MACHINE_LOCAL_KWARGS, FrozenTrunk, build_backbone
@@ -22,6 +25,8 @@ from model_zoo.data import FaceDataset
 from model_zoo.losses import AnchoredArcFaceHead, ArcFaceHead, negative_anchors
 from model_zoo.train import (TrainConfig, TrainResult, TrunkFeatureCache, embed_images, has_frozen_trunk,
                              imprint_head, train_local)
+
+log = logging.getLogger("edge_agent.trainer")
 
 
 @dataclass
@@ -47,6 +52,8 @@ class LocalTrainer:
         self._backbone = None
         self._model_spec: dict[str, Any] | None = None
         self._trunk_cache = TrunkFeatureCache()  # frozen-trunk features of the local images, kept across rounds
+        self._built_tensors: dict[str, np.ndarray] | None = None  # shared tensors as build_backbone made them
+        self.version0_path = self.state_dir / "version0.safetensors"  # L2-SP reference, kept from round 1
 
     @property
     def num_samples(self) -> int:
@@ -68,8 +75,11 @@ class LocalTrainer:
             augment=self.augment,
             seed=self.seed + round_number,
             proximal_mu=float(settings.get("proximal_mu", 0.0)),
+            l2sp_alpha=float(settings.get("l2sp_alpha", 0.0)),
         )
-        result = train_local(backbone, head, self.dataset, cfg, progress=progress, trunk_cache=self._trunk_cache)
+        reference = self._l2sp_reference(round_number, global_tensors, model_spec) if cfg.l2sp_alpha > 0 else None
+        result = train_local(backbone, head, self.dataset, cfg, progress=progress, trunk_cache=self._trunk_cache,
+                             l2sp_reference=reference)
         self._save_head(head, model_spec.get("embedding_size", 128))
         return RoundResult(shared_tensors(backbone), result)
 
@@ -80,12 +90,40 @@ class LocalTrainer:
             arch = spec.get("arch", "mobilefacenet")
             kwargs = {k: v for k, v in spec.items() if k != "arch"}
             self._backbone = build_backbone(arch, **kwargs)
+            self._built_tensors = shared_tensors(self._backbone)  # pretrained weights, for a pretrained backbone
             if self.trunk_precision == "int8" and has_frozen_trunk(self._backbone):
                 from model_zoo.export import quantize_trunk
 
                 quantize_trunk(self._backbone, self.dataset.images, self.threads)
             self._model_spec = spec
         return self._backbone
+
+    def _l2sp_reference(self, round_number: int, global_tensors: dict[str, np.ndarray],
+                        model_spec: dict[str, Any]) -> dict[str, np.ndarray]:
+        """L2-SP's fixed anchor: model version 0, the federation's starting point.
+
+        Round 1 trains from version 0, so its global tensors are kept in the state directory and used from then
+        on. A device that first trains in a later round uses the weights build_backbone gives it: for a
+        pretrained backbone (faceapi-resnet) these are version 0 too, unless the aggregator started from an
+        init_checkpoint. A backbone without pretrained weights has no such anchor on the device: it then falls
+        back to the round's global model (FedProx's anchor), with a warning.
+        """
+        spec = json.dumps({k: v for k, v in model_spec.items() if k not in MACHINE_LOCAL_KWARGS}, sort_keys=True)
+        meta_path = self.version0_path.with_suffix(".json")
+        if round_number == 1:
+            tmp = self.version0_path.with_suffix(".tmp")
+            save_numpy_file({k: np.ascontiguousarray(v) for k, v in global_tensors.items()}, str(tmp))
+            os.replace(tmp, self.version0_path)
+            meta_path.write_text(json.dumps({"model": spec}))
+            return global_tensors
+        if (self.version0_path.exists() and meta_path.exists()
+                and json.loads(meta_path.read_text()).get("model") == spec):
+            return load_numpy_file(str(self.version0_path))
+        if has_frozen_trunk(self._backbone):
+            return self._built_tensors
+        log.warning("l2sp_alpha set but model version 0 was never seen here and %s has no pretrained weights: "
+                    "pulling towards this round's global model instead", model_spec.get("arch", "mobilefacenet"))
+        return global_tensors
 
     def _load_head(self, backbone, embedding_size: int, margin: float, anchors: int = 0,
                    anchor_seed: int = 0) -> ArcFaceHead:

@@ -61,9 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--act", choices=["relu", "prelu"], default="relu", help="backbone activation (default relu)")
     sim.add_argument("--broker", help="use this broker (mqtt://host:port) instead of the embedded one")
     sim.add_argument("--max-chunk-bytes", type=int, default=256 * 1024, help="largest MQTT payload (default 256 KiB)")
-    sim.add_argument("--update-codec", choices=["safetensors", "int8-delta"], default="safetensors",
-                     help="how devices upload: float32 tensors (default, exact) or int8 deltas against the round's "
-                     "global model with error feedback (about 4x fewer bytes up)")
+    sim.add_argument("--update-codec", choices=["safetensors", "int8-delta", "topk-int8-delta"], default="safetensors",
+                     help="how devices upload: float32 tensors (default, exact), int8 deltas against the round's "
+                     "global model with error feedback (about 4x fewer bytes up), or only the largest 10%% of each "
+                     "kernel's delta entries, int8 (about 8x fewer)")
+    sim.add_argument("--download-codec", choices=["safetensors", "int8-delta"], default="safetensors",
+                     help="how the aggregator publishes global models: float32 (default) or int8 deltas against the "
+                     "previous version, with the full model kept retained for devices that lack it")
 
     _add_experiment_parser(sub)
 
@@ -107,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     from facefed.bench_aggregate import add_bench_parser
 
     add_bench_parser(sub)
+    _add_distill_parser(sub)
     return parser
 
 
@@ -120,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
         return _experiment(args)
     if args.command == "export":
         return _export(args)
+    if args.command == "distill":
+        return _distill(args)
     if args.command == "bench":
         from facefed.bench_aggregate import bench_main
 
@@ -159,7 +166,8 @@ def _simulate(args: argparse.Namespace) -> int:
     cfg = SimulationConfig(
         data=data, out=args.out, clients=args.clients, rounds=args.rounds, **_training_settings(args),
         split=args.split, alpha=args.alpha, holdout=args.holdout, seed=args.seed, broker=args.broker,
-        arch=args.model, act=args.act, max_chunk_bytes=args.max_chunk_bytes, update_codec=args.update_codec,
+        arch=args.model, act=args.act, max_chunk_bytes=args.max_chunk_bytes,
+        update_codec=args.update_codec, download_codec=args.download_codec,
         model_options={"trainable": args.trainable or "last"} if args.model == "faceapi-resnet" else {},
     )
     print(f"facefed simulate: {args.clients} clients, {args.rounds} rounds, data {', '.join(map(str, data))}")
@@ -192,7 +200,7 @@ def _add_experiment_parser(sub) -> None:
         "given next to --preset override the preset's values.",
     )
     exp.add_argument("--preset", choices=["quick", "full"],
-                     help="quick: ORL, 4 clients, a few minutes; full: ORL+Yale+celeb-dev, 8 clients")
+                     help="quick: ORL, 4 clients, a few minutes; full: ORL+Yale+celeb-dev, 6 clients")
     exp.add_argument("--data", action="append", type=Path,
                      help="dataset folder (repeat to mix); default: the preset's under ../shared/datasets, "
                      "else $FACEFED_DATA or ../shared/datasets/orl")
@@ -221,12 +229,15 @@ def _add_experiment_parser(sub) -> None:
     exp.add_argument("--negative-anchors", type=int, help="negative anchor vectors for that comparison")
     exp.add_argument("--methods", help="comma-separated subset of centralized,local,fedavg,fedprox,server")
     exp.add_argument("--jobs", type=int, help="arms run at the same time (presets: 3; 1 gives per-arm wall times)")
+    exp.add_argument("--bn-calibration", action=argparse.BooleanOptionalAction, default=None,
+                     help="federated arms: BatchNorm statistics measured by the clients on the global model itself "
+                     "(default on; --no-bn-calibration scores the model with its averaged statistics only)")
 
 
 EXPERIMENT_FIELDS = ("clients", "rounds", "local_epochs", "lr", "batch_size", "split", "alpha", "size_skew",
                      "holdout", "max_per_identity", "seed", "proximal_mu", "server_strategy", "server_lr",
                      "fraction_fit", "min_clients", "round_timeout_s", "single_identity_clients", "negative_anchors",
-                     "jobs")
+                     "jobs", "bn_calibration")
 
 
 def _experiment(args: argparse.Namespace) -> int:
@@ -334,6 +345,121 @@ def _export(args: argparse.Namespace) -> int:
     print(f"agreement with torch on {check.images} images ({check.data}): mean cosine {check.mean_cosine:.5f}, "
           f"min {check.min_cosine:.5f}" + ("" if check.torch_accuracy is None else
           f"; verification accuracy {check.torch_accuracy:.4f} -> {check.export_accuracy:.4f}"))
+    return 0
+
+
+# --- facefed distill ---
+
+def _add_distill_parser(sub) -> None:
+    dist = sub.add_parser(
+        "distill",
+        help="train MobileFaceNet to reproduce the pretrained face-api descriptor (distillation)",
+        description="Distil the pretrained face-api descriptor (through the kit's alignment) into MobileFaceNet on "
+        "the faces of --data, without labels: the student learns to point its normalised 128-d embedding where "
+        "the teacher's points. Writes DIR/student.safetensors (a FaceFed checkpoint: usable with evaluate, "
+        "export, and as the federation's starting model via aggregator.yaml model.init_checkpoint), "
+        "DIR/teacher.safetensors (the cached teacher embeddings) and DIR/distill.json.",
+    )
+    dist.add_argument("--out", required=True, type=Path, help="output folder")
+    dist.add_argument("--data", action="append", type=Path,
+                      help="face dataset (repeat to mix): ArcFace-aligned folder-per-identity crops are used as "
+                      "they are, other layouts are aligned from 68 landmarks (default: ../shared/datasets/celeb-dev)")
+    dist.add_argument("--holdout", type=int, default=0,
+                      help="leave out the identities `facefed simulate --holdout K --seed S` holds out (default 0)")
+    dist.add_argument("--exclude", action="append", default=[], metavar="NAME",
+                      help="leave out this identity too (repeatable; prefixed '<folder>_' when mixing datasets)")
+    dist.add_argument("--max-per-identity", type=int, help="first N images of each identity")
+    dist.add_argument("--epochs", type=int, default=3)
+    dist.add_argument("--batch-size", type=int, default=32)
+    dist.add_argument("--lr", type=float, default=2e-3, help="AdamW peak learning rate, cosine decay (default 2e-3)")
+    dist.add_argument("--seed", type=int, default=0, help="student init, batches and the --holdout split")
+    dist.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+
+
+def _distill_faces(roots: list[Path]):
+    """(ArcFace crops, labels, identity names) of every image of roots; names prefixed as load_datasets does."""
+    import numpy as np
+
+    from model_zoo import align
+    from model_zoo.data import detect_layout, load_dataset
+    from model_zoo.distill import arcface_crops
+
+    crops, labels, names = [], [], []
+    for root in roots:
+        part = load_dataset(root)
+        aligned = detect_layout(root) == "folders" and part.images.shape[1:3] == (align.ARCFACE_SIZE,) * 2
+        crops.append(part.images if aligned else arcface_crops(part.images))
+        labels.append(part.labels + len(names))
+        names += [f"{Path(root).name}_{i}" for i in part.identities] if len(roots) > 1 else list(part.identities)
+    return np.concatenate(crops), np.concatenate(labels), names
+
+
+def _distill(args: argparse.Namespace) -> int:
+    import time
+
+    import numpy as np
+    import torch
+
+    from model_zoo.backbones import build_backbone
+    from model_zoo.checkpoint import save_checkpoint
+    from model_zoo.data import shared_datasets_root
+    from model_zoo.distill import TEACHER_NAME, DistillConfig, cached_teacher_embeddings, distill
+    from model_zoo.partition import split_holdout
+
+    data = args.data or [shared_datasets_root() / "celeb-dev"]
+    missing = [p for p in data if not p.is_dir()]
+    if missing:
+        print(f"facefed distill: no such dataset folder: {missing[0]}", file=sys.stderr)
+        return 2
+    torch.set_num_threads(args.threads)
+    try:
+        DistillConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr).check()
+        crops, labels, names = _distill_faces(data)
+        held = [names[i] for i in np.unique(labels[split_holdout(labels, args.holdout, args.seed)[1]])]
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"facefed distill: {exc}", file=sys.stderr)
+        return 2
+    unknown = sorted(set(args.exclude) - set(names))
+    if unknown:
+        print(f"facefed distill: --exclude {unknown[0]}: no such identity", file=sys.stderr)
+        return 2
+    left_out = set(held) | set(args.exclude)
+    keep = [i for i in range(len(labels)) if names[labels[i]] not in left_out]
+    if args.max_per_identity:  # the first N of each identity, in dataset order
+        seen: dict[int, int] = {}
+        capped = []
+        for i in keep:
+            seen[labels[i]] = seen.get(labels[i], 0) + 1
+            if seen[labels[i]] <= args.max_per_identity:
+                capped.append(i)
+        keep = capped
+    if len(keep) < 2:
+        print("facefed distill: fewer than 2 images left to train on", file=sys.stderr)
+        return 2
+    crops = np.ascontiguousarray(crops[keep])
+    used = sorted({names[labels[i]] for i in keep})
+    print(f"facefed distill: {len(crops)} faces of {len(used)} identities; left out: "
+          f"{', '.join(sorted(left_out)) or 'none'}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    targets = cached_teacher_embeddings(crops, args.out / "teacher.safetensors")
+    teacher_s = time.perf_counter() - start
+    print(f"teacher embeddings: {'from cache' if targets.from_cache else f'{teacher_s:.0f} s'}")
+    torch.manual_seed(args.seed)
+    student = build_backbone("mobilefacenet")
+    cfg = DistillConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+    result = distill(student, crops, targets, cfg, progress=True)
+    meta = {"teacher": TEACHER_NAME, "images": len(crops), "identities": used,
+            "held_out_identities": sorted(left_out), "epoch_losses": result.epoch_losses, "config": result.config,
+            "teacher_mean": result.teacher_mean}
+    save_checkpoint(args.out / "student.safetensors", student, meta)
+    (args.out / "distill.json").write_text(json.dumps({**meta, "data": [str(p) for p in data], "steps": result.steps,
+                                                       "seconds": round(result.seconds, 1),
+                                                       "teacher_seconds": round(teacher_s, 1)}, indent=2) + "\n")
+    print(f"loss (1 - cos to the teacher) per epoch: {', '.join(f'{x:.4f}' for x in result.epoch_losses)} "
+          f"({result.seconds:.0f} s)")
+    print(f"wrote {args.out / 'student.safetensors'}; start a federation from it with aggregator.yaml "
+          f"model: {{arch: mobilefacenet, init_checkpoint: {args.out / 'student.safetensors'}}}")
     return 0
 
 

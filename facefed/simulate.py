@@ -48,7 +48,8 @@ class SimulationConfig:
     batch_size: int = 32
     threads_per_agent: int = 1
     max_chunk_bytes: int = 256 * 1024
-    update_codec: str = "safetensors"  # or "int8-delta": compressed uploads
+    update_codec: str = "safetensors"  # or "int8-delta" / "topk-int8-delta": compressed uploads
+    download_codec: str = "safetensors"  # or "int8-delta": global models published as deltas (PROTOCOL.md 5.2)
     trunk_precision: str = "fp32"  # or "int8": devices run a frozen pretrained trunk in int8
     round_timeout_s: float = 600.0
     timeout_s: float = 3600.0
@@ -107,6 +108,7 @@ def write_run_folder(cfg: SimulationConfig, clients: list[FaceDataset], holdout:
         "round_timeout_s": cfg.round_timeout_s,
         "max_chunk_bytes": cfg.max_chunk_bytes,
         "update_codec": cfg.update_codec,
+        "download_codec": cfg.download_codec,
         "model": {"arch": cfg.arch, "act": cfg.act, "options": cfg.model_options, "seed": cfg.seed},
         "train": {"local_epochs": cfg.local_epochs, "lr": cfg.lr, "margin": cfg.margin, **cfg.train_extra},
         "eval": {"data": str(out / "eval" / "holdout")},

@@ -7,10 +7,14 @@ Chunk payload = 28-byte header + data:
 from __future__ import annotations
 
 import logging
+import os
 import secrets
 import struct
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -95,30 +99,69 @@ class CompletedTransfer:
     payload_bytes: int
 
 
+@dataclass(frozen=True)
+class _Spilled:
+    """Where a chunk's data lies in its transfer's spool file."""
+
+    offset: int
+    length: int
+
+
 @dataclass
 class _Pieces:
-    """Chunk data of one transfer received so far, keyed by index."""
+    """Chunk data of one transfer received so far, keyed by index: in memory, or (once the reassembler's
+    memory budget is spent) in an unnamed temporary file of this transfer, its spool."""
 
     transfer_id: str
     count: int
     last_activity: float
-    data: dict[int, bytes] = field(default_factory=dict)
-    nbytes: int = 0
+    data: dict[int, bytes | _Spilled] = field(default_factory=dict)
+    nbytes: int = 0  # all chunk data received, in memory or spilled
+    memory_bytes: int = 0  # the part held in memory
+    spool: BinaryIO | None = None
+    spool_end: int = 0
+
+    def get(self, index: int) -> bytes | None:
+        item = self.data.get(index)
+        if isinstance(item, _Spilled):
+            data = os.pread(self.spool.fileno(), item.length, item.offset)
+            if len(data) != item.length:
+                raise TransferError("chunk", f"spool of transfer {self.transfer_id} is truncated")
+            return data
+        return item
 
     def check(self, header: ChunkHeader, data: bytes) -> None:
         if header.count != self.count:
             reason = f"count {header.count} disagrees with {self.count} for transfer {self.transfer_id}"
             raise TransferError("chunk", reason)
-        known = self.data.get(header.index)
-        if known is not None and known != data:
+        if header.index in self.data and self.get(header.index) != data:
             raise TransferError("chunk", f"index {header.index} received twice with different data")
 
-    def store(self, index: int, data: bytes, now: float) -> None:
-        """Keep a checked chunk; exact duplicates are no-ops (MQTT QoS 1 is at-least-once)."""
+    def store(self, index: int, data: bytes, now: float, spill_dir: Path | None = None) -> None:
+        """Keep a checked chunk (in the spool when spill_dir is given); exact duplicates are no-ops (MQTT QoS 1
+        is at-least-once)."""
         if index not in self.data:
-            self.data[index] = data
+            if spill_dir is None:
+                self.data[index] = data
+                self.memory_bytes += len(data)
+            else:
+                if self.spool is None:
+                    self.spool = tempfile.TemporaryFile(dir=spill_dir)  # noqa: SIM115 (kept open; close() ends it)
+                written = os.pwrite(self.spool.fileno(), data, self.spool_end)
+                if written != len(data):
+                    raise OSError(f"short write to the spool of transfer {self.transfer_id}")
+                self.data[index] = _Spilled(self.spool_end, len(data))
+                self.spool_end += len(data)
             self.nbytes += len(data)
         self.last_activity = now
+
+    def close(self) -> None:
+        """Release the chunk data (the spool file at once, the memory as soon as nothing refers to it)."""
+        self.data = {}
+        self.memory_bytes = 0
+        if self.spool is not None:
+            self.spool.close()
+            self.spool = None
 
 
 @dataclass
@@ -126,11 +169,9 @@ class _Transfer:
     manifest: TransferManifest
     pieces: _Pieces
 
-    def add(self, header: ChunkHeader, data: bytes, now: float) -> None:
-        self.pieces.check(header, data)
-        if sha256_hex(data) != self.manifest.chunk_sha256[header.index]:
-            raise TransferError("chunk", f"sha256 of chunk {header.index} does not match the manifest")
-        self.pieces.store(header.index, data, now)
+    def verify(self, index: int, data: bytes) -> None:
+        if sha256_hex(data) != self.manifest.chunk_sha256[index]:
+            raise TransferError("chunk", f"sha256 of chunk {index} does not match the manifest")
 
     @property
     def complete(self) -> bool:
@@ -144,11 +185,24 @@ class Reassembler:
     flight and at most one set of chunks waiting for their manifest. Chunks normally arrive
     before their manifest (senders publish the manifest last), so up to max_payload_bytes of
     them are buffered per stream.
+
+    Memory: with memory_budget_bytes and spill_dir, chunk data beyond memory_budget_bytes (over all streams)
+    goes to an unnamed temporary file per transfer in spill_dir instead of memory. Many devices uploading at
+    once interleave their chunks, and each one's must be kept until its manifest arrives: without a budget
+    that is up to one payload per concurrent upload in memory; with one, it is the budget, whatever the
+    number of uploads. A completed payload is read back whole (one payload at a time).
     """
 
-    def __init__(self, max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES, timeout_s: float = 120.0) -> None:
+    def __init__(self, max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES, timeout_s: float = 120.0,
+                 memory_budget_bytes: int | None = None, spill_dir: str | Path | None = None) -> None:
+        if (memory_budget_bytes is None) != (spill_dir is None):
+            raise ValueError("memory_budget_bytes and spill_dir go together")
         self.max_payload_bytes = max_payload_bytes
         self.timeout_s = timeout_s
+        self.memory_budget_bytes = memory_budget_bytes
+        self.spill_dir = None if spill_dir is None else Path(spill_dir)
+        self.peak_memory_bytes = 0  # the most chunk data held in memory at once
+        self.spilled_bytes = 0  # chunk data written to spool files so far
         self._active: dict[str, _Transfer] = {}
         self._early: dict[str, _Pieces] = {}  # chunks whose manifest has not arrived yet
         self._finished: dict[str, str] = {}  # stream -> last completed transfer id, to ignore redeliveries
@@ -169,15 +223,38 @@ class Reassembler:
         else:
             early = None
         if manifest.payload_bytes > self.max_payload_bytes:
+            if early is not None:
+                early.close()
             reason = f"{manifest.payload_bytes} exceeds the limit of {self.max_payload_bytes}"
             raise TransferError("payload_bytes", reason)
         if active is not None:
             log.info("stream %s: transfer %s replaced by %s before completing",
                      stream, active.manifest.transfer_id, manifest.transfer_id)
-        transfer = self._active[stream] = _Transfer(manifest, _Pieces(manifest.transfer_id, manifest.chunk_count, now))
+            active.pieces.close()
         if early is not None:
-            self._adopt(stream, transfer, early, now)
+            transfer = self._active[stream] = _Transfer(manifest, early)
+            self._adopt(stream, transfer, now)
+        else:
+            pieces = _Pieces(manifest.transfer_id, manifest.chunk_count, now)
+            transfer = self._active[stream] = _Transfer(manifest, pieces)
         return self._finish_if_complete(stream, transfer)
+
+    @property
+    def memory_bytes(self) -> int:
+        """Chunk data held in memory now, over all streams."""
+        return (sum(t.pieces.memory_bytes for t in self._active.values())
+                + sum(p.memory_bytes for p in self._early.values()))
+
+    def _spill_dir_for(self, nbytes: int) -> Path | None:
+        """None (keep it in memory) while the budget allows `nbytes` more, else the spill folder."""
+        if self.spill_dir is None:
+            return None
+        held = self.memory_bytes
+        if held + nbytes <= self.memory_budget_bytes:
+            self.peak_memory_bytes = max(self.peak_memory_bytes, held + nbytes)
+            return None
+        self.spilled_bytes += nbytes
+        return self.spill_dir
 
     def add_chunk(self, stream: str, data: bytes, now: float) -> CompletedTransfer | None:
         if not data:
@@ -196,52 +273,83 @@ class Reassembler:
         """Drop transfers with no progress for timeout_s; returns their transfer ids."""
         stale_active = [s for s, t in self._active.items() if now - t.pieces.last_activity > self.timeout_s]
         stale_early = [s for s, p in self._early.items() if now - p.last_activity > self.timeout_s]
-        dropped = [self._active.pop(stream).manifest.transfer_id for stream in stale_active]
-        return dropped + [self._early.pop(stream).transfer_id for stream in stale_early]
+        dropped = []
+        for stream in stale_active:
+            transfer = self._active.pop(stream)
+            transfer.pieces.close()
+            dropped.append(transfer.manifest.transfer_id)
+        for stream in stale_early:
+            pieces = self._early.pop(stream)
+            pieces.close()
+            dropped.append(pieces.transfer_id)
+        return dropped
 
-    def _adopt(self, stream: str, transfer: _Transfer, early: _Pieces, now: float) -> None:
-        for index, body in sorted(early.data.items()):
-            self._add_checked(stream, transfer, ChunkHeader(early.transfer_id, index, early.count), body, now)
+    def _adopt(self, stream: str, transfer: _Transfer, now: float) -> None:
+        """The transfer takes over the chunks that came before its manifest, each checked against it."""
+        pieces = transfer.pieces
+        try:
+            if pieces.count != transfer.manifest.chunk_count:
+                reason = (f"count {pieces.count} disagrees with {transfer.manifest.chunk_count} for transfer "
+                          f"{pieces.transfer_id}")
+                raise TransferError("chunk", reason)
+            for index in sorted(pieces.data):
+                transfer.verify(index, pieces.get(index))
+        except TransferError:
+            self._drop(stream)
+            raise
+        pieces.last_activity = now
 
     def _buffer_early(self, stream: str, header: ChunkHeader, body: bytes, now: float) -> None:
         early = self._early.get(stream)
         if early is None or early.transfer_id != header.transfer_id:
             if early is not None:
                 log.info("stream %s: early chunks of %s replaced by %s", stream, early.transfer_id, header.transfer_id)
+                early.close()
             early = self._early[stream] = _Pieces(header.transfer_id, header.count, now)
         try:
             early.check(header, body)
+            if header.index not in early.data and early.nbytes + len(body) > self.max_payload_bytes:
+                raise TransferError("chunk", f"more than {self.max_payload_bytes} bytes buffered before the manifest")
         except TransferError:
             del self._early[stream]
+            early.close()
             raise
-        early.store(header.index, body, now)
-        if early.nbytes > self.max_payload_bytes:
-            del self._early[stream]
-            raise TransferError("chunk", f"more than {self.max_payload_bytes} bytes buffered before the manifest")
+        early.store(header.index, body, now, self._spill_dir_for(len(body)))
 
     def _add_checked(self, stream: str, transfer: _Transfer, header: ChunkHeader, body: bytes, now: float) -> None:
         """Add a chunk; on a fault drop the whole transfer so a bad one can never complete."""
+        pieces = transfer.pieces
         try:
-            transfer.add(header, body, now)
+            pieces.check(header, body)
+            transfer.verify(header.index, body)
         except TransferError:
             self._drop(stream)
             raise
+        if header.index in pieces.data:
+            pieces.last_activity = now  # an exact duplicate (QoS 1 is at-least-once)
+        else:
+            pieces.store(header.index, body, now, self._spill_dir_for(len(body)))
 
     def _finish_if_complete(self, stream: str, transfer: _Transfer) -> CompletedTransfer | None:
         if not transfer.complete:
             return None
         del self._active[stream]
-        result = _assemble(transfer)
+        try:
+            result = _assemble(transfer)
+        finally:
+            transfer.pieces.close()
         self._finished[stream] = transfer.manifest.transfer_id
         return result
 
     def _drop(self, stream: str) -> None:
-        self._active.pop(stream, None)
+        transfer = self._active.pop(stream, None)
+        if transfer is not None:
+            transfer.pieces.close()
 
 
 def _assemble(transfer: _Transfer) -> CompletedTransfer:
     manifest = transfer.manifest
-    payload = b"".join(transfer.pieces.data[i] for i in range(manifest.chunk_count))
+    payload = b"".join(transfer.pieces.get(i) for i in range(manifest.chunk_count))
     if len(payload) != manifest.payload_bytes or sha256_hex(payload) != manifest.payload_sha256:
         raise TransferError("payload_sha256", f"reassembled payload of transfer {manifest.transfer_id} does not match")
     tensors = decode_tensors(payload)

@@ -25,13 +25,14 @@ MAX_MESSAGE_BYTES = 4 * 1024 * 1024  # bounds JSON parsing; a 512 MiB manifest a
 SAFETENSORS_DTYPES = frozenset(
     {"BOOL", "U8", "I8", "U16", "I16", "U32", "I32", "U64", "I64", "F16", "BF16", "F32", "F64"}
 )
-CODECS = frozenset({"safetensors", "int8-delta"})  # see compression.py
+CODECS = frozenset({"safetensors", "int8-delta", "topk-int8-delta"})  # see compression.py
 TRANSFER_KINDS = frozenset({"global", "update"})
 ROUND_STATES = frozenset({"open", "finished"})
 DEVICE_STATES = frozenset({"online", "training", "uploading", "idle", "offline"})
 
 _ID_HEX = re.compile(r"[0-9a-f]{32}")
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+_SHA256_OR_EMPTY = re.compile(r"(?:[0-9a-f]{64})?")
 _SIGNATURE_B64 = re.compile(r"(?:[A-Za-z0-9+/]{86}==)?")  # a 64-byte Ed25519 signature, or empty
 _MISSING = object()
 _M = TypeVar("_M", bound="_Message")
@@ -250,6 +251,10 @@ class TransferManifest(_Message):
     codec: str = "safetensors"
     signature: str = ""  # Ed25519 over signing_bytes(), base64; "" = unsigned (see fedwire/signing.py)
     protocol: int = PROTOCOL_VERSION
+    # Download codec (PROTOCOL.md section 5.2), global transfers only. Both are left out of the JSON when unset,
+    # so a manifest without them is byte for byte what earlier versions sent.
+    base_version: int | None = None  # codec int8-delta: the global version this delta applies to
+    model_sha256: str = ""  # sha256 of the safetensors payload of the model the receiver rebuilds
 
     @property
     def chunk_count(self) -> int:
@@ -272,9 +277,19 @@ class TransferManifest(_Message):
             metrics=f.float_map("metrics", {}),
             codec=f.text("codec", default="safetensors", choices=CODECS),
             signature=f.text("signature", default="", pattern=_SIGNATURE_B64),
+            base_version=f.integer("base_version", nullable=True) if "base_version" in f._obj else None,
+            model_sha256=f.text("model_sha256", default="", pattern=_SHA256_OR_EMPTY),
         )
         _check_manifest_consistency(manifest)
         return manifest
+
+    def to_dict(self) -> dict[str, Any]:
+        obj = dataclasses.asdict(self)
+        if obj["base_version"] is None:
+            del obj["base_version"]
+        if not obj["model_sha256"]:
+            del obj["model_sha256"]
+        return obj
 
 
 def _check_manifest_consistency(m: TransferManifest) -> None:
@@ -287,6 +302,15 @@ def _check_manifest_consistency(m: TransferManifest) -> None:
     names = [spec.name for spec in m.tensors]
     if len(set(names)) != len(names):
         raise ProtocolError("tensors", "duplicate tensor names")
+    if m.base_version is not None:
+        if m.kind != "global" or m.codec == "safetensors":
+            raise ProtocolError("base_version", "only a compressed global transfer (a delta) names a base version")
+        if m.base_version >= m.model_version:
+            raise ProtocolError("base_version", f"{m.base_version} is not older than model_version {m.model_version}")
+        if not m.model_sha256:
+            raise ProtocolError("model_sha256", "a delta must name the sha256 of the model it rebuilds")
+    elif m.kind == "global" and m.codec != "safetensors":
+        raise ProtocolError("base_version", f"a global transfer with codec {m.codec} must name its base version")
 
 
 @dataclass

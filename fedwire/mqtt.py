@@ -10,7 +10,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
@@ -70,6 +71,11 @@ def parse_broker_url(url: str) -> BrokerAddress:
 
 SHARE_PREFIX = "$share/"
 RECEIVE_MAXIMUM = 20  # unacknowledged messages in flight to a consumer that acks after handling (mosquitto's default)
+# Mosquitto 2.0.11 does not keep to that window: every PUBACK it gets releases up to a whole window of queued
+# messages, so a consumer that acks one at a time receives the backlog anyway (tests/test_fedwire_mqtt.py).
+# MqttLink therefore keeps its own window: with ack_after_handling, at most max_unacked messages are handed to
+# on_message and not yet acknowledged; beyond that paho's network thread stops reading the socket, and TCP
+# flow control makes the broker hold the rest.
 
 
 def unshared(topic_filter: str) -> str:
@@ -86,6 +92,29 @@ class _Attempt:
     connack: threading.Event = field(default_factory=threading.Event)
     refusal: str | None = None  # None once accepted
     protocol_refused: bool = False  # the broker does not speak the protocol version we offered
+
+
+class HeldAck:
+    """The ack of a message handed over with ack_after_handling. Calling it sends the PUBACK and frees the
+    message's place in the link's window. release() frees the place alone, for a message whose PUBACK waits
+    on the broker (a forwarded copy's PUBACK): the network thread must read on to get that answer."""
+
+    def __init__(self, link: MqttLink, send_puback: Callable[[], None]) -> None:
+        self._link = link
+        self._send_puback = send_puback
+        self._released = False
+        self._lock = threading.Lock()
+
+    def release(self) -> None:
+        with self._lock:
+            if self._released:
+                return
+            self._released = True
+        self._link._release()
+
+    def __call__(self) -> None:
+        self.release()
+        self._send_puback()
 
 
 class MqttLink:
@@ -105,13 +134,20 @@ class MqttLink:
         tls: TlsFiles | None = None,
         clean_session: bool = True,
         ack_after_handling: bool = False,
+        max_unacked: int = RECEIVE_MAXIMUM,
     ) -> None:
         """ack_after_handling: on_message(topic, payload, ack) gets a third argument, a callable that sends the
         QoS 1 PUBACK; call it (from any thread) once the message is handled. The broker sends only a few
         unacknowledged messages at a time (MQTT 5: RECEIVE_MAXIMUM; 3.1.1: the broker's setting, mosquitto's
         max_inflight_messages, 20), so a slow consumer makes the
         broker hold the backlog instead of this process, and with a persistent session a message not yet
-        acknowledged when the process dies is delivered again."""
+        acknowledged when the process dies is delivered again.
+
+        Brokers do not always keep to that window (mosquitto 2.0.11 does not), so the link enforces it too: once
+        max_unacked messages (of any QoS) were handed to on_message and not acknowledged, the network thread
+        waits before handing over the next one and reads nothing meanwhile, so the backlog stays at the broker
+        whatever it does. It reads on while a call of this link waits for the broker (a PUBACK, a SUBACK), since
+        that answer may sit behind the backlog, and once per keepalive/2, so the connection stays alive."""
         if protocol not in PROTOCOLS:
             raise ProtocolError("protocol", f"{protocol!r} is not one of {PROTOCOLS}")
         self.address = parse_broker_url(url)
@@ -127,8 +163,20 @@ class MqttLink:
         self._tls = tls
         self._clean_session = clean_session
         self._ack_after_handling = ack_after_handling
-        self._lock = threading.Lock()  # guards _subscriptions and _publish_failures
-        self._publish_failures: dict[int, str] = {}  # mid -> MQTT 5 PUBACK failure reason
+        if max_unacked < 1:
+            raise ValueError(f"max_unacked must be >= 1, not {max_unacked}")
+        self.max_unacked = max_unacked
+        self._window = threading.Condition()  # guards the three counters below
+        self._unacked = 0  # messages handed to on_message (ack_after_handling) and not acknowledged yet
+        self._awaiting_broker = 0  # calls of this link now waiting for an answer from the broker
+        self._closing = False
+        self.peak_unacked = 0  # the most messages ever held at once: the bound this link kept
+        self._lock = threading.Lock()  # guards _subscriptions, _pubacks and _unawaited
+        # mid -> PUBACK outcome ("" or an MQTT 5 failure reason) not claimed yet by the publish that sent it:
+        # a PUBACK can arrive before publish()/publish_nowait() returns from paho.
+        self._pubacks: dict[int, str] = {}
+        # mid -> (topic, on_acked) of publish_nowait() messages not acknowledged yet
+        self._unawaited: dict[int, tuple[str, Callable[[], None] | None]] = {}
         self._connected = threading.Event()
         self._subscribed = threading.Event()  # SUBACK for the current connection's subscriptions
         self._pending_subscribe: tuple[int, list[str]] | None = None  # (mid, topics) awaiting SUBACK
@@ -183,6 +231,36 @@ class MqttLink:
         deadline = time.monotonic() + timeout
         client = self._ready_client(deadline)
         self._await_published(topic, client.publish(topic, payload, qos=qos, retain=retain), deadline)
+
+    def publish_nowait(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False,
+                       on_acked: Callable[[], None] | None = None) -> None:
+        """Hand a publish to the network thread and return: paho sends it, and sends it again after a
+        reconnection until the broker acknowledges it. For messages whose loss the protocol tolerates (an
+        update ack: a device that gets none resends). A consumer with ack_after_handling needs it for
+        what it publishes while handling a message: waiting for a PUBACK opens the window (see __init__).
+        A broker's refusal (MQTT 5 PUBACK reason) is logged. on_acked, if given, runs once the broker has
+        answered (QoS 0: at once), on the network thread or this one: it must not wait for the broker."""
+        client = self._client
+        if client is None:
+            raise ConnectionError(f"{self.client_id}: not connected (call connect() first)")
+        info = client.publish(topic, payload, qos=qos, retain=retain)
+        if info.rc not in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN):  # NO_CONN: queued for the reconnection
+            raise ConnectionError(f"publish to {topic} failed: {paho.error_string(info.rc)}")
+        if qos == 0:
+            outcome: str | None = ""
+        else:
+            with self._lock:
+                outcome = self._pubacks.pop(info.mid, None)  # the PUBACK may already be in
+                if outcome is None:
+                    self._unawaited[info.mid] = (topic, on_acked)
+        if outcome is not None:
+            self._published_nowait(topic, outcome, on_acked)
+
+    def _published_nowait(self, topic: str, failure: str, on_acked: Callable[[], None] | None) -> None:
+        if failure:
+            log.warning("%s: broker %s refused publish to %s: %s", self.client_id, self.url, topic, failure)
+        if on_acked is not None:
+            on_acked()
 
     def publish_transfer(
         self,
@@ -270,6 +348,8 @@ class MqttLink:
         answer counts as a protocol refusal: amqtt misparses MQTT 5 CONNECTs that carry a will or
         properties and then waits for bytes that never come instead of answering."""
         self._attempt = attempt = _Attempt()
+        with self._window:
+            self._closing = False  # a refused attempt before this one stopped its client
         client = self._client = self._new_client(version)
         try:
             client.connect(self.address.host, self.address.port, self.keepalive, **self._connect_options(version))
@@ -289,7 +369,9 @@ class MqttLink:
         raise ConnectionError(f"no CONNACK from {self.url} for {self.client_id} (MQTT {version}) in time")
 
     def _wait_subscribed(self, deadline: float) -> None:
-        if not self._subscribed.wait(max(deadline - time.monotonic(), 0.0)):
+        with self._waiting_for_broker():
+            subscribed = self._subscribed.wait(max(deadline - time.monotonic(), 0.0))
+        if not subscribed:
             self._stop_client()
             raise ConnectionError(f"no SUBACK from {self.url} for {self.client_id} in time")
         if self._refused_topics:
@@ -299,6 +381,9 @@ class MqttLink:
     def _stop_client(self) -> None:
         client, self._client = self._client, None
         self._connected.clear()  # first, so the disconnect callback does not report a lost connection
+        with self._window:  # a network thread waiting for the window must not hold up loop_stop()
+            self._closing = True
+            self._window.notify_all()
         if client is not None:
             client.disconnect()
             client.loop_stop()
@@ -311,20 +396,23 @@ class MqttLink:
         if client is None:
             raise ConnectionError(f"{self.client_id}: not connected (call connect() first)")
         # During a reconnect, wait for the link instead of failing at once.
-        if not self._connected.wait(max(deadline - time.monotonic(), 0.0)):
+        with self._waiting_for_broker():
+            connected = self._connected.wait(max(deadline - time.monotonic(), 0.0))
+        if not connected:
             raise ConnectionError(f"{self.client_id}: not connected to {self.url}")
         return client
 
     def _await_published(self, topic: str, info: paho.MQTTMessageInfo, deadline: float) -> None:
         try:
-            info.wait_for_publish(max(deadline - time.monotonic(), 0.0))
+            with self._waiting_for_broker():
+                info.wait_for_publish(max(deadline - time.monotonic(), 0.0))
         except (RuntimeError, ValueError) as exc:
             raise ConnectionError(f"publish to {topic} failed: {exc}") from exc
         if not info.is_published():
             raise TimeoutError(f"no acknowledgement from {self.url} for {topic}")
         with self._lock:
-            failure = self._publish_failures.pop(info.mid, None)
-        if failure is not None:
+            failure = self._pubacks.pop(info.mid, "")
+        if failure:
             raise ConnectionError(f"broker {self.url} rejected publish to {topic}: {failure}")
 
     # -- paho callbacks (network thread) ------------------------------------
@@ -389,9 +477,13 @@ class MqttLink:
 
     def _handle_publish(self, client: paho.Client, userdata: object, mid: int,
                         reason: ReasonCode, properties: Properties | None) -> None:
-        if reason.is_failure:  # only MQTT 5 PUBACKs carry failure reasons
-            with self._lock:
-                self._publish_failures[mid] = str(reason)
+        with self._lock:
+            unawaited = self._unawaited.pop(mid, None)
+            failure = str(reason) if reason.is_failure else ""  # only MQTT 5 PUBACKs carry failure reasons
+            if unawaited is None:
+                self._pubacks[mid] = failure
+        if unawaited is not None:
+            self._published_nowait(unawaited[0], failure, unawaited[1])
 
     def _handle_message(self, client: paho.Client, userdata: object, message: paho.MQTTMessage) -> None:
         ack = self._acknowledger(client, message)
@@ -400,6 +492,8 @@ class MqttLink:
             log.debug("%s: dropped %s, not subscribed", self.client_id, message.topic)
             ack()
             return
+        if self._ack_after_handling:
+            ack = self._hold(ack)
         self._in_callback.active = True
         try:
             if self._ack_after_handling:
@@ -411,6 +505,39 @@ class MqttLink:
             ack()
         finally:
             self._in_callback.active = False
+
+    @contextmanager
+    def _waiting_for_broker(self) -> Iterator[None]:
+        """While a caller waits for the broker, the network thread reads past the window: the answer may
+        sit behind messages that would not be handed over otherwise."""
+        with self._window:
+            self._awaiting_broker += 1
+            self._window.notify_all()
+        try:
+            yield
+        finally:
+            with self._window:
+                self._awaiting_broker -= 1
+
+    def _hold(self, ack: Callable[[], None]) -> HeldAck:
+        """Network thread: wait until the window has room, count the message in it, and return its ack."""
+        with self._window:
+            while self._unacked >= self.max_unacked and not self._awaiting_broker and not self._closing:
+                if not self._window.wait(timeout=max(self.keepalive / 2, 0.5)):
+                    break  # let one through: paho's loop then sends PUBACKs and PINGREQs, and the broker keeps us
+            self._unacked += 1
+            self.peak_unacked = max(self.peak_unacked, self._unacked)
+        return HeldAck(self, ack)
+
+    def _release(self) -> None:
+        with self._window:
+            self._unacked -= 1
+            self._window.notify_all()
+
+    @property
+    def unacked(self) -> int:
+        """Messages handed to on_message (ack_after_handling) and not acknowledged yet."""
+        return self._unacked
 
     def _acknowledger(self, client: paho.Client, message: paho.MQTTMessage) -> Callable[[], None]:
         """The PUBACK for `message` (a no-op unless acks are manual and it is QoS 1 or 2)."""

@@ -56,6 +56,14 @@ class Topics:
     def global_chunk(self, index: int) -> str:
         return f"{self.prefix}/global/chunk/{index}"
 
+    @property
+    def global_full_manifest(self) -> str:
+        """Where the full global model stays retained while the global topics carry a delta (PROTOCOL.md 5.2)."""
+        return f"{self.prefix}/global/full/manifest"
+
+    def global_full_chunk(self, index: int | str) -> str:
+        return f"{self.prefix}/global/full/chunk/{index}"
+
     def update_manifest(self, device_id: str) -> str:
         return f"{self.prefix}/update/{validate_device_id(device_id)}/manifest"
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,6 +32,12 @@ class TrainConfig:
     # FedProx (Li et al., MLSys 2020): adds proximal_mu/2 * ||w - w_start||^2 over the backbone's trained
     # weights, w_start being the weights train_local starts from (the round's global model). 0: plain SGD.
     proximal_mu: float = 0.0
+    # L2-SP (Li, Grandvalet and Davoine, "Explicit inductive bias for transfer learning with convolutional
+    # networks", ICML 2018): adds l2sp_alpha/2 * ||w - w_ref||^2 over the backbone's trained weights, w_ref being
+    # the pretrained starting point (in a federation: model version 0, which every device has), passed to
+    # train_local as l2sp_reference. Unlike proximal_mu the anchor does not move from round to round, so the
+    # federated model cannot drift far from the pretrained one however many rounds run. 0: off.
+    l2sp_alpha: float = 0.0
     # Re-estimate BatchNorm running statistics after the last step (see recalibrate_batchnorm). Without it a
     # client taking few steps (small n_k) keeps stale statistics that blow up eval-mode activations to NaN.
     recalibrate_bn: bool = True
@@ -53,9 +59,13 @@ def _uniform(n: int, low: float, high: float, gen: torch.Generator) -> torch.Ten
 
 def augment_batch(pixels: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """Random horizontal flip, crop jitter and brightness/contrast on float NCHW pixels in [0, 255]."""
+    flip = torch.rand(pixels.shape[0], generator=gen) < 0.5
+    return jitter_batch(torch.where(flip[:, None, None, None], pixels.flip(-1), pixels), gen)
+
+
+def jitter_batch(pixels: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Crop jitter and brightness/contrast on float NCHW pixels in [0, 255]."""
     n, _, h, w = pixels.shape
-    flip = torch.rand(n, generator=gen) < 0.5
-    pixels = torch.where(flip[:, None, None, None], pixels.flip(-1), pixels)
     padded = F.pad(pixels, (JITTER_PX,) * 4, mode="replicate")
     offsets = torch.randint(0, 2 * JITTER_PX + 1, (n, 2), generator=gen).tolist()
     pixels = torch.stack([padded[i, :, dy:dy + h, dx:dx + w] for i, (dy, dx) in enumerate(offsets)])
@@ -91,17 +101,44 @@ def _check_inputs(head: ArcFaceHead, dataset: FaceDataset, cfg: TrainConfig) -> 
         raise ValueError(f"need epochs >= 1 and batch_size >= 2, got {cfg.epochs} and {cfg.batch_size}")
     if not cfg.proximal_mu >= 0:
         raise ValueError(f"proximal_mu must be >= 0, got {cfg.proximal_mu}")
+    if not cfg.l2sp_alpha >= 0:
+        raise ValueError(f"l2sp_alpha must be >= 0, got {cfg.l2sp_alpha}")
+
+
+def _l2sp_anchor(backbone: nn.Module, reference: Mapping | None, cfg: TrainConfig) -> list[torch.Tensor]:
+    """The reference values of the backbone's trained parameters, in parameters() order ([] when L2-SP is off)."""
+    if cfg.l2sp_alpha == 0:
+        return []
+    if reference is None:
+        raise ValueError("l2sp_alpha > 0 needs l2sp_reference: the pretrained weights to pull towards")
+    anchor = []
+    for name, param in backbone.named_parameters():
+        if not param.requires_grad:
+            continue
+        if name not in reference:
+            raise ValueError(f"l2sp_reference has no tensor {name!r}")
+        value = torch.as_tensor(np.asarray(reference[name]), dtype=param.dtype)
+        if tuple(value.shape) != tuple(param.shape):
+            raise ValueError(f"l2sp_reference[{name!r}] has shape {tuple(value.shape)}, "
+                             f"the parameter {tuple(param.shape)}")
+        anchor.append(value.clone())
+    return anchor
 
 
 def train_local(backbone: nn.Module, head: ArcFaceHead, dataset: FaceDataset, cfg: TrainConfig,
-                progress: bool = False, trunk_cache: TrunkFeatureCache | None = None) -> TrainResult:
+                progress: bool = False, trunk_cache: TrunkFeatureCache | None = None,
+                l2sp_reference: Mapping[str, np.ndarray | torch.Tensor] | None = None) -> TrainResult:
     """SGD on CrossEntropy over ArcFace margin logits; deterministic for a given cfg.seed and starting weights.
 
     A backbone with a frozen trunk (has_frozen_trunk) trains on cached trunk features: the trunk runs once per
     image (and once per mirror image, the only augmentation then), the epochs run the tail only. Pass the same
     trunk_cache to later calls on the same dataset (e.g. each federated round) to skip even that.
+
+    l2sp_reference (needed when cfg.l2sp_alpha > 0): tensors by backbone parameter name, e.g.
+    shared_tensors(pretrained backbone); every trained parameter must be in it, other entries are ignored.
     """
     _check_inputs(head, dataset, cfg)
+    l2sp_anchor = _l2sp_anchor(backbone, l2sp_reference, cfg)
     start = time.perf_counter()
     gen = torch.Generator().manual_seed(cfg.seed)
     trunk_seconds = 0.0
@@ -111,7 +148,8 @@ def train_local(backbone: nn.Module, head: ArcFaceHead, dataset: FaceDataset, cf
         embed = _tail_embedder(backbone, features, gen)
     else:
         embed = _pixel_embedder(backbone, dataset.images, cfg.augment, gen)
-    loss, accuracy = _run_epochs(backbone, head, torch.from_numpy(dataset.labels), cfg, embed, gen, progress)
+    loss, accuracy = _run_epochs(backbone, head, torch.from_numpy(dataset.labels), cfg, embed, gen, progress,
+                                 l2sp_anchor)
     if cfg.recalibrate_bn:
         recalibrate_batchnorm(backbone.tail if isinstance(backbone, FrozenTrunk) else backbone, embed,
                               len(dataset), cfg.batch_size)
@@ -149,7 +187,8 @@ def proximal_term(params: list[torch.Tensor], anchor: list[torch.Tensor], mu: fl
 
 
 def _run_epochs(backbone: nn.Module, head: ArcFaceHead, labels: torch.Tensor, cfg: TrainConfig, embed: Embedder,
-                gen: torch.Generator, progress: bool) -> tuple[float, float]:
+                gen: torch.Generator, progress: bool, l2sp_anchor: list[torch.Tensor] | None = None
+                ) -> tuple[float, float]:
     """(mean loss, accuracy) of the last epoch; both modules' train/eval modes are restored afterwards.
 
     The reported loss is the classification loss alone (ArcFace cross-entropy), without proximal or head
@@ -158,6 +197,7 @@ def _run_epochs(backbone: nn.Module, head: ArcFaceHead, labels: torch.Tensor, cf
     optimizer = _optimizer([backbone, head], cfg)
     prox_params = [p for p in backbone.parameters() if p.requires_grad] if cfg.proximal_mu > 0 else []
     prox_anchor = [p.detach().clone() for p in prox_params]
+    l2sp_params = [p for p in backbone.parameters() if p.requires_grad] if l2sp_anchor else []
     was_training = backbone.training, head.training
     backbone.train()
     head.train()
@@ -178,6 +218,8 @@ def _run_epochs(backbone: nn.Module, head: ArcFaceHead, labels: torch.Tensor, cf
                     total = total + penalty
                 if prox_params:
                     total = total + proximal_term(prox_params, prox_anchor, cfg.proximal_mu)
+                if l2sp_params:  # the same quadratic pull, towards the fixed pretrained weights
+                    total = total + proximal_term(l2sp_params, l2sp_anchor, cfg.l2sp_alpha)
                 optimizer.zero_grad(set_to_none=True)
                 total.backward()
                 optimizer.step()

@@ -103,11 +103,12 @@ def test_acl_grants_exactly_the_protocol_topics():
     assert rules == [
         f"pattern write {p}/update/%u/manifest", f"pattern write {p}/update/%u/chunk/+",
         f"pattern write {p}/status/%u", f"pattern read {p}/ack/%u", f"pattern read {p}/round",
-        f"pattern read {p}/global/manifest", f"pattern read {p}/global/chunk/+", f"pattern read {p}/summary",
+        f"pattern read {p}/global/manifest", f"pattern read {p}/global/chunk/+",
+        f"pattern read {p}/global/full/manifest", f"pattern read {p}/global/full/chunk/+", f"pattern read {p}/summary",
         "user aggregator",
         f"topic read {p}/update/+/manifest", f"topic read {p}/update/+/chunk/+", f"topic read {p}/status/+",
         f"topic write {p}/round", f"topic write {p}/global/manifest", f"topic write {p}/global/chunk/+",
-        f"topic write {p}/ack/+", f"topic write {p}/summary",
+        f"topic write {p}/global/full/manifest", f"topic write {p}/global/full/chunk/+", f"topic write {p}/ack/+", f"topic write {p}/summary",
     ]
 
 

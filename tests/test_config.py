@@ -30,6 +30,8 @@ def test_aggregator_defaults_and_relative_paths(tmp_path):
         ({"topic_prefix": "a/#"}, "topic_prefix", "wildcards"),
         ({"model": {"act": "tanh"}}, "model.act", "one of"),
         ({"train": {"lr": -1}}, "train.lr", "(0, 10]"),
+        ({"train": {"l2sp_alpha": -1}}, "train.l2sp_alpha", "[0, 1e5]"),
+        ({"download_codec": "gzip"}, "download_codec", "one of"),
         ({"eval": {"data": "missing-dir"}}, "eval.data", "no such directory"),
         ({"colour": "blue"}, "colour", "unknown field"),
     ],

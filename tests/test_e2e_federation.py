@@ -214,3 +214,208 @@ def test_aggregator_killed_mid_run_resumes_at_the_right_round(embedded_broker, o
     assert "round 1 open" not in restarted_log
     rounds = _logged_rounds(state)
     assert rounds == [0, 1, 2, 3], rounds  # each round logged exactly once, none lost
+
+
+# ---- download codec: devices rebuild the global model from deltas, or fetch the full one (PROTOCOL.md 5.2) ----
+
+def _delta_agent(monkeypatch, full_models: dict):
+    """An EdgeAgent without a broker; _fetch_full_model serves `full_models` (version -> tensors) and counts calls."""
+    from types import SimpleNamespace
+
+    from edge_agent.agent import EdgeAgent
+
+    config = SimpleNamespace(topics=Topics("t"), device_id="dev-1", aggregator_key=None,
+                             unlock=SimpleNamespace(reembed_after_round=False))
+    agent = EdgeAgent(config, trainer=None)
+    fetched = []
+
+    def fetch(version, sha256):
+        fetched.append(version)
+        return full_models.get(version)
+
+    monkeypatch.setattr(agent, "_fetch_full_model", fetch)
+    return agent, fetched
+
+
+def _published(version: int, base: dict, new: dict, residual=None):
+    """What the aggregator publishes for `version`: (delta transfer, decoded model, residual)."""
+    from fedwire.chunking import CompletedTransfer
+    from fedwire.codec import encode_tensors, sha256_hex
+    from fedwire.compression import as_global_delta, encode_global_delta
+
+    wire, decoded, residual = encode_global_delta(new, base, residual)
+    manifest, _ = build_transfer("global", "aggregator", version, version, wire)
+    manifest = as_global_delta(manifest, version - 1, sha256_hex(encode_tensors(decoded)))
+    return CompletedTransfer(manifest, wire, manifest.payload_bytes), decoded, residual
+
+
+def _step(tensors: dict, seed: int) -> dict:
+    rng = np.random.default_rng(seed)
+    return {k: v + rng.standard_normal(v.shape).astype(np.float32) * 0.1 for k, v in tensors.items()}
+
+
+def test_agent_rebuilds_deltas_exactly_and_falls_back_to_the_full_model(monkeypatch):
+    from fedwire.chunking import CompletedTransfer
+
+    from edge_agent.agent import GlobalModel
+
+    v0 = {"w": np.random.default_rng(0).standard_normal((32, 16)).astype(np.float32),
+          "b": np.ones(16, np.float32)}
+    server, published, residual = v0, {0: v0}, None
+    transfers = {}
+    for version in range(1, 6):
+        transfers[version], server, residual = _published(version, server, _step(server, version), residual)
+        published[version] = server
+    agent, fetched = _delta_agent(monkeypatch, published)
+    full0, _ = build_transfer("global", "aggregator", 0, 0, v0)
+    agent._on_global(CompletedTransfer(full0, v0, full0.payload_bytes))
+    for version in range(1, 4):  # holds each base: rebuilds from the delta, bit for bit, no full fetch
+        agent._on_global(transfers[version])
+        assert agent.global_model.version == version
+        for name in v0:
+            np.testing.assert_array_equal(agent.global_model.tensors[name], published[version][name])
+    assert fetched == [] and agent.full_fetches == 0
+    agent._on_global(transfers[5])  # missed version 4: the delta 4 -> 5 cannot apply
+    assert fetched == [5] and agent.full_fetches == 1 and agent.global_model.version == 5
+    np.testing.assert_array_equal(agent.global_model.tensors["w"], published[5]["w"])
+
+    newcomer, fetched = _delta_agent(monkeypatch, {})  # a new device, and the full model is not there (yet)
+    newcomer._on_global(transfers[2])
+    assert fetched == [2] and newcomer.global_model is None and newcomer._pending_full is not None
+    monkeypatch.setattr(newcomer, "_fetch_full_model", lambda version, sha: published[version])
+    newcomer._try_full_model(time.time())  # the retry (every GLOBAL_REFETCH_S while a round waits) succeeds
+    assert newcomer.global_model.version == 2 and newcomer._pending_full is None
+
+    corrupt, fetched = _delta_agent(monkeypatch, published)
+    corrupt.global_model = GlobalModel(2, published[2])
+    bad = transfers[3]
+    tampered = {**bad.tensors, "w": bad.tensors["w"].copy()}
+    tampered["w"][0, 0] ^= 1  # the payload hash matched in transit, but the rebuilt model is not v3: refused
+    corrupt._on_global(CompletedTransfer(bad.manifest, tampered, bad.payload_bytes))
+    assert fetched == [3] and corrupt.global_model.version == 3
+    np.testing.assert_array_equal(corrupt.global_model.tensors["w"], published[3]["w"])
+    malformed, fetched = _delta_agent(monkeypatch, published)
+    malformed.global_model = GlobalModel(2, published[2])
+    malformed._on_global(CompletedTransfer(bad.manifest, {"w": bad.tensors["w"]}, bad.payload_bytes))  # no scales
+    assert fetched == [3] and malformed.global_model.version == 3
+
+
+def _replay_globals(messages, topics: Topics) -> dict[int, dict]:
+    """Rebuild every global model a device subscribed to the global topics would hold, from the recorded bytes."""
+    from fedwire.compression import decode_update
+
+    reassembler, held, models = Reassembler(), None, {}
+    for topic, payload in messages:
+        if not topic.startswith(topics.prefix + "/global/") or "/global/full/" in topic or not payload:
+            continue  # only what a device's own subscriptions deliver
+        kind = topics.parse(topic).kind
+        done = (reassembler.add_manifest("global", TransferManifest.from_json(payload), time.time())
+                if kind == "global_manifest" else reassembler.add_chunk("global", payload, time.time()))
+        if done is None:
+            continue
+        m = done.manifest
+        if m.codec == "safetensors":
+            held = done.tensors
+        else:
+            assert m.base_version in models, f"v{m.model_version} arrived before its base v{m.base_version}"
+            held = decode_update(done.tensors, models[m.base_version], m.codec)
+        models[m.model_version] = held
+    return models
+
+
+def test_compressed_uploads_and_downloads_over_a_real_broker(broker_url, orl_small, tmp_path):
+    """topk-int8-delta uploads and int8-delta downloads, 3 rounds; a device that joins late gets the full model.
+
+    Every version a device rebuilds from deltas is bit for bit the aggregator's checkpoint (no drift), and a
+    malformed compressed update is rejected with a reason while the round goes on."""
+    from fedwire.codec import encode_tensors, sha256_hex
+
+    prefix = "facefed/e2e-delta"
+    topics = Topics(prefix)
+    recorder = Recorder(broker_url)
+    out = tmp_path / "run"
+    cfg = SimulationConfig(data=[orl_small], out=out, clients=3, rounds=3, local_epochs=1, holdout=3,
+                           broker=broker_url, topic_prefix=prefix, max_chunk_bytes=64 * 1024, batch_size=16,
+                           update_codec="topk-int8-delta", download_codec="int8-delta")
+    rogue: list[MqttLink] = []
+    round2_open = threading.Event()
+
+    def on_announcement(topic: str, payload: bytes) -> None:
+        announcement = RoundAnnouncement.from_json(payload)
+        if announcement.round == 2 and announcement.state == "open":
+            round2_open.set()
+
+    def on_round(entry: dict) -> None:
+        if entry["round"] != 1:
+            return
+        # a malformed top-k update (indices out of order) sent into round 2 by a device outside the federation
+        from fedwire.compression import TOPK_INT8_DELTA, encode_update
+
+        link = MqttLink(broker_url, client_id="test-rogue-delta", on_message=on_announcement,
+                        subscriptions=[topics.round])
+        link.connect()
+        rogue.append(link)
+        assert round2_open.wait(60), "round 2 was never announced"
+        reference = shared_tensors(load_checkpoint(out / "aggregator" / "checkpoints" / "round-0001.safetensors")[0])
+        wire, _ = encode_update({k: v + np.float32(0.01) if v.dtype == np.float32 else v
+                                 for k, v in reference.items()}, reference, TOPK_INT8_DELTA, topk=0.1)
+        name = next(k for k in wire if k.endswith("#index") and wire[k].size > 1)
+        wire[name] = wire[name][::-1].copy()
+        manifest, chunks = build_transfer("update", "rogue-c", 2, 1, wire, num_samples=10, codec=TOPK_INT8_DELTA)
+        link.publish_transfer(topics.update_manifest("rogue-c"), lambda i: topics.update_chunk("rogue-c", i),
+                              manifest, chunks)
+
+    try:
+        result = run_simulation(cfg, on_round)
+    finally:
+        for link in rogue:
+            link.close()
+    time.sleep(0.5)
+    messages = recorder.snapshot()
+    recorder.link.close()
+
+    assert [r["round"] for r in result.rounds] == [0, 1, 2, 3]
+    checkpoints = {r: shared_tensors(load_checkpoint(out / "aggregator" / "checkpoints" / f"round-{r:04d}.safetensors")[0])
+                   for r in range(4)}
+    models = _replay_globals(messages, topics)
+    assert sorted(models) == [0, 1, 2, 3]
+    for version, tensors in models.items():  # drift-free: what devices rebuild is the aggregator's model
+        assert sha256_hex(encode_tensors(tensors)) == sha256_hex(encode_tensors(checkpoints[version])), version
+    globals_ = [TransferManifest.from_json(p) for t, p in messages if t == topics.global_manifest and p]
+    assert [m.codec for m in globals_][:4] == ["safetensors", "int8-delta", "int8-delta", "int8-delta"]
+    fulls = [TransferManifest.from_json(p) for t, p in messages if t == topics.global_full_manifest and p]
+    assert {m.model_version for m in fulls} >= {1, 2}  # the full model stays retained for devices without the base
+    delta_bytes = [m.payload_bytes for m in globals_[1:]]
+    assert max(delta_bytes) * 3.5 < globals_[0].payload_bytes  # int8 deltas: well under a third of float32
+    assert result.rounds[1]["bytes_down"] < result.rounds[1]["clients"] * globals_[0].payload_bytes / 3.5
+    uploads = [TransferManifest.from_json(p) for t, p in messages
+               if t.endswith("/manifest") and "/update/client-" in t]
+    assert uploads and all(m.codec == "topk-int8-delta" for m in uploads)
+    acks = [UpdateAck.from_json(p) for t, p in messages if t == topics.ack("rogue-c")]
+    assert acks and not acks[0].accepted and "#index" in acks[0].reason
+    assert result.rounds[2]["rejected"] >= 1
+
+    # A device that joins now holds no version: the retained delta v3 does not apply, so it fetches the retained
+    # full model over its own short-lived connection, and gets exactly the aggregator's final model.
+    from types import SimpleNamespace
+
+    from edge_agent.agent import EdgeAgent
+    from fedwire.compression import decode_update  # noqa: F401  (the agent's own path is exercised below)
+
+    config = SimpleNamespace(topics=topics, device_id="late-1", aggregator_key=None, broker=broker_url,
+                             protocol="auto", tls=None, unlock=SimpleNamespace(reembed_after_round=False))
+    newcomer = EdgeAgent(config, trainer=None)
+    last_delta = globals_[-1]
+    reassembler, done = Reassembler(), None
+    for topic, payload in messages:  # the retained delta as the newcomer receives it on subscribing
+        if topic == topics.global_manifest and payload and TransferManifest.from_json(payload) == last_delta:
+            done = reassembler.add_manifest("global", last_delta, time.time())
+        elif topic.startswith(prefix + "/global/chunk/") and payload:
+            try:
+                done = reassembler.add_chunk("global", payload, time.time()) or done
+            except Exception:
+                pass
+    assert done is not None and done.manifest.model_version == 3
+    newcomer._on_global(done)
+    assert newcomer.full_fetches == 1 and newcomer.global_model.version == 3
+    assert sha256_hex(encode_tensors(newcomer.global_model.tensors)) == sha256_hex(encode_tensors(checkpoints[3]))

@@ -75,6 +75,43 @@ def test_simulate_picks_fine_tuning_defaults_per_model_and_rejects_stray_flags(t
     assert "faceapi-resnet only" in capsys.readouterr().err
 
 
+
+def test_device_carries_announced_l2sp_alpha_and_anchors_to_model_version_0(tmp_path, monkeypatch) -> None:
+    """Round 1 trains from version 0: the device keeps it and pulls towards it in later rounds."""
+    import edge_agent.trainer as trainer_mod
+    from model_zoo.train import TrainResult
+
+    calls = []
+
+    def fake_train_local(backbone, head, dataset, cfg, progress=False, trunk_cache=None, l2sp_reference=None):
+        calls.append((cfg, l2sp_reference))
+        return TrainResult(loss=0.0, accuracy=1.0, num_samples=len(dataset), seconds=0.0, epochs=cfg.epochs)
+
+    monkeypatch.setattr(trainer_mod, "train_local", fake_train_local)
+    rng = np.random.default_rng(0)
+    data = FaceDataset(rng.integers(0, 256, (4, 112, 112, 3), dtype=np.uint8), np.array([0, 1, 0, 1]), ["a", "b"])
+    trainer = trainer_mod.LocalTrainer(data, tmp_path / "state", 2, False, 0)
+    spec = {"arch": "mobilefacenet", "act": "relu", "embedding_size": 128}
+    torch.manual_seed(0)
+    version0 = shared_tensors(build_backbone("mobilefacenet"))
+    later = {k: v + 1.0 for k, v in version0.items()}
+
+    trainer.train_round(1, version0, spec, {"lr": 0.01}, 1)  # L2-SP off: nothing kept, no reference
+    assert calls[-1][0].l2sp_alpha == 0.0 and calls[-1][1] is None
+    assert not trainer.version0_path.exists()
+    trainer.train_round(1, version0, spec, {"lr": 0.01, "l2sp_alpha": 0.5}, 1)
+    assert calls[-1][0].l2sp_alpha == 0.5 and trainer.version0_path.exists()
+    trainer.train_round(3, later, spec, {"lr": 0.01, "l2sp_alpha": 0.5}, 1)
+    reference = calls[-1][1]
+    assert set(reference) == set(version0)
+    assert all(np.array_equal(reference[k], version0[k]) for k in version0)  # version 0, not the round's model
+
+    # A device that never saw round 1 and has no pretrained weights falls back to the round's global model.
+    fresh = trainer_mod.LocalTrainer(data, tmp_path / "fresh", 2, False, 0)
+    fresh.train_round(3, later, spec, {"l2sp_alpha": 0.5}, 1)
+    assert calls[-1][1] is later
+
+
 # --- the pretrained backbone ---
 
 @needs_shared
@@ -260,3 +297,26 @@ def test_a_device_profile_asking_for_an_int8_trunk_gets_one(celeb_small: FaceDat
     int8 = LocalTrainer(celeb_small, tmp_path / "int8", 8, False, 0, trunk_precision="int8")._backbone_for(spec)
     fp32 = LocalTrainer(celeb_small, tmp_path / "fp32", 8, False, 0)._backbone_for(spec)
     assert isinstance(int8.trunk_runtime, Int8Trunk) and fp32.trunk_runtime is None
+
+
+@needs_shared
+def test_a_late_joining_device_pulls_towards_the_pretrained_weights(celeb_small: FaceDataset, tmp_path,
+                                                                    monkeypatch) -> None:
+    """No version 0 kept (first round seen: 3): for faceapi-resnet the pretrained tail is version 0."""
+    import edge_agent.trainer as trainer_mod
+    from model_zoo.train import TrainResult
+
+    seen = []
+
+    def fake_train_local(backbone, head, dataset, cfg, progress=False, trunk_cache=None, l2sp_reference=None):
+        seen.append(l2sp_reference)
+        return TrainResult(loss=0.0, accuracy=1.0, num_samples=len(dataset), seconds=0.0, epochs=cfg.epochs)
+
+    monkeypatch.setattr(trainer_mod, "train_local", fake_train_local)
+    spec = {"arch": "faceapi-resnet", "trainable": "last"}
+    pretrained = shared_tensors(build_backbone("faceapi-resnet", trainable="last"))
+    moved = {k: v + 0.01 for k, v in pretrained.items()}
+    trainer = trainer_mod.LocalTrainer(celeb_small, tmp_path / "late", 8, False, 0)
+    trainer.train_round(3, moved, spec, {"lr": 1e-4, "margin": 0.0, "l2sp_alpha": 100.0}, 1)
+    assert set(seen[-1]) == set(pretrained)
+    assert all(np.array_equal(seen[-1][k], pretrained[k]) for k in pretrained)

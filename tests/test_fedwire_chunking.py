@@ -319,3 +319,53 @@ def test_chunks_that_are_not_safetensors_are_a_transfer_error():
 
 def test_empty_payload_is_a_cleared_retained_topic_and_ignored():
     assert Reassembler().add_chunk("global", b"", 0.0) is None
+
+
+def test_interleaved_uploads_beyond_the_memory_budget_spill_to_disk_and_stay_exact(tmp_path):
+    """Many senders at once, manifests last (as publish_transfer sends them): everything before a manifest
+    must be kept. Memory holds at most the budget; the rest goes to unnamed spool files, and every
+    transfer still reassembles bit for bit."""
+    senders = 12
+    transfers = {f"dev-{i}": build_transfer("update", f"dev-{i}", 3, 2, _tensors(scale=i + 1), num_samples=i + 1,
+                                            max_chunk_bytes=SMALL_CHUNK) for i in range(senders)}
+    budget = 6 * SMALL_CHUNK
+    reassembler = Reassembler(memory_budget_bytes=budget, spill_dir=tmp_path)
+    queues = {dev: list(chunks) for dev, (_, chunks) in transfers.items()}
+    done = {}
+    while queues:  # round robin: every sender's chunks interleaved with everyone else's
+        for dev in list(queues):
+            if queues[dev]:
+                assert reassembler.add_chunk(dev, queues[dev].pop(0), 0.0) is None
+                assert reassembler.memory_bytes <= budget
+            else:
+                del queues[dev]
+                done[dev] = reassembler.add_manifest(dev, transfers[dev][0], 0.0)
+    total = sum(len(chunk) - CHUNK_HEADER_BYTES for _, chunks in transfers.values() for chunk in chunks)
+    assert reassembler.peak_memory_bytes <= budget
+    assert reassembler.spilled_bytes > total // 2  # most of it: memory frees only as transfers complete
+    for i in range(senders):
+        _assert_exact(done[f"dev-{i}"].tensors, _tensors(scale=i + 1))
+    assert reassembler.memory_bytes == 0
+    assert list(tmp_path.iterdir()) == []  # spool files have no name and are closed once used
+
+
+def test_a_spilled_transfer_that_fails_or_expires_leaves_nothing_behind(tmp_path):
+    manifest, chunks = _transfer()
+    reassembler = Reassembler(memory_budget_bytes=SMALL_CHUNK, spill_dir=tmp_path)
+    _, data = unpack_chunk(chunks[3])
+    for chunk in chunks[:3] + [_with_data(chunks[3], data[:-1] + bytes([data[-1] ^ 1]))] + chunks[4:]:
+        reassembler.add_chunk("dev-1", chunk, 0.0)
+    assert reassembler.spilled_bytes > 0
+    with pytest.raises(TransferError, match="chunk 3"):  # checked against the manifest when it arrives
+        reassembler.add_manifest("dev-1", manifest, 0.0)
+    assert reassembler.memory_bytes == 0
+    other, other_chunks = _transfer()
+    for chunk in other_chunks[:-1]:
+        reassembler.add_chunk("dev-2", chunk, 0.0)
+    assert reassembler.expire(1e9) == [other.transfer_id]
+    assert reassembler.memory_bytes == 0 and list(tmp_path.iterdir()) == []
+
+
+def test_memory_budget_needs_a_spill_folder():
+    with pytest.raises(ValueError):
+        Reassembler(memory_budget_bytes=1 << 20)

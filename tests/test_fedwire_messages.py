@@ -277,3 +277,40 @@ def test_device_id_validation():
             validate_device_id(bad)
     with pytest.raises(ProtocolError):
         Topics().status("a/b")  # building a topic validates too: no wildcard injection
+
+
+# ---- download codec fields (PROTOCOL.md 5.2) ----
+
+def _delta_manifest(**overrides) -> TransferManifest:
+    return _manifest(**{"kind": "global", "sender": "aggregator", "round": 5, "model_version": 5, "num_samples": 0,
+                        "metrics": {}, "codec": "int8-delta", "base_version": 4, "model_sha256": "cd" * 32,
+                        **overrides})
+
+
+def test_plain_manifests_do_not_carry_the_download_fields():
+    obj = _json(_manifest())
+    assert "base_version" not in obj and "model_sha256" not in obj  # byte for byte what earlier versions sent
+    assert TransferManifest.from_json(_manifest().to_json()).base_version is None
+
+
+def test_a_global_delta_round_trips_with_its_base_and_model_hash():
+    manifest = _delta_manifest()
+    back = TransferManifest.from_json(manifest.to_json())
+    assert back == manifest and back.base_version == 4 and back.model_sha256 == "cd" * 32
+    obj = _json(_manifest(codec="topk-int8-delta"))
+    assert obj["codec"] == "topk-int8-delta"
+
+
+@pytest.mark.parametrize("overrides, field", [
+    ({"base_version": 5}, "base_version"),  # not older than the version it builds
+    ({"base_version": None}, "base_version"),  # a compressed global model must say what it applies to
+    ({"model_sha256": ""}, "model_sha256"),
+    ({"model_sha256": "XY" * 32}, "model_sha256"),
+    ({"codec": "safetensors"}, "base_version"),  # a full model names no base
+    ({"kind": "update", "sender": "dev-1"}, "base_version"),  # only global transfers are deltas of a version
+    ({"base_version": -1}, "base_version"),
+])
+def test_inconsistent_download_fields_are_refused(overrides, field):
+    with pytest.raises(ProtocolError) as info:
+        _delta_manifest(**overrides).to_json()
+    assert info.value.field == field

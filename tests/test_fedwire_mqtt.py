@@ -305,3 +305,59 @@ def test_acks_after_handling_make_the_broker_hold_the_backlog(mosquitto_broker, 
         ack()
         received += 1
     assert received == 60  # acknowledging opens the window again, and nothing is lost
+
+
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+def test_the_link_keeps_its_window_when_the_broker_does_not(mosquitto_broker, links, protocol):
+    """Mosquitto 2.0.11 lets every PUBACK release up to a whole window of queued messages, so a consumer that
+    acks one message at a time would get the whole backlog. The link stops reading instead: never more than
+    max_unacked messages are handed over and not acknowledged, and nothing is lost or reordered."""
+    held: queue.Queue[tuple[str, object]] = queue.Queue()
+    consumer = links(mosquitto_broker, ["win/+"], lambda topic, payload, ack: held.put((topic, ack)),
+                     ack_after_handling=True, clean_session=False, protocol=protocol, max_unacked=5)
+    sender = links(mosquitto_broker, [])
+    total = 120
+    for i in range(total):
+        sender.publish(f"win/{i}", b"x" * 1000, qos=1)
+    topics, most_held = [], 0
+    deadline = time.monotonic() + WAIT_S
+    while len(topics) < total and time.monotonic() < deadline:
+        try:
+            topic, ack = held.get(timeout=0.5)
+        except queue.Empty:
+            continue
+        time.sleep(0.002)  # a slow consumer: give the broker time to send whatever it would
+        most_held = max(most_held, held.qsize() + 1)
+        topics.append(topic)
+        ack()
+    assert topics == [f"win/{i}" for i in range(total)]
+    assert most_held <= 5 and consumer.peak_unacked <= 5
+    assert consumer.unacked == 0
+
+
+def test_publish_nowait_leaves_the_window_shut(mosquitto_broker, links):
+    """What a consumer publishes while handling (the aggregator's update acks) must not open its window: a
+    publish() waits for a PUBACK that sits behind the backlog and reads past the window meanwhile;
+    publish_nowait() returns at once and is sent as soon as the network thread runs again."""
+    held: queue.Queue[object] = queue.Queue()
+    consumer = links(mosquitto_broker, ["full/+"], lambda topic, payload, ack: held.put(ack),
+                     ack_after_handling=True, clean_session=False, max_unacked=2)
+    inbox = Inbox()
+    links(mosquitto_broker, ["reply"], inbox)
+    sender = links(mosquitto_broker, [])
+    for i in range(10):
+        sender.publish(f"full/{i}", b"y" * 1000, qos=1)
+    deadline = time.monotonic() + WAIT_S
+    while consumer.unacked < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.2)
+    assert consumer.unacked == 2  # window full: the network thread waits and reads nothing
+    start = time.monotonic()
+    consumer.publish_nowait("reply", b"ok")
+    assert time.monotonic() - start < 1.0
+    time.sleep(0.2)
+    assert consumer.unacked == 2 and held.qsize() == 2  # still shut
+    for _ in range(10):
+        held.get(timeout=WAIT_S)()
+    assert inbox.wait_for("reply") == b"ok"
+    assert consumer.unacked == 0 and consumer.peak_unacked == 2

@@ -187,3 +187,48 @@ def test_recalibrate_batchnorm_sets_running_stats_to_the_data_and_keeps_modes():
     halves = x.split(6)  # equal-weight average of the two batches' statistics
     torch.testing.assert_close(bn.running_mean, x.mean(0))
     torch.testing.assert_close(bn.running_var, torch.stack([h.var(0) for h in halves]).mean(0))
+
+
+def _l2sp_run(alpha: float, reference):
+    backbone, head = _fresh(3)
+    train_local(backbone, head, _tiny_dataset(n=8), TrainConfig(epochs=1, batch_size=4, lr=0.1, seed=5,
+                                                                l2sp_alpha=alpha), l2sp_reference=reference)
+    return backbone.state_dict()
+
+
+def test_l2sp_alpha_zero_is_plain_training_and_alpha_pulls_towards_the_fixed_reference():
+    from model_zoo.checkpoint import shared_tensors
+
+    start, _ = _fresh(3)
+    # A reference away from the starting weights: L2-SP pulls towards it, FedProx would pull towards the start.
+    gen = torch.Generator().manual_seed(1)
+    reference = {k: v + 0.05 * torch.randn(v.shape, generator=gen) for k, v in start.state_dict().items()
+                 if v.is_floating_point()}
+    params = [k for k, p in start.named_parameters() if p.requires_grad]
+
+    def distance(state):
+        return sum(float(((state[k] - reference[k]) ** 2).sum()) for k in params)
+
+    plain = _l2sp_run(0.0, None)
+    assert all(torch.equal(plain[k], v) for k, v in _l2sp_run(0.0, reference).items())  # alpha 0: bit for bit
+    weak, strong = _l2sp_run(1.0, reference), _l2sp_run(8.0, reference)
+    assert distance(strong) < distance(weak) < distance(plain)
+    # numpy references (what a device stores: shared_tensors / safetensors) work the same
+    numpy_ref = {k: v.numpy() for k, v in reference.items()}
+    assert all(torch.equal(strong[k], v) for k, v in _l2sp_run(8.0, numpy_ref).items())
+    assert set(shared_tensors(start)) >= set(params)
+
+
+def test_l2sp_rejects_bad_settings():
+    backbone, head = _fresh(3)
+    with pytest.raises(ValueError, match="l2sp_alpha must be >= 0"):
+        train_local(backbone, head, _tiny_dataset(), TrainConfig(l2sp_alpha=-1.0), l2sp_reference={})
+    with pytest.raises(ValueError, match="needs l2sp_reference"):
+        train_local(backbone, head, _tiny_dataset(), TrainConfig(l2sp_alpha=1.0))
+    partial = {k: v for k, v in list(backbone.state_dict().items())[1:]}
+    with pytest.raises(ValueError, match="has no tensor"):
+        train_local(backbone, head, _tiny_dataset(), TrainConfig(l2sp_alpha=1.0), l2sp_reference=partial)
+    first = next(iter(backbone.state_dict()))
+    wrong = {**backbone.state_dict(), first: torch.zeros(1)}
+    with pytest.raises(ValueError, match="shape"):
+        train_local(backbone, head, _tiny_dataset(), TrainConfig(l2sp_alpha=1.0), l2sp_reference=wrong)

@@ -4,6 +4,8 @@ Mosquitto, a reducer adds their partial sums, and the global model equals the ex
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -84,12 +86,18 @@ def test_broker_without_mqtt5_fails_at_start_with_a_clear_error(tmp_path: Path, 
 def test_two_workers_and_reducer_give_the_exact_weighted_mean(tmp_path: Path, mosquitto_broker: str) -> None:
     """12 simulated devices (bench/fleet_load.py: real manifests and chunks, acks awaited), 2 rounds."""
     out = tmp_path / "fleet.json"
-    proc = subprocess.run(
+    # Its own process group: on a timeout, the bench's aggregator and device processes go too.
+    proc = subprocess.Popen(
         [sys.executable, "-m", "bench.fleet_load", "--devices", "12", "--rounds", "2", "--shard-workers", "2",
          "--processes", "2", "--broker", mosquitto_broker, "--json", str(out), "--keep", str(tmp_path / "runs")],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=240, check=False)
+        cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
     logs = "\n".join(p.read_text()[-3000:] for p in (tmp_path / "runs").glob("*/aggregator.log"))
-    assert proc.returncode == 0, proc.stdout + proc.stderr + logs
+    assert proc.returncode == 0, output + logs
     [result] = json.loads(out.read_text())
     assert [r["updates"] for r in result["rounds"]] == [12, 12]
     assert all(r["exact"] for r in result["rounds"])
