@@ -37,6 +37,15 @@ def _quiet_amqtt_logging() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
+def _drop_gone_client_errors(loop: asyncio.AbstractEventLoop, context: dict) -> None:
+    # amqtt closes a refused connection (an MQTT 5 probe, before the client falls back to 3.1.1) by shutting
+    # down a socket the client may have closed already; asyncio would print that OSError as an unhandled error.
+    if isinstance(context.get("exception"), OSError):
+        log.debug("embedded broker: a client's connection was already gone: %s", context["exception"])
+        return
+    loop.default_exception_handler(context)
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A port that was free a moment ago (small race, acceptable for local brokers)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -114,6 +123,7 @@ class EmbeddedBroker:
 
     async def _serve(self, broker_class: type) -> None:
         self._loop = asyncio.get_running_loop()
+        self._loop.set_exception_handler(_drop_gone_client_errors)
         self._stop_requested = asyncio.Event()
         broker = broker_class(_broker_config(self.host, self.port))
         await broker.start()  # returns once the listening socket is bound, so start() can return the url
