@@ -25,8 +25,8 @@ from aggregator.validation import UpdateRejected, check_finite, check_running_va
 from fedwire.broker import EmbeddedBroker
 from fedwire.chunking import Reassembler, build_transfer, unpack_chunk
 from fedwire.codec import tensor_specs
-from fedwire.compression import (INT8_DELTA, PLAIN, as_global_delta, decode_update, encode_global_delta,
-                                 wire_specs)
+from fedwire.compression import (INT8_DELTA, PLAIN, TOPK_INT8_DELTA, as_global_delta, decode_update,
+                                 encode_global_delta, wire_specs)
 from fedwire.errors import ProtocolError
 from fedwire.messages import DeviceStatus, RoundAnnouncement, RoundSummary, TransferManifest, UpdateAck
 from fedwire.mqtt import MqttLink
@@ -88,7 +88,7 @@ class AggregatorService:
         self._full_transfer: tuple[TransferManifest, list[bytes]] | None = None
         self._global_delta: tuple[int, dict[str, np.ndarray]] | None = None  # (version, wire tensors vs version - 1)
         self._download_residual: dict[str, np.ndarray] = {}  # server-side error feedback of the download delta
-        self._chunks_retained: dict[str, int] = {}  # chunk topic prefix -> chunks retained there by us
+        self._chunks_retained: dict[str, int] = {}  # a transfer's chunk-0 topic -> chunks retained there by us
         self._retained: dict[str, bytes] = {}  # topic -> last retained message (round, summary)
 
     # ---- lifecycle -------------------------------------------------------
@@ -303,18 +303,19 @@ class AggregatorService:
             if full is not None:  # first: a device told by the delta to fall back finds the full model retained
                 self._link.publish_transfer(self.topics.global_full_manifest, self.topics.global_full_chunk,
                                             full[0], full[1], retain=True)
-                self._clear_stale_chunks(self.topics.global_full_chunk(""), len(full[1]))
+                self._clear_stale_chunks(self.topics.global_full_chunk, len(full[1]))
             self.global_bytes = self._link.publish_transfer(self.topics.global_manifest, self.topics.global_chunk,
                                                             manifest, chunks, retain=True)
-            self._clear_stale_chunks(self.topics.global_chunk(0)[:-1], len(chunks))
+            self._clear_stale_chunks(self.topics.global_chunk, len(chunks))
 
         self._until_published(f"global model v{manifest.model_version}", publish)
 
-    def _clear_stale_chunks(self, chunk_prefix: str, count: int) -> None:
+    def _clear_stale_chunks(self, chunk_topic: Callable[[int], str], count: int) -> None:
         """A shorter transfer (a delta after a full model) leaves higher chunk indices retained: clear them."""
-        for index in range(count, self._chunks_retained.get(chunk_prefix, 0)):
-            self._link.publish(f"{chunk_prefix}{index}", b"", retain=True)
-        self._chunks_retained[chunk_prefix] = count
+        key = chunk_topic(0)
+        for index in range(count, self._chunks_retained.get(key, 0)):
+            self._link.publish(chunk_topic(index), b"", retain=True)
+        self._chunks_retained[key] = count
 
     def _publish_retained(self, topic: str, payload: bytes) -> None:
         self._retained[topic] = payload
@@ -552,7 +553,7 @@ def _train_dict(config: AggregatorConfig) -> dict[str, Any]:
         "proximal_mu": t.proximal_mu, "l2sp_alpha": t.l2sp_alpha,
         "negative_anchors": t.negative_anchors, "anchor_seed": t.anchor_seed,
         "codec": config.update_codec,
-        **({"codec_topk": config.update_topk} if config.update_codec == "topk-int8-delta" else {}),
+        **({"codec_topk": config.update_topk} if config.update_codec == TOPK_INT8_DELTA else {}),
         **({"download_codec": config.download_codec} if config.download_codec != PLAIN else {}),
         # Devices build the same backbone from this before loading the global tensors.
         "model": {"arch": m.arch, **{k: v for k, v in m.backbone_kwargs().items() if k not in MACHINE_LOCAL_KWARGS}},

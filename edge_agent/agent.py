@@ -33,7 +33,7 @@ from fedwire.messages import (
     TransferManifest,
     UpdateAck,
 )
-from fedwire.mqtt import MqttLink
+from fedwire.mqtt import MqttLink, TlsFiles
 from fedwire.signing import SignatureError, load_verify_key, verify
 
 log = logging.getLogger("facefed.agent")
@@ -106,7 +106,7 @@ class EdgeAgent:
             subscriptions=self.topics.agent_subscriptions(self.device_id),
             will=(self.topics.status(self.device_id), offline, True),
             protocol=self.config.protocol,
-            tls=self.config.tls.files() if self.config.broker.startswith("mqtts://") else None,
+            tls=self._tls_files(),
             clean_session=False,  # acks sent while the connection is down wait at the broker
         )
         self._link.connect()
@@ -232,6 +232,9 @@ class EdgeAgent:
         self.full_fetches += 1
         self._set_global(wanted.model_version, tensors, "full model, fallback")
 
+    def _tls_files(self) -> TlsFiles | None:
+        return self.config.tls.files() if self.config.broker.startswith("mqtts://") else None
+
     def _fetch_full_model(self, version: int, sha256: str) -> dict[str, np.ndarray] | None:
         """The retained full model `version` (its payload hashing to `sha256`), over a short-lived second link
         subscribed only to the full-model topics, so devices that can apply deltas never receive it."""
@@ -241,7 +244,7 @@ class EdgeAgent:
             on_message=lambda topic, payload: events.put((topic, payload)),
             subscriptions=[self.topics.global_full_manifest, self.topics.global_full_chunk("+")],
             protocol=self.config.protocol,
-            tls=self.config.tls.files() if self.config.broker.startswith("mqtts://") else None,
+            tls=self._tls_files(),
         )
         reassembler = Reassembler(timeout_s=FULL_MODEL_TIMEOUT_S)
         deadline = time.monotonic() + FULL_MODEL_TIMEOUT_S
