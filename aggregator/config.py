@@ -119,6 +119,12 @@ class AggregatorConfig:
     # How the global model is published: safetensors (float32, full) or int8-delta (a delta against the previous
     # version, the full model retained on {prefix}/global/full/... for devices that lack it). PROTOCOL.md 5.2.
     download_codec: Literal["safetensors", "int8-delta"] = "safetensors"
+    # BatchNorm running statistics of each new global model: "averaged" (FedAvg of the statistics each device
+    # measured on its own trained weights) or "measured" (a statistics phase after each round: devices measure
+    # them on the averaged weights themselves with forward passes, and those are averaged with weights n_k;
+    # PROTOCOL.md 4.1). Averaged statistics do not fit averaged weights: on ORL + Yale + celeb-dev, 6 devices,
+    # held-out accuracy 0.78 against 0.89 measured (BENCHMARKS.md, issue 4).
+    bn_statistics: Literal["averaged", "measured"] = "averaged"
     fraction_fit: float = 1.0  # share of the known devices sampled into each round
     seed: int = 0  # client sampling
     clip_norm: float | None = None  # bound each update's L2 distance from the global model
@@ -153,6 +159,8 @@ class AggregatorConfig:
         require(0 < self.update_topk <= 1, "update_topk", "must be in (0, 1]")
         require(self.download_codec == "safetensors" or self.shard_workers == 1, "download_codec",
                 "int8-delta downloads need shard_workers: 1 (workers read the global model as float32)")
+        require(self.bn_statistics == "averaged" or self.shard_workers == 1, "bn_statistics",
+                "measured needs shard_workers: 1 (the statistics phase is not sharded)")
         if self.shard_workers > 1:
             require(self.broker is not None, "shard_workers",
                     "needs an MQTT 5 broker with shared subscriptions (set broker: mqtt://...; the embedded "

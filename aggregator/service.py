@@ -19,20 +19,21 @@ from typing import Any
 import numpy as np
 
 from aggregator.config import AggregatorConfig
+from aggregator.fedavg import WeightedSum
 from aggregator.state import AcceptedUpdate, StateDir
 from aggregator.strategy import build_strategy
 from aggregator.validation import UpdateRejected, check_finite, check_running_variances, check_update_manifest
 from fedwire.broker import EmbeddedBroker
 from fedwire.chunking import Reassembler, build_transfer, unpack_chunk
 from fedwire.codec import tensor_specs
-from fedwire.compression import (INT8_DELTA, PLAIN, TOPK_INT8_DELTA, as_global_delta, decode_update,
+from fedwire.compression import (INT8_DELTA, PATCH, PLAIN, TOPK_INT8_DELTA, as_global_delta, decode_update,
                                  encode_global_delta, wire_specs)
 from fedwire.errors import ProtocolError
 from fedwire.messages import DeviceStatus, RoundAnnouncement, RoundSummary, TransferManifest, UpdateAck
 from fedwire.mqtt import MqttLink
 from fedwire.signing import load_signing_key, sign
 from model_zoo.backbones import MACHINE_LOCAL_KWARGS, build_backbone
-from model_zoo.checkpoint import load_checkpoint, load_shared_tensors, shared_tensors
+from model_zoo.checkpoint import load_checkpoint, load_shared_tensors, running_statistics, shared_tensors
 
 log = logging.getLogger("facefed.aggregator")
 
@@ -42,6 +43,7 @@ STREAM_POLL_S = 0.2
 # memory would grow with the number of devices uploading at the same moment.
 REASSEMBLY_MEMORY_BYTES = 32 * 2**20
 PUBLISH_RETRY_S = 1.0  # pause between attempts to publish retained state while the broker is away
+AVERAGED_BN_SUFFIX = "_averaged_bn"  # bn_statistics measured: round metrics of the model before the statistics phase
 
 
 @dataclass
@@ -58,6 +60,16 @@ class OpenRound:
     train_losses: dict[str, float] = field(default_factory=dict)
     bytes_up: int = 0
     rejected: int = 0
+    bytes_down: int = 0
+    # The statistics phase of a round (bn_statistics: measured; announcement state "statistics"):
+    statistics: WeightedSum | None = None  # the devices' BatchNorm statistics, summed with weights n_k
+    trained: OpenRound | None = None  # the training phase it follows
+    averaged_bn: dict[str, float] = field(default_factory=dict)  # metrics of the model with averaged statistics
+
+    @property
+    def kind(self) -> str:
+        """The transfer kind this phase collects."""
+        return "update" if self.statistics is None else "statistics"
 
 
 class AggregatorService:
@@ -174,7 +186,7 @@ class AggregatorService:
     # ---- rounds ------------------------------------------------------------
 
     def _serve_until_done(self) -> None:
-        while self.model_version < self.config.rounds:
+        while self.model_version < self.config.rounds or self.current is not None:
             self.handle_next_event()
             if self._link.connections != self._link_connections:
                 self._republish_retained()
@@ -226,38 +238,84 @@ class AggregatorService:
             return
         for dropped in self.reassembler.expire(now):
             log.warning("dropped incomplete transfer %s (chunks missing past timeout)", dropped)
-        if self.strategy.num_updates >= current.quorum:
+        received = self.strategy.num_updates if current.statistics is None else current.statistics.count
+        if received >= current.quorum:
             self._close_round()
         elif now >= current.announcement.deadline:
-            if self.strategy.num_updates > 0:
+            if received > 0:
                 log.warning("round %d deadline: closing with %d of %d clients",
-                            current.number, self.strategy.num_updates, current.quorum)
+                            current.number, received, current.quorum)
                 self._close_round()
+            elif current.statistics is not None:
+                log.warning("round %d: no BatchNorm statistics before the deadline; keeping the averaged ones",
+                            current.number)
+                self.current = None
+                self._finish_round(current.trained, current)
             else:
                 log.warning("round %d deadline passed with no updates: announcing it again", current.number)
                 self._open_round(current.number)
 
     def _close_round(self) -> None:
         current = self.current
+        self.current = None
+        if current.statistics is not None:
+            self._finish_round(current.trained, current)
+            return
         new_tensors = self._compress_download(self.strategy.aggregate(), current.number)
         self.global_tensors = new_tensors
         self.model_version = current.number
         load_shared_tensors(self.backbone, new_tensors)
+        if self.config.bn_statistics == "measured" and running_statistics(new_tensors):
+            self._open_statistics(current)
+        else:
+            self._finish_round(current)
+
+    def _open_statistics(self, trained: OpenRound) -> None:
+        """Publish the averaged weights and ask the devices to measure their BatchNorm statistics on them."""
+        averaged_bn = self._evaluate(trained.number)
+        self._publish_global()
+        announcement = RoundAnnouncement(
+            round=trained.number, model_version=self.model_version, state="statistics",
+            announce_id=secrets.token_hex(16), deadline=time.time() + self.config.round_timeout_s,
+            min_clients=trained.quorum, train={"model": _train_dict(self.config)["model"]},
+        )
+        self.current = OpenRound(trained.number, self.model_version, announcement, time.time(), trained.quorum,
+                                 statistics=WeightedSum(), trained=trained, averaged_bn=averaged_bn,
+                                 bytes_down=self.global_bytes * len(trained.accepted))
+        self._publish_retained(self.topics.round, self._signed(announcement).to_json())
+        log.info("round %d: weights averaged; statistics phase open (quorum %d)", trained.number, trained.quorum)
+
+    def _finish_round(self, current: OpenRound, phase: OpenRound | None = None) -> None:
+        """Publish, evaluate and checkpoint the round's global model, then open the next round. `phase`: the
+        statistics phase that followed the training phase `current` (bn_statistics: measured)."""
+        if phase is None:
+            self._publish_global()
+            current.bytes_down = self.global_bytes * len(current.accepted)
+        else:
+            current.bytes_up += phase.bytes_up
+            current.rejected += phase.rejected
+            current.bytes_down = phase.bytes_down
+            if phase.statistics.count:
+                # The weights went out with the statistics phase: only the statistics travel now.
+                measured = phase.statistics.mean()
+                self.global_tensors = {**self.global_tensors, **measured}
+                load_shared_tensors(self.backbone, self.global_tensors)
+                self._publish_global(patch=measured)
+                current.bytes_down += self.global_bytes * len(phase.accepted)
         metrics = self._evaluate(current.number)
-        self.current = None
+        if phase is not None:
+            metrics.update({k + AVERAGED_BN_SUFFIX: v for k, v in phase.averaged_bn.items()})
         summary = RoundSummary(
             round=current.number,
             model_version=self.model_version,
             clients=sorted(current.accepted),
             num_samples=sum(current.accepted.values()),
             bytes_up=current.bytes_up,
-            bytes_down=0,
+            bytes_down=current.bytes_down,
             train_loss=_weighted_loss(current),
             metrics=metrics,
             seconds=time.time() - current.started,
         )
-        self._publish_global()
-        summary.bytes_down = self.global_bytes * len(current.accepted)
         entry = _log_entry(summary, current)
         checkpoint = self.state.save_round(current.number, self.backbone, self._checkpoint_meta(), entry,
                                            getattr(self.strategy, "slots", None))
@@ -277,12 +335,19 @@ class AggregatorService:
         self._global_delta = (version, wire)
         return decoded
 
-    def _publish_global(self) -> None:
+    def _publish_global(self, patch: dict[str, np.ndarray] | None = None) -> None:
+        """Publish global model v (retained): in full, as a delta against v - 1 (download_codec int8-delta) or as
+        a `patch` of v (its measured BatchNorm statistics, for devices that hold v with averaged ones)."""
         v = self.model_version
         manifest, chunks = build_transfer("global", "aggregator", v, v, self.global_tensors,
                                           max_chunk_bytes=self.config.max_chunk_bytes)
         self._full_transfer = None
-        if self.config.download_codec == INT8_DELTA:
+        if patch is not None:
+            self._full_transfer = (self._signed(manifest), chunks)
+            patch_manifest, patch_chunks = build_transfer("global", "aggregator", v, v, patch,
+                                                          max_chunk_bytes=self.config.max_chunk_bytes)
+            manifest, chunks = as_global_delta(patch_manifest, v, manifest.payload_sha256, PATCH), patch_chunks
+        elif self.config.download_codec == INT8_DELTA:
             self._full_transfer = (self._signed(manifest), chunks)
             if self._global_delta is not None and self._global_delta[0] == v:
                 # Devices holding v - 1 rebuild v from the delta; manifest.payload_sha256 is the full model's hash.
@@ -407,8 +472,8 @@ class AggregatorService:
                      current.number, manifest.transfer_id, device_id)
             self._send_ack(UpdateAck(device_id, current.number, manifest.transfer_id, True, ""))
             return
-        if device_id in current.accepted and manifest.round == current.number:
-            reason = f"an update from {device_id} was already accepted for round {current.number}"
+        if device_id in current.accepted and manifest.round == current.number and manifest.kind == current.kind:
+            reason = f"an upload ({current.kind}) from {device_id} was already accepted for round {current.number}"
             log.info("ignored a second update from %s: %s", device_id, reason)
             self._send_ack(UpdateAck(device_id, manifest.round, manifest.transfer_id, False, reason))
             return
@@ -417,13 +482,18 @@ class AggregatorService:
             current.rejected += 1
             self._reject(device_id, manifest, f"not sampled for round {current.number}")
             return
+        if current.statistics is None:
+            expected = wire_specs(tensor_specs(self.global_tensors), manifest.codec, self.config.update_topk)
+        else:  # statistics travel as they are
+            expected = tensor_specs(running_statistics(self.global_tensors)) if manifest.codec == PLAIN else []
         try:
             check_update_manifest(
                 manifest,
+                kind=current.kind,
                 device_id=device_id,
                 current_round=current.number,
                 model_version=current.model_version,
-                expected=wire_specs(tensor_specs(self.global_tensors), manifest.codec, self.config.update_topk),
+                expected=expected,
                 max_payload_bytes=self.config.max_update_bytes,
             )
         except UpdateRejected as exc:
@@ -462,8 +532,9 @@ class AggregatorService:
             return
         manifest = completed.manifest
         current = self.current
-        if current is None or manifest.round != current.number or device_id in current.accepted:
-            log.info("ignored late or duplicate update from %s (round %d)", device_id, manifest.round)
+        if current is None or (manifest.round, manifest.kind) != (current.number, current.kind) \
+                or device_id in current.accepted:
+            log.info("ignored late or duplicate %s from %s (round %d)", manifest.kind, device_id, manifest.round)
             return
         try:
             tensors = completed.tensors
@@ -471,10 +542,20 @@ class AggregatorService:
                 tensors = decode_update(tensors, self.global_tensors, manifest.codec)
             check_finite(tensors)
             check_running_variances(tensors)
-            self.strategy.accumulate(tensors, manifest.num_samples)
+            if current.statistics is not None:
+                current.statistics.add(tensors, manifest.num_samples)
+            else:
+                self.strategy.accumulate(tensors, manifest.num_samples)
         except (UpdateRejected, ProtocolError, ValueError) as exc:
             current.rejected += 1
             self._reject(device_id, manifest, str(exc))
+            return
+        if current.statistics is not None:  # not journaled: after a restart the phase is simply announced again
+            current.accepted[device_id] = manifest.num_samples
+            current.transfers[device_id] = manifest.transfer_id
+            self._send_ack(UpdateAck(device_id, current.number, manifest.transfer_id, True, ""))
+            log.info("round %d: BatchNorm statistics from %s accepted (n=%d, %d/%d)", current.number, device_id,
+                     manifest.num_samples, len(current.accepted), current.quorum)
             return
         loss = manifest.metrics.get("train_loss")
         update = AcceptedUpdate(device_id, manifest.transfer_id, manifest.num_samples,

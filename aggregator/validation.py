@@ -16,6 +16,7 @@ class UpdateRejected(Exception):
 def check_update_manifest(
     manifest: TransferManifest,
     *,
+    kind: str = "update",
     device_id: str,
     current_round: int,
     model_version: int,
@@ -25,8 +26,8 @@ def check_update_manifest(
     """Reject before any chunk is kept: wrong kind, sender, round, tensors or size."""
     if manifest.protocol != PROTOCOL_VERSION:
         raise UpdateRejected(f"protocol {manifest.protocol} is not {PROTOCOL_VERSION}")
-    if manifest.kind != "update":
-        raise UpdateRejected(f"kind {manifest.kind!r} on an update topic")
+    if manifest.kind != kind:
+        raise UpdateRejected(f"kind {manifest.kind!r} where the round collects {kind!r}")
     if manifest.sender != device_id:
         raise UpdateRejected(f"sender {manifest.sender!r} does not match topic device {device_id!r}")
     if manifest.round != current_round:

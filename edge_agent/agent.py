@@ -48,6 +48,7 @@ FULL_MODEL_TIMEOUT_S = 60.0  # how long one fetch of the retained full model may
 class GlobalModel:
     version: int
     tensors: dict[str, np.ndarray]
+    sha256: str  # of the safetensors payload: a statistics patch changes the model, not its version
 
 
 @dataclass
@@ -73,7 +74,7 @@ class EdgeAgent:
         self.announcement: RoundAnnouncement | None = None
         self.handled: set[str] = set()  # announce ids already answered
         self.upload: PendingUpload | None = None
-        self.accepted: tuple[int, int] | None = None  # (round, model version) of the last update acknowledged
+        self.accepted: tuple[str, int, int] | None = None  # (kind, round, model version) of the last acknowledged upload
         self.finished = False
         self.rounds_trained = 0
         self.status_state = "offline"
@@ -185,18 +186,20 @@ class EdgeAgent:
             self._on_global_delta(completed)
             return
         self._pending_full = None
-        self._set_global(manifest.model_version, completed.tensors, f"{completed.payload_bytes} bytes")
+        self._set_global(manifest.model_version, completed.tensors, manifest.payload_sha256,
+                         f"{completed.payload_bytes} bytes")
 
-    def _set_global(self, version: int, tensors: dict[str, np.ndarray], how: str) -> None:
-        self.global_model = GlobalModel(version, tensors)
+    def _set_global(self, version: int, tensors: dict[str, np.ndarray], sha256: str, how: str) -> None:
+        self.global_model = GlobalModel(version, tensors, sha256)
         self._waiting_since = None
         log.info("global model v%d received (%d tensors, %s)", version, len(tensors), how)
         self._refresh_enrolment()
 
     def _on_global_delta(self, completed: CompletedTransfer) -> None:
-        """Download codec (PROTOCOL.md 5.2): rebuild version v from v - 1, or fetch the retained full model."""
+        """Download codec (PROTOCOL.md 5.2): rebuild version v from v - 1 (a statistics patch: from v itself), or
+        fetch the retained full model."""
         manifest = completed.manifest
-        if self.global_model is not None and self.global_model.version == manifest.model_version:
+        if self.global_model is not None and self.global_model.sha256 == manifest.model_sha256:
             return  # already rebuilt (a retained copy delivered again)
         held = None if self.global_model is None else self.global_model.version
         if held == manifest.base_version:
@@ -207,8 +210,8 @@ class EdgeAgent:
             else:
                 if sha256_hex(encode_tensors(tensors)) == manifest.model_sha256:
                     self._pending_full = None
-                    self._set_global(manifest.model_version, tensors,
-                                     f"delta from v{held}, {completed.payload_bytes} bytes")
+                    self._set_global(manifest.model_version, tensors, manifest.model_sha256,
+                                     f"{manifest.codec} of v{held}, {completed.payload_bytes} bytes")
                     return
                 log.warning("global model v%d: the delta does not rebuild the announced model; fetching the full model",
                             manifest.model_version)
@@ -230,7 +233,7 @@ class EdgeAgent:
             return
         self._pending_full = None
         self.full_fetches += 1
-        self._set_global(wanted.model_version, tensors, "full model, fallback")
+        self._set_global(wanted.model_version, tensors, wanted.model_sha256, "full model, fallback")
 
     def _tls_files(self) -> TlsFiles | None:
         return self.config.tls.files() if self.config.broker.startswith("mqtts://") else None
@@ -297,9 +300,9 @@ class EdgeAgent:
             log.info("ignored an ack for update %s (round %d): not the update waiting for one", ack.transfer_id, ack.round)
             return
         if ack.accepted:
-            log.info("round %d: update accepted", ack.round)
+            log.info("round %d: %s accepted", ack.round, upload.manifest.kind)
             self.upload = None
-            self.accepted = (upload.round, upload.manifest.model_version)
+            self.accepted = _task(upload.manifest.kind, upload.round, upload.manifest.model_version)
             self._set_status("idle", ack.round)
             return
         log.warning("round %d: update rejected: %s", ack.round, ack.reason)
@@ -316,7 +319,7 @@ class EdgeAgent:
 
     def _maybe_train(self, now: float) -> None:
         ann = self.announcement
-        if ann is None or ann.state != "open" or ann.announce_id in self.handled:
+        if ann is None or ann.state not in ("open", "statistics") or ann.announce_id in self.handled:
             return
         if not self.config.device.training:
             self.handled.add(ann.announce_id)
@@ -332,12 +335,13 @@ class EdgeAgent:
             self.handled.add(ann.announce_id)
             return
         # The deadline is the aggregator's clock, not ours (ours may be off by hours): the aggregator judges it.
-        if (ann.round, ann.model_version) == self.accepted:
-            log.info("round %d announced again; our update was already accepted", ann.round)
+        task = _announced_task(ann)
+        if task == self.accepted:
+            log.info("round %d announced again; our %s was already accepted", ann.round, task[0])
             self.handled.add(ann.announce_id)
             return
         upload = self.upload
-        if upload is not None and (upload.round, upload.manifest.model_version) == (ann.round, ann.model_version):
+        if upload is not None and _task(upload.manifest.kind, upload.round, upload.manifest.model_version) == task:
             log.info("round %d announced again (the aggregator restarted?): sending our unacknowledged update again",
                      ann.round)
             self.handled.add(ann.announce_id)
@@ -347,7 +351,10 @@ class EdgeAgent:
             self._wait_for_global(now, ann)
             return
         self.handled.add(ann.announce_id)
-        self._train_and_upload(ann)
+        if ann.state == "statistics":
+            self._measure_and_upload(ann)
+        else:
+            self._train_and_upload(ann)
 
     def _wait_for_global(self, now: float, ann: RoundAnnouncement) -> None:
         if self._pending_full is not None and self._pending_full.model_version == ann.model_version:
@@ -385,6 +392,20 @@ class EdgeAgent:
         self._set_status("uploading", ann.round)
         self._publish_upload(self.upload)
         self.rounds_trained += 1
+
+    def _measure_and_upload(self, ann: RoundAnnouncement) -> None:
+        """Statistics phase (bn_statistics: measured): BatchNorm statistics of the new global model on our images."""
+        self._set_status("training", ann.round, detail="measuring BatchNorm statistics")
+        start = time.time()
+        statistics = self.trainer.measure_statistics(self.global_model.tensors, ann.train.get("model", {}))
+        log.info("round %d: measured BatchNorm statistics of model v%d on %d samples in %.1f s", ann.round,
+                 ann.model_version, self.trainer.num_samples, time.time() - start)
+        manifest, chunks = build_transfer("statistics", self.device_id, ann.round, ann.model_version, statistics,
+                                          num_samples=self.trainer.num_samples,
+                                          max_chunk_bytes=self.config.device.max_chunk_bytes)
+        self.upload = PendingUpload(ann.round, manifest, chunks)
+        self._set_status("uploading", ann.round)
+        self._publish_upload(self.upload)
 
     def _encode(self, tensors: dict[str, np.ndarray], codec: str, topk: float = DEFAULT_TOPK_FRACTION
                 ) -> dict[str, np.ndarray]:
@@ -427,3 +448,12 @@ class EdgeAgent:
             self._link.publish(self.topics.status(self.device_id), status.to_json(), retain=True)
         except (ConnectionError, TimeoutError) as exc:  # informational: never worth stopping the agent
             log.warning("status %r not published: %s", state, exc)
+
+
+def _task(kind: str, round_number: int, model_version: int) -> tuple[str, int, int]:
+    """What an upload answers: training (kind update) or measuring statistics for a round and model version."""
+    return kind, round_number, model_version
+
+
+def _announced_task(ann: RoundAnnouncement) -> tuple[str, int, int]:
+    return _task("statistics" if ann.state == "statistics" else "update", ann.round, ann.model_version)

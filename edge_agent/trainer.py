@@ -20,11 +20,11 @@ from safetensors.numpy import save_file as save_numpy_file
 from safetensors.torch import load_file, save_file
 
 from model_zoo.backbones import MACHINE_LOCAL_KWARGS, FrozenTrunk, build_backbone
-from model_zoo.checkpoint import load_shared_tensors, shared_tensors
+from model_zoo.checkpoint import load_shared_tensors, running_statistics, shared_tensors
 from model_zoo.data import FaceDataset
 from model_zoo.losses import AnchoredArcFaceHead, ArcFaceHead, negative_anchors
 from model_zoo.train import (TrainConfig, TrainResult, TrunkFeatureCache, embed_images, has_frozen_trunk,
-                             imprint_head, train_local)
+                             imprint_head, measure_batchnorm_statistics, train_local)
 
 log = logging.getLogger("edge_agent.trainer")
 
@@ -82,6 +82,16 @@ class LocalTrainer:
                              l2sp_reference=reference)
         self._save_head(head, model_spec.get("embedding_size", 128))
         return RoundResult(shared_tensors(backbone), result)
+
+    def measure_statistics(self, global_tensors: dict[str, np.ndarray], model_spec: dict[str, Any]
+                           ) -> dict[str, np.ndarray]:
+        """BatchNorm running statistics of the global model measured on this device's images (forward passes
+        only, weights untouched). Only per-channel means and variances leave the device; the aggregator averages
+        them with weights n_k (bn_statistics: measured)."""
+        backbone = self._backbone_for(model_spec)
+        load_shared_tensors(backbone, global_tensors)
+        measured = measure_batchnorm_statistics(backbone, self.dataset.images, self.batch_size, self.seed)
+        return {name: measured[name] for name in running_statistics(global_tensors)}
 
     def _backbone_for(self, model_spec: dict[str, Any]):
         # Where this device keeps pretrained weights is its own business, whatever the announcement says.

@@ -68,6 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--download-codec", choices=["safetensors", "int8-delta"], default="safetensors",
                      help="how the aggregator publishes global models: float32 (default) or int8 deltas against the "
                      "previous version, with the full model kept retained for devices that lack it")
+    sim.add_argument("--bn-statistics", choices=["averaged", "measured"], default="averaged",
+                     help="BatchNorm statistics of each global model: FedAvg of the devices' own (default), or "
+                     "measured by the devices on the averaged weights in a statistics phase after each round "
+                     "(forward passes only; fits the averaged weights, see BENCHMARKS.md issue 4)")
 
     _add_experiment_parser(sub)
 
@@ -167,7 +171,7 @@ def _simulate(args: argparse.Namespace) -> int:
         data=data, out=args.out, clients=args.clients, rounds=args.rounds, **_training_settings(args),
         split=args.split, alpha=args.alpha, holdout=args.holdout, seed=args.seed, broker=args.broker,
         arch=args.model, act=args.act, max_chunk_bytes=args.max_chunk_bytes,
-        update_codec=args.update_codec, download_codec=args.download_codec,
+        update_codec=args.update_codec, download_codec=args.download_codec, bn_statistics=args.bn_statistics,
         model_options={"trainable": args.trainable or "last"} if args.model == "faceapi-resnet" else {},
     )
     print(f"facefed simulate: {args.clients} clients, {args.rounds} rounds, data {', '.join(map(str, data))}")
@@ -229,15 +233,16 @@ def _add_experiment_parser(sub) -> None:
     exp.add_argument("--negative-anchors", type=int, help="negative anchor vectors for that comparison")
     exp.add_argument("--methods", help="comma-separated subset of centralized,local,fedavg,fedprox,server")
     exp.add_argument("--jobs", type=int, help="arms run at the same time (presets: 3; 1 gives per-arm wall times)")
-    exp.add_argument("--bn-calibration", action=argparse.BooleanOptionalAction, default=None,
-                     help="federated arms: BatchNorm statistics measured by the clients on the global model itself "
-                     "(default on; --no-bn-calibration scores the model with its averaged statistics only)")
+    exp.add_argument("--bn-statistics", choices=["averaged", "measured"],
+                     help="federated arms: BatchNorm statistics averaged from the clients' (default), or measured by "
+                     "the clients on each averaged model in a statistics phase; measured also scores the averaged "
+                     "ones on the same weights (the *_averaged_bn rows)")
 
 
 EXPERIMENT_FIELDS = ("clients", "rounds", "local_epochs", "lr", "batch_size", "split", "alpha", "size_skew",
                      "holdout", "max_per_identity", "seed", "proximal_mu", "server_strategy", "server_lr",
                      "fraction_fit", "min_clients", "round_timeout_s", "single_identity_clients", "negative_anchors",
-                     "jobs", "bn_calibration")
+                     "jobs", "bn_statistics")
 
 
 def _experiment(args: argparse.Namespace) -> int:

@@ -11,23 +11,18 @@ identities, which no client trains on:
 - single-identity clients (one person per device): plain FedAvg against the negative-anchor remedy
   (model_zoo/losses/anchors.py), both over MQTT.
 
-BatchNorm statistics of a federated model (bn_calibration, on by default): FedAvg averages each client's
-running_mean / running_var, but each client measured those on its *own* trained weights, not on the average of
-everyone's weights, so the averaged statistics do not match the averaged model (ORL + Yale + celeb-dev, 6 clients:
-held-out accuracy 0.78 with them against 0.89 with statistics measured on the averaged model). Centralized and
-local models get statistics measured on their own final weights (train_local ends with recalibrate_batchnorm),
-so for every federated arm each client runs the same no-grad statistics pass on the global model over its own
-partition (forward passes only, no weight changes, nothing but per-channel means and variances leave it) and
-the statistics are averaged with the FedAvg weights n_k (`federated_batchnorm_statistics`). This pass runs here,
-in the experiment process, on the per-round checkpoints the aggregator wrote; the un-calibrated scores are kept
-in results.json (`uncalibrated`, `val_accuracy_uncalibrated` per round) and as the `*_averaged_bn` rows.
+BatchNorm statistics of a federated model (`bn_statistics`): by default the federated arms keep FedAvg's average
+of the statistics each client measured on its own trained weights. With `measured`, the aggregator runs a
+statistics phase after each round (PROTOCOL.md 4.1.1: the clients measure the statistics on the averaged weights,
+over MQTT) and also scores the model with the averaged statistics, kept in results.json (`uncalibrated`,
+`val_accuracy_uncalibrated` per round) and as the `*_averaged_bn` rows: a paired comparison on the same weights.
+On held-out identities the measured statistics scored lower (BENCHMARKS.md, issue 4), so they are not the default.
 
 The centralized and local arms call the devices' own code (model_zoo.train.train_local, one call of
 local_epochs per round, head kept and optimizer restarted between calls, as a device does) in this process.
 """
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import os
@@ -43,16 +38,16 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from aggregator.fedavg import fedavg
+from aggregator.service import AVERAGED_BN_SUFFIX
 from facefed.simulate import SimulationConfig, SimulationError, run_simulation
 from model_zoo.backbones import build_backbone
 from model_zoo.checkpoint import load_checkpoint
-from model_zoo.data import FaceDataset, load_datasets, to_model_input
+from model_zoo.data import FaceDataset, load_datasets
 from model_zoo.losses import ArcFaceHead
 from model_zoo.metrics import far_key, rank1_accuracy, verification_report
 from model_zoo.partition import (cap_per_identity, partition_by_identity, partition_dirichlet, skewed_weights,
                                  split_holdout)
-from model_zoo.train import TrainConfig, embed_images, recalibrate_batchnorm, train_local
+from model_zoo.train import TrainConfig, embed_images, train_local
 
 log = logging.getLogger("facefed.experiment")
 
@@ -65,7 +60,6 @@ LABELS = {"centralized": "centralized (pooled)", "local_mean": "local only, mean
           "fedavgm": "FedAvgM (server momentum)", "fedadam": "FedAdam (server Adam)",
           SINGLE_FEDAVG: "1 identity/client: FedAvg", SINGLE_ANCHORS: "1 identity/client: FedAvg + anchors",
           "fedavg_averaged_bn": "FedAvg, averaged BN statistics (no pass)"}
-UNCALIBRATED_SUFFIX = "_averaged_bn"  # results key of a federated arm scored with its averaged BN statistics
 
 
 class ExperimentError(ValueError):
@@ -96,9 +90,9 @@ class ExperimentConfig:
     round_timeout_s: float = 600.0  # federated arms: round deadline; late updates are dropped
     single_identity_clients: int = 0  # > 0: also run the single-identity comparison with this many devices
     negative_anchors: int = 64
-    # Federated arms: replace the global model's averaged BatchNorm statistics by the n_k-weighted average of
-    # statistics the clients measure on the global model itself (see the module docstring). False: as aggregated.
-    bn_calibration: bool = True
+    # Federated arms: "averaged" (FedAvg of the clients' BatchNorm statistics) or "measured" (a statistics phase
+    # after each round; both are then scored, see the module docstring).
+    bn_statistics: str = "averaged"
     methods: tuple[str, ...] = MAIN_METHODS
     threads: int = field(default_factory=lambda: min(2, os.cpu_count() or 1))  # torch threads in this process
     jobs: int = 1  # arms run at the same time; per-arm wall times then overlap
@@ -138,19 +132,23 @@ class ExperimentConfig:
         need(not unknown, f"unknown methods {sorted(unknown)}; known: {', '.join(MAIN_METHODS)}")
         need(self.threads >= 1, f"threads must be >= 1, got {self.threads}")
         need(1 <= self.jobs <= 16, f"jobs must be in [1, 16], got {self.jobs}")
-        need(isinstance(self.bn_calibration, bool), f"bn_calibration must be true or false, got {self.bn_calibration!r}")
+        need(self.bn_statistics in ("averaged", "measured"),
+             f"bn_statistics must be averaged or measured, got {self.bn_statistics!r}")
 
 
 PRESETS: dict[str, dict] = {
     # One local epoch per round: with 2, the first rounds' client models (disjoint identities, from a random
     # start) drifted so far apart that their average scored below the random model (0.58 held-out accuracy).
-    # ORL alone, 4 clients of unequal size, 6 rounds x 1 epoch.
+    # ORL alone, 4 clients of unequal size, 6 rounds x 1 epoch (at 4, FedAvg led local-only by 1 point only).
+    # Reduced to the arms the ordering is about, so it fits 5 minutes on 2 cores: no server-optimizer arm and no
+    # single-identity comparison (the full preset has both).
     "quick": {"datasets": ("orl",), "clients": 4, "rounds": 6, "local_epochs": 1, "holdout": 10, "size_skew": 2.0,
-              "batch_size": 16, "single_identity_clients": 6, "jobs": 3},
-    # ORL + Yale + celeb-dev (8 images per person: celeb-dev has hundreds), 6 clients of unequal size. 8 rounds
-    # (8 epochs per client for every method): at 6, FedAvg and centralized were both still rising (local-only had
-    # levelled off at 0.83-0.85 from epoch 3 on); 8 keeps the whole preset under 30 minutes on 2 cores.
-    "full": {"datasets": ("orl", "yale", "celeb-dev"), "clients": 6, "rounds": 8, "local_epochs": 1, "holdout": 16,
+              "batch_size": 16, "single_identity_clients": 0, "methods": ("centralized", "local", "fedavg", "fedprox"),
+              "jobs": 3},
+    # ORL + Yale + celeb-dev (8 images per person: celeb-dev has hundreds), 6 clients of unequal size. 10 rounds
+    # (10 epochs per client for every method): at 8, FedAvg was still rising by about a point per round while
+    # local-only had levelled off at 0.83-0.85 from epoch 3 on.
+    "full": {"datasets": ("orl", "yale", "celeb-dev"), "clients": 6, "rounds": 10, "local_epochs": 1, "holdout": 16,
              "size_skew": 3.0, "max_per_identity": 8, "batch_size": 16, "single_identity_clients": 8, "jobs": 3},
 }
 
@@ -227,36 +225,6 @@ def evaluate(backbone: torch.nn.Module, holdout: FaceDataset) -> tuple[dict, tup
     return metrics, (report.fpr, report.tpr)
 
 
-def is_running_stat(name: str) -> bool:
-    return name.endswith(".running_mean") or name.endswith(".running_var")
-
-
-def client_batchnorm_statistics(backbone: torch.nn.Module, data: FaceDataset, batch_size: int) -> dict[str, np.ndarray]:
-    """BatchNorm running statistics of `backbone` (left unchanged) measured on one client's images: the devices'
-    own recalibrate_batchnorm pass (train-mode forward passes, no grad, no augmentation) on a copy."""
-    model = copy.deepcopy(backbone)
-    images = data.images
-
-    def embed(idx: torch.Tensor) -> torch.Tensor:
-        return model(to_model_input(images[idx.numpy()]))
-
-    recalibrate_batchnorm(model, embed, len(data), batch_size)
-    return {name: t.detach().numpy().copy() for name, t in model.state_dict().items() if is_running_stat(name)}
-
-
-def federated_batchnorm_statistics(backbone: torch.nn.Module, clients: list[FaceDataset],
-                                   batch_size: int) -> dict[str, np.ndarray]:
-    """The global model's BatchNorm statistics as a federation can get them: every client measures them on its own
-    partition for these very weights, and they are averaged with FedAvg's weights n_k. Only the weights' BN
-    buffers change; everything else in `backbone` is left as it is. Returns the statistics it set."""
-    stats = fedavg((client_batchnorm_statistics(backbone, data, batch_size), len(data)) for data in clients)
-    state = backbone.state_dict()
-    with torch.no_grad():
-        for name, value in stats.items():
-            state[name].copy_(torch.from_numpy(value))
-    return stats
-
-
 def _curve_point(round_number: int, metrics: dict) -> dict:
     return {"round": round_number, "val_accuracy": metrics["val_accuracy"], "eer": metrics["eer"],
             f"tar_at_far_{TAR_KEY}": metrics["tar_at_far"][TAR_KEY]}
@@ -273,7 +241,7 @@ class Runner:
         self.bars = progress and cfg.jobs == 1  # concurrent bars would overwrite each other: lines only then
         self.results: dict[str, dict] = {}
         self.rocs: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-        self._uncalibrated: dict[str, tuple[dict, list[dict], tuple]] = {}  # federated arm -> before the BN pass
+        self._uncalibrated: dict[str, tuple[dict, list[dict]]] = {}  # federated arm -> scores with averaged BN
 
     def run(self) -> None:
         cfg, setup = self.cfg, self.setup
@@ -309,10 +277,10 @@ class Runner:
         for name, outcome in outcomes.items():
             self._record(name, *outcome)
         if "fedavg" in self._uncalibrated:  # plain FedAvg as aggregated, for the record (its own row and curve)
-            metrics, curve, _ = self._uncalibrated["fedavg"]
+            metrics, curve = self._uncalibrated["fedavg"]
             row = {**metrics, "curve": curve, "seconds": self.results["fedavg"]["seconds"]}
             self.results = {k: v for name, result in self.results.items()
-                            for k, v in ([(name, result), ("fedavg" + UNCALIBRATED_SUFFIX, row)] if name == "fedavg"
+                            for k, v in ([(name, result), ("fedavg" + AVERAGED_BN_SUFFIX, row)] if name == "fedavg"
                                          else [(name, result)])}
 
     def _bar(self, name: str, total: int) -> tqdm:
@@ -369,6 +337,7 @@ class Runner:
             strategy=strategy, server_lr=cfg.server_lr if strategy in SERVER_STRATEGIES else None,
             fraction_fit=cfg.fraction_fit, min_clients=_quorum(cfg.min_clients, len(clients), cfg.clients),
             round_timeout_s=cfg.round_timeout_s, train_extra=dict(train_extra or {}),
+            bn_statistics=cfg.bn_statistics,
         )
         bar = self._bar(name, cfg.rounds)
 
@@ -390,34 +359,27 @@ class Runner:
                   f"tar_at_far_{TAR_KEY}": e[f"tar_at_far_{TAR_KEY}"], "clients": e["clients"],
                   "train_loss": e.get("train_loss")} for e in result.rounds]
         metrics["client_updates"] = sum(e["clients"] for e in result.rounds)
-        if cfg.bn_calibration:
-            metrics, roc, curve = self._calibrated(name, clients, result.final_checkpoint.parent, backbone, metrics,
-                                                   roc, curve)
+        if cfg.bn_statistics == "measured":
+            self._keep_averaged_bn(name, result.rounds, curve)
+            metrics["uncalibrated"] = self._uncalibrated[name][0]
+            self._line(name, cfg.rounds, curve[-1], f" | measured BN statistics (averaged: "
+                       f"{metrics['uncalibrated']['val_accuracy']:.3f})")
         return metrics, curve, roc, time.time() - start
 
-    def _calibrated(self, name: str, clients: list[FaceDataset], run_dir: Path, backbone: torch.nn.Module,
-                    metrics: dict, roc, curve: list[dict]):
-        """Scores after the clients' BatchNorm statistics pass, on every round's checkpoint (round 0, the untrained
-        start every arm shares, is left as it is); the aggregated model's scores are kept beside them."""
-        holdout, batch = self.setup.holdout, self.cfg.batch_size
-        uncalibrated = {k: metrics[k] for k in ("val_accuracy", "eer", "tar_at_far", "rank1")}
-        self._uncalibrated[name] = (uncalibrated, [dict(p) for p in curve], roc)
-        checkpoints = run_dir / "aggregator" / "checkpoints"
-        for point in curve:
-            point["val_accuracy_uncalibrated"] = point["val_accuracy"]
-            if point["round"] == 0:
-                continue
-            if point["round"] == self.cfg.rounds:
-                model = backbone
-            else:
-                model, _ = load_checkpoint(checkpoints / f"round-{point['round']:04d}.safetensors")
-            federated_batchnorm_statistics(model, clients, batch)
-            scored, _ = evaluate(model, holdout)
-            point.update(_curve_point(point["round"], scored))
-        calibrated, roc = evaluate(backbone, holdout)
-        self._line(name, self.cfg.rounds, curve[-1],
-                   f" | BN statistics pass (was {uncalibrated['val_accuracy']:.3f})")
-        return {**metrics, **calibrated, "uncalibrated": uncalibrated}, roc, curve
+    def _keep_averaged_bn(self, name: str, rounds: list[dict], curve: list[dict]) -> None:
+        """The aggregator's scores of each round's model with averaged BatchNorm statistics (before the devices
+        measured them), beside the measured ones."""
+        keys = ("val_accuracy", "eer", f"tar_at_far_{TAR_KEY}")  # round 0 has no statistics phase: as it is
+        averaged = [{**point, **{k: entry.get(k + AVERAGED_BN_SUFFIX, point[k]) for k in keys}}
+                    for entry, point in zip(rounds, curve)]
+        for point, before in zip(curve, averaged):
+            point["val_accuracy_uncalibrated"] = before["val_accuracy"]
+        last = rounds[-1]
+        final = {"val_accuracy": last["val_accuracy" + AVERAGED_BN_SUFFIX], "eer": last["eer" + AVERAGED_BN_SUFFIX],
+                 "rank1": last["rank1" + AVERAGED_BN_SUFFIX],
+                 "tar_at_far": {key[len("tar_at_far_"):-len(AVERAGED_BN_SUFFIX)]: value for key, value in last.items()
+                                if key.startswith("tar_at_far_") and key.endswith(AVERAGED_BN_SUFFIX)}}
+        self._uncalibrated[name] = (final, averaged)
 
     def _record(self, name: str, metrics: dict, curve: list[dict], roc, seconds: float) -> None:
         self.results[name] = {**metrics, "curve": curve, "seconds": round(seconds, 1)}
@@ -478,7 +440,7 @@ def _summary(results: dict) -> dict:
         summary["fedavg_minus_local_mean_acc_pts"] = round(100 * (acc("fedavg") - acc("local_mean")), 2)
     if {"fedavg", "centralized"} <= set(results):
         summary["centralized_minus_fedavg_acc_pts"] = round(100 * (acc("centralized") - acc("fedavg")), 2)
-    raw = "fedavg" + UNCALIBRATED_SUFFIX
+    raw = "fedavg" + AVERAGED_BN_SUFFIX
     if {raw, "local_mean", "centralized"} <= set(results):
         summary["fedavg_averaged_bn_minus_local_mean_acc_pts"] = round(100 * (acc(raw) - acc("local_mean")), 2)
         summary["centralized_minus_fedavg_averaged_bn_acc_pts"] = round(100 * (acc("centralized") - acc(raw)), 2)
@@ -520,10 +482,10 @@ def markdown_report(results: dict) -> str:
          f"FedProx mu {setup['proximal_mu']}, server optimizer {setup['server_strategy']}, "
          f"fraction_fit {setup['fraction_fit']}."),
     ]
-    if setup.get("bn_calibration"):
+    if setup.get("bn_statistics") == "measured":
         lines.append("- Federated arms: BatchNorm statistics of each round's global model measured by every client on "
-                     "its own partition (forward passes only) and averaged with weights n_k; the FedAvg row "
-                     "'averaged BN statistics' is the model as aggregated.")
+                     "its own partition (forward passes only, over MQTT) and averaged with weights n_k; the FedAvg "
+                     "row 'averaged BN statistics' is the same weights with the averaged statistics.")
     if setup["single_identity_sizes"]:
         lines.append(f"- Single-identity setting: {len(setup['single_identity_sizes'])} devices with one person each "
                      f"(n_k = {setup['single_identity_sizes']}), {setup['negative_anchors']} negative anchors.")

@@ -59,6 +59,7 @@ class SimulationConfig:
     fraction_fit: float = 1.0  # share of the devices sampled into each round
     min_clients: int | None = None  # round quorum; None: every client (or every sampled one)
     train_extra: dict = field(default_factory=dict)  # further announced train settings, e.g. {"proximal_mu": 0.01}
+    bn_statistics: str = "averaged"  # or "measured": a statistics phase after each round (aggregator.yaml)
 
 
 @dataclass
@@ -109,6 +110,7 @@ def write_run_folder(cfg: SimulationConfig, clients: list[FaceDataset], holdout:
         "max_chunk_bytes": cfg.max_chunk_bytes,
         "update_codec": cfg.update_codec,
         "download_codec": cfg.download_codec,
+        "bn_statistics": cfg.bn_statistics,
         "model": {"arch": cfg.arch, "act": cfg.act, "options": cfg.model_options, "seed": cfg.seed},
         "train": {"local_epochs": cfg.local_epochs, "lr": cfg.lr, "margin": cfg.margin, **cfg.train_extra},
         "eval": {"data": str(out / "eval" / "holdout")},

@@ -30,11 +30,27 @@ def _import_amqtt_broker() -> type:
     return Broker
 
 
+class _LatePubackFilter(logging.Filter):
+    """amqtt stops waiting for a subscriber's PUBACK after 5 s and logs an ERROR with a traceback. The message
+    has already been written to the subscriber's socket and is read in time: an aggregator acknowledges after
+    handling (fedwire.mqtt.MqttLink), and a busy one (evaluating a model) may take longer. Logged at debug."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, TimeoutError) and "waiting for PUBACK" in str(exc):
+            log.debug("embedded broker: a subscriber took over 5 s to acknowledge: %s", exc)
+            return False
+        return True
+
+
 def _quiet_amqtt_logging() -> None:
     # amqtt logs every connection at INFO, and every refused MQTT 5 probe (expected: clients
     # fall back to 3.1.1) as a WARNING; real faults still show at ERROR.
     for name in ("amqtt", "transitions"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    broker_log = logging.getLogger("amqtt.broker")
+    if not any(isinstance(f, _LatePubackFilter) for f in broker_log.filters):
+        broker_log.addFilter(_LatePubackFilter())
 
 
 def _drop_gone_client_errors(loop: asyncio.AbstractEventLoop, context: dict) -> None:

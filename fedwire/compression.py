@@ -20,6 +20,10 @@ values. Vectors and non-float tensors travel as in int8-delta. Everything not se
 Downloads (optional, `download_codec: int8-delta`): the aggregator sends global model v as an int8-delta
 against v - 1 and from then on uses the *decoded* model as the global model itself (see encode_global_delta),
 so every device that applies the delta holds bit for bit the model the aggregator aggregates against.
+
+`patch` (downloads, `bn_statistics: measured`): some of a version's tensors replaced, the rest kept. After the
+fleet has measured BatchNorm statistics on global version v, the aggregator sends only those statistics as a patch
+of v (base_version = model_version = v); the receiver copies them over the v it holds.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from .messages import TensorSpec, TransferManifest
 PLAIN = "safetensors"
 INT8_DELTA = "int8-delta"
 TOPK_INT8_DELTA = "topk-int8-delta"
+PATCH = "patch"
 UPLOAD_CODECS = (PLAIN, INT8_DELTA, TOPK_INT8_DELTA)
 DOWNLOAD_CODECS = (PLAIN, INT8_DELTA)
 SCALE_SUFFIX = "#scale"
@@ -159,6 +164,8 @@ def decode_update(wire: Tensors, reference: Tensors, codec: str) -> dict[str, np
     Exact: the result is bit for bit what encode_update's sender computed as reference + sent delta."""
     if codec == PLAIN:
         return dict(wire)
+    if codec == PATCH:
+        return _apply_patch(wire, reference)
     if codec not in (INT8_DELTA, TOPK_INT8_DELTA):
         raise ProtocolError("codec", f"unknown codec {codec!r}")
     _check_names(wire, reference, codec)
@@ -237,10 +244,21 @@ def encode_global_delta(new: Tensors, reference: Tensors, residual: Mapping[str,
     return wire, decode_update(wire, reference, INT8_DELTA), new_residual
 
 
-def as_global_delta(manifest: TransferManifest, base_version: int, model_sha256: str) -> TransferManifest:
+def _apply_patch(wire: Tensors, reference: Tensors) -> dict[str, np.ndarray]:
+    unknown = sorted(set(wire) - set(reference))
+    if unknown:
+        raise ProtocolError("tensors", f"the patch names tensors the model lacks: {unknown[:3]}")
+    for name, value in wire.items():
+        _check_wire(wire, name, reference[name].dtype.type, reference[name].shape)
+    return {**reference, **wire}
+
+
+def as_global_delta(manifest: TransferManifest, base_version: int, model_sha256: str,
+                    codec: str = INT8_DELTA) -> TransferManifest:
     """A global transfer built (by chunking.build_transfer, codec safetensors) from encode_global_delta's wire
-    tensors, declared as an int8-delta against `base_version` that rebuilds the model with `model_sha256`."""
-    declared = dataclasses.replace(manifest, codec=INT8_DELTA, base_version=base_version, model_sha256=model_sha256)
+    tensors (or a patch's tensors), declared as `codec` against `base_version`, rebuilding the model with
+    `model_sha256`."""
+    declared = dataclasses.replace(manifest, codec=codec, base_version=base_version, model_sha256=model_sha256)
     return TransferManifest.from_json(declared.to_json())  # validated as a receiver will
 
 

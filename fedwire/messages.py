@@ -25,9 +25,9 @@ MAX_MESSAGE_BYTES = 4 * 1024 * 1024  # bounds JSON parsing; a 512 MiB manifest a
 SAFETENSORS_DTYPES = frozenset(
     {"BOOL", "U8", "I8", "U16", "I16", "U32", "I32", "U64", "I64", "F16", "BF16", "F32", "F64"}
 )
-CODECS = frozenset({"safetensors", "int8-delta", "topk-int8-delta"})  # see compression.py
-TRANSFER_KINDS = frozenset({"global", "update"})
-ROUND_STATES = frozenset({"open", "finished"})
+CODECS = frozenset({"safetensors", "int8-delta", "topk-int8-delta", "patch"})  # see compression.py
+TRANSFER_KINDS = frozenset({"global", "update", "statistics"})
+ROUND_STATES = frozenset({"open", "statistics", "finished"})
 DEVICE_STATES = frozenset({"online", "training", "uploading", "idle", "offline"})
 
 _ID_HEX = re.compile(r"[0-9a-f]{32}")
@@ -236,7 +236,7 @@ def _read_dim(value: object, name: str) -> int:
 class TransferManifest(_Message):
     """Describes one chunked tensor transfer; published after all of its chunks."""
 
-    kind: str  # "global" | "update"
+    kind: str  # "global" | "update" | "statistics" (BatchNorm statistics measured on a global model)
     transfer_id: str  # 32 lowercase hex
     sender: str  # device id or "aggregator"
     round: int
@@ -253,7 +253,7 @@ class TransferManifest(_Message):
     protocol: int = PROTOCOL_VERSION
     # Download codec (PROTOCOL.md section 5.2), global transfers only. Both are left out of the JSON when unset,
     # so a manifest without them is byte for byte what earlier versions sent.
-    base_version: int | None = None  # codec int8-delta: the global version this delta applies to
+    base_version: int | None = None  # codec int8-delta: the global version this delta applies to; patch: the same
     model_sha256: str = ""  # sha256 of the safetensors payload of the model the receiver rebuilds
 
     @property
@@ -305,7 +305,10 @@ def _check_manifest_consistency(m: TransferManifest) -> None:
     if m.base_version is not None:
         if m.kind != "global" or m.codec == "safetensors":
             raise ProtocolError("base_version", "only a compressed global transfer (a delta) names a base version")
-        if m.base_version >= m.model_version:
+        if m.codec == "patch" and m.base_version != m.model_version:
+            raise ProtocolError("base_version", f"a patch completes the version it names: {m.base_version} is not "
+                                f"model_version {m.model_version}")
+        if m.codec != "patch" and m.base_version >= m.model_version:
             raise ProtocolError("base_version", f"{m.base_version} is not older than model_version {m.model_version}")
         if not m.model_sha256:
             raise ProtocolError("model_sha256", "a delta must name the sha256 of the model it rebuilds")
@@ -317,7 +320,7 @@ def _check_manifest_consistency(m: TransferManifest) -> None:
 class RoundAnnouncement(_Message):
     round: int
     model_version: int
-    state: str  # "open" | "finished"
+    state: str  # "open" (train) | "statistics" (measure BatchNorm statistics on model_version) | "finished"
     announce_id: str  # 32 lowercase hex, new for every announcement
     deadline: float  # unix seconds
     min_clients: int

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,14 @@ def shared_tensors(backbone: nn.Module) -> dict[str, np.ndarray]:
     """The federated payload: float state_dict entries, BN running stats included, integer counters
     (num_batches_tracked) left out; of a FrozenTrunk backbone only the tail's (every device holds the trunk)."""
     return {name: np.ascontiguousarray(t.detach().cpu().numpy()).copy() for name, t in _shared_state(backbone).items()}
+
+
+RUNNING_STATISTICS = (".running_mean", ".running_var")
+
+
+def running_statistics(tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The BatchNorm running means and variances among `tensors` (shared_tensors names)."""
+    return {name: value for name, value in tensors.items() if name.endswith(RUNNING_STATISTICS)}
 
 
 def load_shared_tensors(backbone: nn.Module, tensors) -> None:

@@ -1,6 +1,7 @@
 """Local training of backbone + ArcFace head on one client's data, and embedding extraction."""
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -12,6 +13,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .backbones import FrozenTrunk
+from .checkpoint import RUNNING_STATISTICS
 from .data import FaceDataset, normalize_pixels, to_model_input
 from .losses import ArcFaceHead
 
@@ -258,6 +260,21 @@ def recalibrate_batchnorm(module: nn.Module, embed: Embedder, n: int, batch_size
         for layer, momentum in zip(layers, momenta):
             layer.momentum = momentum
         module.train(was_training)
+
+
+def measure_batchnorm_statistics(module: nn.Module, images: np.ndarray, batch_size: int, seed: int = 0
+                                 ) -> dict[str, np.ndarray]:
+    """BatchNorm running statistics of `module` on uint8 face `images`, measured on a copy (module is left as it
+    is): recalibrate_batchnorm over seeded random batches, as training draws them, without augmentation."""
+    model = copy.deepcopy(module)
+    order = np.random.default_rng(seed).permutation(len(images))
+
+    def embed(idx: torch.Tensor) -> torch.Tensor:
+        return model(to_model_input(images[order[idx.numpy()]]))
+
+    recalibrate_batchnorm(model, embed, len(images), batch_size)
+    return {name: t.detach().numpy().copy() for name, t in model.state_dict().items()
+            if name.endswith(RUNNING_STATISTICS)}
 
 
 def has_frozen_trunk(backbone: nn.Module) -> bool:

@@ -17,6 +17,7 @@ from safetensors.numpy import load_file
 
 from facefed.simulate import SimulationConfig, prepare_partitions, run_simulation, write_run_folder
 from fedwire.chunking import Reassembler, build_transfer
+from fedwire.codec import encode_tensors, sha256_hex
 from fedwire.messages import DeviceStatus, RoundAnnouncement, TransferManifest, UpdateAck
 from fedwire.mqtt import MqttLink
 from fedwire.topics import Topics
@@ -240,7 +241,6 @@ def _delta_agent(monkeypatch, full_models: dict):
 def _published(version: int, base: dict, new: dict, residual=None):
     """What the aggregator publishes for `version`: (delta transfer, decoded model, residual)."""
     from fedwire.chunking import CompletedTransfer
-    from fedwire.codec import encode_tensors, sha256_hex
     from fedwire.compression import as_global_delta, encode_global_delta
 
     wire, decoded, residual = encode_global_delta(new, base, residual)
@@ -287,7 +287,7 @@ def test_agent_rebuilds_deltas_exactly_and_falls_back_to_the_full_model(monkeypa
     assert newcomer.global_model.version == 2 and newcomer._pending_full is None
 
     corrupt, fetched = _delta_agent(monkeypatch, published)
-    corrupt.global_model = GlobalModel(2, published[2])
+    corrupt.global_model = GlobalModel(2, published[2], sha256_hex(encode_tensors(published[2])))
     bad = transfers[3]
     tampered = {**bad.tensors, "w": bad.tensors["w"].copy()}
     tampered["w"][0, 0] ^= 1  # the payload hash matched in transit, but the rebuilt model is not v3: refused
@@ -295,9 +295,30 @@ def test_agent_rebuilds_deltas_exactly_and_falls_back_to_the_full_model(monkeypa
     assert fetched == [3] and corrupt.global_model.version == 3
     np.testing.assert_array_equal(corrupt.global_model.tensors["w"], published[3]["w"])
     malformed, fetched = _delta_agent(monkeypatch, published)
-    malformed.global_model = GlobalModel(2, published[2])
+    malformed.global_model = GlobalModel(2, published[2], sha256_hex(encode_tensors(published[2])))
     malformed._on_global(CompletedTransfer(bad.manifest, {"w": bad.tensors["w"]}, bad.payload_bytes))  # no scales
     assert fetched == [3] and malformed.global_model.version == 3
+
+
+def test_agent_applies_a_statistics_patch_to_the_version_it_holds(monkeypatch):
+    from fedwire.chunking import CompletedTransfer
+    from fedwire.compression import PATCH, as_global_delta
+
+    v1 = {"w": np.ones((8, 4), np.float32), "bn.running_var": np.ones(4, np.float32)}
+    final = {**v1, "bn.running_var": np.full(4, 0.5, np.float32)}
+    agent, fetched = _delta_agent(monkeypatch, {1: final})
+    full, _ = build_transfer("global", "aggregator", 1, 1, v1)
+    agent._on_global(CompletedTransfer(full, v1, full.payload_bytes))
+    patch = {"bn.running_var": final["bn.running_var"]}
+    manifest, _ = build_transfer("global", "aggregator", 1, 1, patch)
+    manifest = as_global_delta(manifest, 1, sha256_hex(encode_tensors(final)), PATCH)
+    agent._on_global(CompletedTransfer(manifest, patch, manifest.payload_bytes))
+    assert fetched == [] and agent.global_model.version == 1
+    assert agent.global_model.sha256 == sha256_hex(encode_tensors(final))
+    np.testing.assert_array_equal(agent.global_model.tensors["bn.running_var"], final["bn.running_var"])
+    newcomer, fetched = _delta_agent(monkeypatch, {1: final})  # holds nothing: the patch cannot apply
+    newcomer._on_global(CompletedTransfer(manifest, patch, manifest.payload_bytes))
+    assert fetched == [1] and newcomer.global_model.sha256 == manifest.model_sha256
 
 
 def _replay_globals(messages, topics: Topics) -> dict[int, dict]:
@@ -328,7 +349,6 @@ def test_compressed_uploads_and_downloads_over_a_real_broker(broker_url, orl_sma
 
     Every version a device rebuilds from deltas is bit for bit the aggregator's checkpoint (no drift), and a
     malformed compressed update is rejected with a reason while the round goes on."""
-    from fedwire.codec import encode_tensors, sha256_hex
 
     prefix = "facefed/e2e-delta"
     topics = Topics(prefix)
@@ -419,3 +439,60 @@ def test_compressed_uploads_and_downloads_over_a_real_broker(broker_url, orl_sma
     newcomer._on_global(done)
     assert newcomer.full_fetches == 1 and newcomer.global_model.version == 3
     assert sha256_hex(encode_tensors(newcomer.global_model.tensors)) == sha256_hex(encode_tensors(checkpoints[3]))
+
+
+def test_measured_batchnorm_statistics_over_a_real_broker(mosquitto_broker, orl_small, tmp_path):
+    """bn_statistics: measured, with int8-delta downloads. After each round's averaging the devices measure BatchNorm
+    statistics on the averaged weights; the round's model carries their n_k-weighted mean, and what a device
+    rebuilds from the delta and then the patch is bit for bit the aggregator's checkpoint."""
+    from aggregator.fedavg import fedavg
+    from model_zoo.checkpoint import running_statistics
+    from model_zoo.train import measure_batchnorm_statistics
+
+    prefix = "facefed/e2e-bn"
+    topics = Topics(prefix)
+    recorder = Recorder(mosquitto_broker)
+    out = tmp_path / "run"
+    cfg = SimulationConfig(data=[orl_small], out=out, clients=3, rounds=2, local_epochs=1, holdout=3,
+                           broker=mosquitto_broker, topic_prefix=prefix, max_chunk_bytes=64 * 1024, batch_size=16,
+                           download_codec="int8-delta", bn_statistics="measured")
+    result = run_simulation(cfg)
+    time.sleep(0.5)
+    messages = recorder.snapshot()
+    recorder.link.close()
+
+    assert [r["round"] for r in result.rounds] == [0, 1, 2]
+    assert all(r["clients"] == 3 and "val_accuracy_averaged_bn" in r for r in result.rounds[1:])
+    checkpoints = {r: shared_tensors(load_checkpoint(out / "aggregator" / "checkpoints" / f"round-{r:04d}.safetensors")[0])
+                   for r in range(3)}
+    globals_ = [TransferManifest.from_json(p) for t, p in messages if t == topics.global_manifest and p]
+    assert [(m.codec, m.model_version) for m in globals_] == [
+        ("safetensors", 0), ("int8-delta", 1), ("patch", 1), ("int8-delta", 2), ("patch", 2)]
+    patch = globals_[2]
+    assert {s.name for s in patch.tensors} == set(running_statistics(checkpoints[1]))  # only the statistics travel
+    models = _replay_globals(messages, topics)
+    for version in (1, 2):
+        assert sha256_hex(encode_tensors(models[version])) == sha256_hex(encode_tensors(checkpoints[version]))
+
+    # What each device sent in round 2's statistics phase: its own measurement of the averaged weights.
+    uploads, reassembler = {}, Reassembler()
+    for topic, payload in messages:
+        parsed = topics.parse(topic) if topic.startswith(prefix + "/update/") else None
+        if parsed is None:
+            continue
+        done = (reassembler.add_manifest(parsed.device_id, TransferManifest.from_json(payload), time.time())
+                if parsed.kind == "update_manifest" else reassembler.add_chunk(parsed.device_id, payload, time.time()))
+        if done is not None and done.manifest.kind == "statistics" and done.manifest.round == 2:
+            uploads[parsed.device_id] = done
+    assert sorted(uploads) == ["client-0", "client-1", "client-2"]
+    expected = fedavg((done.tensors, done.manifest.num_samples) for done in uploads.values())
+    for name, value in expected.items():
+        np.testing.assert_array_equal(checkpoints[2][name], value)
+    weights = {k: v for k, v in checkpoints[2].items() if k not in expected}
+    assert all(np.array_equal(models[2][k], v) for k, v in weights.items())
+    # Recomputed here from client-0's images and the averaged weights, as the device does (seed, batch size).
+    backbone = load_checkpoint(out / "aggregator" / "checkpoints" / "round-0002.safetensors")[0]
+    images = load_dataset(out / "clients" / "client-0" / "data").images
+    measured = measure_batchnorm_statistics(backbone, images, batch_size=16, seed=cfg.seed)
+    for name, value in uploads["client-0"].tensors.items():
+        np.testing.assert_allclose(value, measured[name], rtol=1e-3, atol=1e-3)  # thread counts differ

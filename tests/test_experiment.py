@@ -5,16 +5,13 @@ import json
 
 import numpy as np
 import pytest
-import torch
 import yaml
 
 from aggregator.config import load_aggregator_config
 from aggregator.service import _train_dict
 from facefed.cli import main
-from facefed.experiment import (ExperimentConfig, ExperimentError, client_batchnorm_statistics,
-                                 federated_batchnorm_statistics, markdown_report, preset_config,
-                                 run_experiment)
-from model_zoo.data import FaceDataset, load_dataset, save_folders, shared_dataset_dir, shared_datasets_root
+from facefed.experiment import ExperimentConfig, ExperimentError, markdown_report, preset_config, run_experiment
+from model_zoo.data import load_dataset, save_folders, shared_dataset_dir, shared_datasets_root
 
 pytestmark = pytest.mark.e2e
 
@@ -38,7 +35,7 @@ def tiny_orl(tmp_path_factory):
 def test_tiny_experiment_runs_every_arm_and_writes_the_report(tiny_orl, tmp_path):
     cfg = ExperimentConfig(data=[tiny_orl], out=tmp_path / "exp", clients=3, rounds=2, local_epochs=1,
                            batch_size=4, holdout=3, size_skew=2.0, single_identity_clients=3, negative_anchors=8,
-                           threads=1)
+                           threads=1, bn_statistics="measured")
     lines: list[str] = []
     results = run_experiment(cfg, say=lines.append, progress=True)
     out = cfg.out
@@ -55,7 +52,8 @@ def test_tiny_experiment_runs_every_arm_and_writes_the_report(tiny_orl, tmp_path
     # The federated arms' final models are the ones the aggregator scored in its last round.
     assert on_disk["fedavg"]["curve"][-1]["val_accuracy"] == pytest.approx(on_disk["fedavg"]["val_accuracy"])
     assert on_disk["fedavg"]["client_updates"] == 2 * 3
-    # BN statistics pass: the aggregated model's own scores are kept, as a row and inside each federated arm.
+    # Measured BatchNorm statistics: the same weights with the averaged statistics are scored too, as a row and
+    # inside each federated arm.
     raw = on_disk["fedavg_averaged_bn"]
     assert raw["val_accuracy"] == pytest.approx(on_disk["fedavg"]["uncalibrated"]["val_accuracy"])
     assert raw["curve"][-1]["val_accuracy"] == pytest.approx(raw["val_accuracy"])
@@ -73,7 +71,8 @@ def test_tiny_experiment_runs_every_arm_and_writes_the_report(tiny_orl, tmp_path
     # The arms' settings reach the aggregator, which announces them to the devices with each round.
     fedprox = load_aggregator_config(out / "runs" / "fedprox" / "aggregator.yaml")
     assert _train_dict(fedprox)["proximal_mu"] == 0.01
-    assert yaml.safe_load((out / "runs" / "fedavgm" / "aggregator.yaml").read_text())["strategy"] == "fedavgm"
+    fedavgm = yaml.safe_load((out / "runs" / "fedavgm" / "aggregator.yaml").read_text())
+    assert fedavgm["strategy"] == "fedavgm" and fedavgm["bn_statistics"] == "measured"
     anchors = yaml.safe_load((out / "runs" / "single_identity_anchors" / "aggregator.yaml").read_text())["train"]
     assert anchors["negative_anchors"] == 8
 
@@ -87,52 +86,16 @@ def test_bad_settings_fail_clearly(tmp_path, capsys):
         ExperimentConfig(data=[tmp_path / "nope"], out=tmp_path / "o").check()
     assert main(["experiment", "--preset", "quick", "--out", str(tmp_path / "o"), "--fraction-fit", "0"]) == 2
     assert "fraction_fit must be in (0, 1]" in capsys.readouterr().err
-    with pytest.raises(ExperimentError, match="bn_calibration"):
-        ExperimentConfig(data=[tmp_path], out=tmp_path / "o", bn_calibration="yes").check()
+    with pytest.raises(ExperimentError, match="bn_statistics"):
+        ExperimentConfig(data=[tmp_path], out=tmp_path / "o", bn_statistics="yes").check()
 
 
-def test_full_preset_budget_and_bn_calibration_switch(tmp_path):
+def test_presets_and_the_bn_statistics_switch(tmp_path):
     full = preset_config("full", tmp_path, tmp_path / "o")
-    assert (full.rounds, full.local_epochs, full.clients, full.bn_calibration) == (8, 1, 6, True)
-    assert preset_config("full", tmp_path, tmp_path / "o", bn_calibration=False).bn_calibration is False
-
-
-def _bn_net() -> torch.nn.Module:
-    torch.manual_seed(3)
-    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, stride=2), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
-                               torch.nn.Conv2d(4, 2, 3), torch.nn.BatchNorm2d(2))
-
-
-def _faces(n: int, seed: int, shift: int = 0) -> FaceDataset:
-    rng = np.random.default_rng(seed)
-    images = np.clip(rng.integers(0, 200, (n, 12, 12, 3)) + shift, 0, 255).astype(np.uint8)
-    return FaceDataset(images, np.zeros(n, dtype=np.int64), ["a"])
-
-
-def test_client_statistics_are_the_numpy_moments_of_the_layer_input():
-    net, data = _bn_net(), _faces(10, 0)
-    stats = client_batchnorm_statistics(net, data, batch_size=16)  # one batch: exact moments
-    x = (torch.from_numpy(data.images).permute(0, 3, 1, 2).float() - 127.5) / 128.0
-    with torch.no_grad():
-        conv = net[0](x).numpy()
-    channels = conv.transpose(1, 0, 2, 3).reshape(4, -1)
-    np.testing.assert_allclose(stats["1.running_mean"], channels.mean(1), rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(stats["1.running_var"], channels.var(1, ddof=1), rtol=1e-4, atol=1e-6)
-    # The model itself is left untouched (fresh BN buffers: mean 0, var 1).
-    assert torch.equal(net[1].running_mean, torch.zeros(4)) and torch.equal(net[1].running_var, torch.ones(4))
-
-
-def test_federated_statistics_are_the_n_k_weighted_client_statistics_and_touch_only_bn_buffers():
-    net = _bn_net()
-    clients = [_faces(6, 1), _faces(14, 2, shift=50), _faces(9, 3, shift=-40)]
-    per_client = [client_batchnorm_statistics(net, c, batch_size=32) for c in clients]
-    weights_before = {k: v.clone() for k, v in net.state_dict().items() if "running" not in k and "num_batches" not in k}
-    stats = federated_batchnorm_statistics(net, clients, batch_size=32)
-    n = np.array([6, 14, 9], dtype=np.float64)
-    for name in ("1.running_mean", "1.running_var", "4.running_mean", "4.running_var"):
-        expected = sum(w * s[name].astype(np.float64) for w, s in zip(n, per_client)) / n.sum()
-        np.testing.assert_allclose(stats[name], expected, rtol=1e-6)
-        np.testing.assert_array_equal(net.state_dict()[name].numpy(), stats[name])
-    # Shifted clients have different means: the pass did change the statistics, and nothing else.
-    assert not np.allclose(stats["1.running_mean"], per_client[0]["1.running_mean"])
-    assert all(torch.equal(net.state_dict()[k], v) for k, v in weights_before.items())
+    assert (full.rounds, full.local_epochs, full.clients, full.bn_statistics) == (10, 1, 6, "averaged")
+    assert full.single_identity_clients == 8 and "server" in full.methods
+    assert preset_config("full", tmp_path, tmp_path / "o", bn_statistics="measured").bn_statistics == "measured"
+    quick = preset_config("quick", tmp_path, tmp_path / "o")
+    assert set(quick.methods) == {"centralized", "local", "fedavg", "fedprox"} and quick.single_identity_clients == 0
+    quick.data = [tmp_path]
+    quick.check()

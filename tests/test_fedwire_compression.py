@@ -213,3 +213,16 @@ def test_a_device_that_missed_a_version_cannot_apply_the_next_delta():
     wire2, v2, _ = encode_global_delta({k: v + 1 if v.dtype == np.float32 else v for k, v in v1.items()}, v1)
     stale = decode_update(wire2, v0, INT8_DELTA)  # applying v1->v2 to v0 "works" numerically ...
     assert sha256_hex(encode_tensors(stale)) != sha256_hex(encode_tensors(v2))  # ... but the model hash catches it
+
+
+def test_a_patch_replaces_only_its_tensors_and_refuses_strangers():
+    from fedwire.compression import PATCH, decode_update
+
+    base = {"w": np.ones((4, 3), np.float32), "bn.running_var": np.ones(3, np.float32)}
+    rebuilt = decode_update({"bn.running_var": np.full(3, 2.0, np.float32)}, base, PATCH)
+    np.testing.assert_array_equal(rebuilt["bn.running_var"], [2.0, 2.0, 2.0])
+    assert rebuilt["w"] is base["w"]
+    with pytest.raises(ProtocolError, match="lacks"):
+        decode_update({"other": np.ones(3, np.float32)}, base, PATCH)
+    with pytest.raises(ProtocolError, match="expected float32"):
+        decode_update({"bn.running_var": np.ones(4, np.float32)}, base, PATCH)

@@ -301,8 +301,18 @@ def test_a_global_delta_round_trips_with_its_base_and_model_hash():
     assert obj["codec"] == "topk-int8-delta"
 
 
+def test_a_statistics_patch_completes_the_version_it_names():
+    patch = _delta_manifest(codec="patch", base_version=5)
+    assert TransferManifest.from_json(patch.to_json()).base_version == 5
+    with pytest.raises(ProtocolError) as info:
+        _delta_manifest(codec="patch", base_version=4).to_json()
+    assert info.value.field == "base_version"
+    statistics = _manifest(kind="statistics")  # a device's measured BatchNorm statistics
+    assert TransferManifest.from_json(statistics.to_json()).kind == "statistics"
+
+
 @pytest.mark.parametrize("overrides, field", [
-    ({"base_version": 5}, "base_version"),  # not older than the version it builds
+    ({"base_version": 5}, "base_version"),  # not older than the version it builds (a patch aside)
     ({"base_version": None}, "base_version"),  # a compressed global model must say what it applies to
     ({"model_sha256": ""}, "model_sha256"),
     ({"model_sha256": "XY" * 32}, "model_sha256"),

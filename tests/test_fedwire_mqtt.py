@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import queue
 import signal
 import socket
@@ -361,3 +362,23 @@ def test_publish_nowait_leaves_the_window_shut(mosquitto_broker, links):
         held.get(timeout=WAIT_S)()
     assert inbox.wait_for("reply") == b"ok"
     assert consumer.unacked == 0 and consumer.peak_unacked == 2
+
+
+def test_a_consumer_slower_than_amqtts_puback_wait_loses_nothing_and_logs_no_error(embedded_broker, links, caplog):
+    """amqtt stops waiting for a PUBACK after 5 s and logs an ERROR with a traceback; the message has been
+    delivered all the same. An aggregator busy for longer (it acks after handling) must not fill the console."""
+    held: queue.Queue[tuple[str, object]] = queue.Queue()
+    links(embedded_broker, ["slow/+"], lambda topic, payload, ack: held.put((topic, ack)), ack_after_handling=True)
+    sender = links(embedded_broker, [])
+    for i in range(3):
+        sender.publish(f"slow/{i}", b"z" * 100, qos=1)
+    with caplog.at_level(logging.DEBUG, logger="fedwire.broker"):
+        time.sleep(6.5)  # past amqtt's 5 s wait, nothing acknowledged
+        sender.publish("slow/3", b"z", qos=1)  # amqtt looks at its finished deliveries when it routes the next one
+        got = [held.get(timeout=WAIT_S) for _ in range(4)]
+        for _, ack in got:
+            ack()
+        time.sleep(0.5)
+    assert [topic for topic, _ in got] == ["slow/0", "slow/1", "slow/2", "slow/3"]
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert any("took over 5 s to acknowledge" in r.getMessage() for r in caplog.records)

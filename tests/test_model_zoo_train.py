@@ -9,7 +9,8 @@ from model_zoo.backbones import build_backbone
 from model_zoo.data import FaceDataset, load_dataset, shared_dataset_dir, shared_datasets_root
 from model_zoo.evaluate import evaluate_backbone
 from model_zoo.losses import ArcFaceHead
-from model_zoo.train import TrainConfig, augment_batch, batch_sizes, embed_images, train_local
+from model_zoo.train import (TrainConfig, augment_batch, batch_sizes, embed_images, measure_batchnorm_statistics,
+                             train_local)
 
 
 def _tiny_dataset(n=10, classes=3) -> FaceDataset:
@@ -232,3 +233,28 @@ def test_l2sp_rejects_bad_settings():
     wrong = {**backbone.state_dict(), first: torch.zeros(1)}
     with pytest.raises(ValueError, match="shape"):
         train_local(backbone, head, _tiny_dataset(), TrainConfig(l2sp_alpha=1.0), l2sp_reference=wrong)
+
+
+def _bn_net() -> torch.nn.Module:
+    torch.manual_seed(3)
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, stride=2), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                               torch.nn.Conv2d(4, 2, 3), torch.nn.BatchNorm2d(2))
+
+
+def test_measured_statistics_are_the_moments_of_the_layer_input_and_leave_the_model_alone():
+    net = _bn_net()
+    images = np.random.default_rng(0).integers(0, 200, (10, 12, 12, 3)).astype(np.uint8)
+    stats = measure_batchnorm_statistics(net, images, batch_size=16)  # one batch: exact moments
+    assert set(stats) == {"1.running_mean", "1.running_var", "4.running_mean", "4.running_var"}
+    x = (torch.from_numpy(images).permute(0, 3, 1, 2).float() - 127.5) / 128.0
+    with torch.no_grad():
+        conv = net[0](x).numpy()
+    channels = conv.transpose(1, 0, 2, 3).reshape(4, -1)
+    np.testing.assert_allclose(stats["1.running_mean"], channels.mean(1), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(stats["1.running_var"], channels.var(1, ddof=1), rtol=1e-4, atol=1e-6)
+    # Several batches: the equal-weight mean of per-batch means, whatever order the seed draws them in.
+    batched = measure_batchnorm_statistics(net, images, batch_size=5, seed=1)
+    np.testing.assert_allclose(batched["1.running_mean"], channels.mean(1), rtol=1e-4, atol=1e-6)
+    assert not np.allclose(batched["1.running_var"], stats["1.running_var"])  # within-batch variances differ
+    # The model itself is left untouched (fresh BN buffers: mean 0, var 1).
+    assert torch.equal(net[1].running_mean, torch.zeros(4)) and torch.equal(net[1].running_var, torch.ones(4))

@@ -163,7 +163,7 @@ def test_agent_reembeds_the_enrolment_with_a_new_global_model(tmp_path):
     before = enrolment()
     store.save(before)
     tensors = shared_tensors(build_backbone("mobilefacenet", embedding_size=64))
-    agent.global_model = GlobalModel(3, tensors)
+    agent.global_model = GlobalModel(3, tensors, "")
     agent._on_announcement(RoundAnnouncement(4, 3, "open", "a" * 32, 1.7e9, 1,
                                              {"model": {"arch": "mobilefacenet", "embedding_size": 64}}))
     after = store.load("alice")
