@@ -92,10 +92,11 @@ def test_bad_settings_fail_clearly(tmp_path, capsys):
 
 def test_presets_and_the_bn_statistics_switch(tmp_path):
     full = preset_config("full", tmp_path, tmp_path / "o")
-    assert (full.rounds, full.local_epochs, full.clients, full.bn_statistics) == (10, 1, 6, "averaged")
+    assert (full.rounds, full.local_epochs, full.clients, full.bn_statistics) == (10, 1, 6, "measured")
     assert full.single_identity_clients == 8 and "server" in full.methods
-    assert preset_config("full", tmp_path, tmp_path / "o", bn_statistics="measured").bn_statistics == "measured"
+    assert preset_config("full", tmp_path, tmp_path / "o", bn_statistics="averaged").bn_statistics == "averaged"
     quick = preset_config("quick", tmp_path, tmp_path / "o")
     assert set(quick.methods) == {"centralized", "local", "fedavg", "fedprox"} and quick.single_identity_clients == 0
+    assert quick.bn_statistics == "averaged"
     quick.data = [tmp_path]
     quick.check()
