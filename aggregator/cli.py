@@ -24,6 +24,7 @@ model: {arch: mobilefacenet, act: relu, embedding_size: 128, seed: 0}
 # model: {arch: faceapi-resnet, options: {trainable: last}}   with train: {lr: 0.0001, margin: 0.0}
 train: {local_epochs: 1, lr: 0.05, momentum: 0.9, weight_decay: 0.0005, margin: 0.5}
 eval: {data: null, every: 1}      # folder of held-out identities: accuracy per round in the log
+bn_statistics: averaged           # or measured: devices measure BatchNorm statistics on each averaged model
 export: {formats: [], calibration: null}   # e.g. [onnx, onnx-int8]: state_dir/exports after each round
 shard_workers: 1                  # > 1: `serve` reduces, W `worker`s share the updates (MQTT 5 broker; docs/scale-out.md)
 """

@@ -28,8 +28,8 @@ def service(embedded_broker, tmp_path):
 
 
 def _send(svc, device, tensors, *, round_number=1, version=0, n=10, sender=None, corrupt_chunk=None,
-          codec="safetensors"):
-    manifest, chunks = build_transfer("update", sender or device, round_number, version, tensors,
+          codec="safetensors", kind="update"):
+    manifest, chunks = build_transfer(kind, sender or device, round_number, version, tensors,
                                       num_samples=n, max_chunk_bytes=128 * 1024, codec=codec)
     topics = Topics()
     for i, chunk in enumerate(chunks):
@@ -110,6 +110,47 @@ def test_deadline_closes_a_round_with_what_arrived_or_reannounces_an_empty_one(s
     _send(svc, "dev-a", _shifted(svc, 1.0))
     svc._check_round_close(svc.current.announcement.deadline + 1)
     assert svc.model_version == 1  # one of two clients was enough once the deadline passed
+
+
+def test_measured_statistics_replace_the_averaged_ones_before_the_round_closes(embedded_broker, tmp_path):
+    cfg = parse_config(AggregatorConfig, {"state_dir": str(tmp_path / "state"), "broker": embedded_broker,
+                                          "rounds": 2, "min_clients": 2, "bn_statistics": "measured"})
+    svc = AggregatorService(cfg)
+    svc._restore_or_init()
+    svc._connect()
+    try:
+        svc._open_round(1)
+        _send(svc, "dev-a", _shifted(svc, 1.0), n=30)
+        _send(svc, "dev-b", _shifted(svc, 0.5), n=10)
+        svc._check_round_close(time.time())
+        # Weights averaged and published as v1; round 1 is not closed until the statistics are in.
+        phase = svc.current
+        assert (phase.number, phase.kind, phase.announcement.state, svc.model_version) == (1, "statistics", "statistics", 1)
+        assert not svc.state.checkpoint_path(1).exists()
+        weights = {k: v.copy() for k, v in svc.global_tensors.items()}
+        stats = {k: v for k, v in weights.items() if k.endswith((".running_mean", ".running_var"))}
+        _send(svc, "dev-c", _shifted(svc, 2.0), n=10, version=1)  # a training update now: wrong kind
+        _send(svc, "dev-c", {**stats, "extra": np.ones(2, np.float32)}, n=10, version=1, kind="statistics")
+        assert phase.rejected == 2 and phase.statistics.count == 0
+        _send(svc, "dev-a", {k: np.full_like(v, 3.0) for k, v in stats.items()}, n=30, version=1, kind="statistics")
+        _send(svc, "dev-b", {k: np.full_like(v, 1.0) for k, v in stats.items()}, n=10, version=1, kind="statistics")
+        svc._check_round_close(time.time())
+        assert svc.current.number == 2 and svc.current.kind == "update"
+        for name, value in svc.global_tensors.items():
+            expected = np.full_like(value, 2.5) if name in stats else weights[name]  # (30 * 3 + 10 * 1) / 40
+            np.testing.assert_array_equal(value, expected)
+        entry = json.loads(svc.state.log_path.read_text().splitlines()[-1])
+        assert entry["round"] == 1 and entry["rejected"] == 2 and svc.state.checkpoint_path(1).exists()
+        # Round 2: no statistics by the deadline; the averaged ones stay and the federation finishes.
+        _send(svc, "dev-a", _shifted(svc, 1.0), round_number=2, version=1)
+        _send(svc, "dev-b", _shifted(svc, 1.0), round_number=2, version=1)
+        svc._check_round_close(time.time())
+        averaged = {k: v.copy() for k, v in svc.global_tensors.items()}
+        svc._check_round_close(svc.current.announcement.deadline + 1)
+        assert svc.current is None and svc.model_version == 2 and svc.state.checkpoint_path(2).exists()
+        assert all(np.array_equal(svc.global_tensors[k], v) for k, v in averaged.items())
+    finally:
+        svc.close()
 
 
 def test_a_fraction_of_online_devices_is_sampled_and_others_are_refused(embedded_broker, tmp_path):
