@@ -15,13 +15,17 @@ from fedwire.mqtt import MqttLink
 from fedwire.topics import Topics
 
 
-@pytest.fixture
-def service(embedded_broker, tmp_path):
-    cfg = parse_config(AggregatorConfig, {"state_dir": str(tmp_path / "state"), "broker": embedded_broker,
-                                          "rounds": 2, "min_clients": 2, "max_chunk_bytes": 128 * 1024})
-    svc = AggregatorService(cfg)
+def _connected(broker: str, state_dir, **fields) -> AggregatorService:
+    """A service with its initial model, connected to `broker`, no round open yet."""
+    svc = AggregatorService(parse_config(AggregatorConfig, {"state_dir": str(state_dir), "broker": broker, **fields}))
     svc._restore_or_init()
     svc._connect()
+    return svc
+
+
+@pytest.fixture
+def service(embedded_broker, tmp_path):
+    svc = _connected(embedded_broker, tmp_path / "state", rounds=2, min_clients=2, max_chunk_bytes=128 * 1024)
     svc._open_round(1)
     yield svc
     svc.close()
@@ -113,11 +117,7 @@ def test_deadline_closes_a_round_with_what_arrived_or_reannounces_an_empty_one(s
 
 
 def test_measured_statistics_replace_the_averaged_ones_before_the_round_closes(embedded_broker, tmp_path):
-    cfg = parse_config(AggregatorConfig, {"state_dir": str(tmp_path / "state"), "broker": embedded_broker,
-                                          "rounds": 2, "min_clients": 2, "bn_statistics": "measured"})
-    svc = AggregatorService(cfg)
-    svc._restore_or_init()
-    svc._connect()
+    svc = _connected(embedded_broker, tmp_path / "state", rounds=2, min_clients=2, bn_statistics="measured")
     try:
         svc._open_round(1)
         _send(svc, "dev-a", _shifted(svc, 1.0), n=30)
@@ -156,11 +156,7 @@ def test_measured_statistics_replace_the_averaged_ones_before_the_round_closes(e
 def test_a_fraction_of_online_devices_is_sampled_and_others_are_refused(embedded_broker, tmp_path):
     from fedwire.messages import DeviceStatus
 
-    cfg = parse_config(AggregatorConfig, {"state_dir": str(tmp_path / "s"), "broker": embedded_broker,
-                                          "min_clients": 3, "fraction_fit": 0.5, "strategy": "fedavgm"})
-    svc = AggregatorService(cfg)
-    svc._restore_or_init()
-    svc._connect()
+    svc = _connected(embedded_broker, tmp_path / "s", min_clients=3, fraction_fit=0.5, strategy="fedavgm")
     try:
         for device in ("d1", "d2", "d3", "d4", "d5"):
             state = "offline" if device == "d5" else "online"
@@ -204,11 +200,7 @@ def test_a_replayed_update_is_ignored_in_its_round_and_refused_in_the_next(servi
 
 
 def test_each_round_is_exported_for_inference_only_devices(embedded_broker, tmp_path):
-    cfg = parse_config(AggregatorConfig, {"state_dir": str(tmp_path / "s"), "broker": embedded_broker,
-                                          "min_clients": 1, "export": {"formats": ["onnx"]}})
-    svc = AggregatorService(cfg)
-    svc._restore_or_init()
-    svc._connect()
+    svc = _connected(embedded_broker, tmp_path / "s", min_clients=1, export={"formats": ["onnx"]})
     try:
         svc._open_round(1)
         _send(svc, "dev-a", _shifted(svc, 0.1))
