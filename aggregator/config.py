@@ -122,8 +122,8 @@ class AggregatorConfig:
     # BatchNorm running statistics of each new global model: "averaged" (FedAvg of the statistics each device
     # measured on its own trained weights) or "measured" (a statistics phase after each round: devices measure
     # them on the averaged weights themselves with forward passes, and those are averaged with weights n_k;
-    # PROTOCOL.md 4.1). Averaged statistics do not fit averaged weights: on ORL + Yale + celeb-dev, 6 devices,
-    # held-out accuracy 0.78 against 0.89 measured (BENCHMARKS.md, issue 4).
+    # PROTOCOL.md 4.1.1). Which scores higher on held-out people depends on the fleet (BENCHMARKS.md, issue 4):
+    # measured where devices' images differ in kind, averaged where they are alike or hold one person each.
     bn_statistics: Literal["averaged", "measured"] = "averaged"
     fraction_fit: float = 1.0  # share of the known devices sampled into each round
     seed: int = 0  # client sampling

@@ -20,7 +20,6 @@ Teacher embeddings (and ORL crops) are cached as safetensors under --cache, keye
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -29,7 +28,7 @@ import torch
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from bench.faceapi_finetune import verification_row
+from bench.faceapi_finetune import run_and_report, verification_row
 from model_zoo.backbones import build_backbone
 from model_zoo.checkpoint import save_checkpoint
 from model_zoo.data import FaceDataset, load_dataset, shared_datasets_root
@@ -175,15 +174,7 @@ def print_tables(results: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    start = time.perf_counter()
-    results = run(args)
-    results["total_seconds"] = round(time.perf_counter() - start, 1)
-    print_tables(results)
-    print(f"total {results['total_seconds']:.0f} s")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    run_and_report(parse_args(argv), run, print_tables)
 
 
 if __name__ == "__main__":

@@ -425,15 +425,20 @@ def print_versions(results: dict) -> None:
         print(f"{row['version']:7d} " + " ".join(f"{c:>28}" for c in cells) + mark)
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
+def run_and_report(args: argparse.Namespace, run_bench, print_results) -> None:
+    """A bench's main: run it, time it, print its tables and write --json if asked."""
     start = time.perf_counter()
-    results = run(args)
+    results = run_bench(args)
     results["total_seconds"] = round(time.perf_counter() - start, 1)
-    print_tables(results)
+    print_results(results)
     print(f"total {results['total_seconds']:.0f} s")
     if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=2) + "\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    run_and_report(parse_args(argv), run, print_tables)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from safetensors.numpy import save_file as save_numpy_file
 from safetensors.torch import load_file, save_file
 
 from model_zoo.backbones import MACHINE_LOCAL_KWARGS, FrozenTrunk, build_backbone
-from model_zoo.checkpoint import load_shared_tensors, running_statistics, shared_tensors
+from model_zoo.checkpoint import load_shared_tensors, shared_tensors
 from model_zoo.data import FaceDataset
 from model_zoo.losses import AnchoredArcFaceHead, ArcFaceHead, negative_anchors
 from model_zoo.train import (TrainConfig, TrainResult, TrunkFeatureCache, embed_images, has_frozen_trunk,
@@ -90,8 +90,7 @@ class LocalTrainer:
         them with weights n_k (bn_statistics: measured)."""
         backbone = self._backbone_for(model_spec)
         load_shared_tensors(backbone, global_tensors)
-        measured = measure_batchnorm_statistics(backbone, self.dataset.images, self.batch_size, self.seed)
-        return {name: measured[name] for name in running_statistics(global_tensors)}
+        return measure_batchnorm_statistics(backbone, self.dataset.images, self.batch_size, self.seed)
 
     def _backbone_for(self, model_spec: dict[str, Any]):
         # Where this device keeps pretrained weights is its own business, whatever the announcement says.

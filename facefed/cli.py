@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--bn-statistics", choices=["averaged", "measured"], default="averaged",
                      help="BatchNorm statistics of each global model: FedAvg of the devices' own (default), or "
                      "measured by the devices on the averaged weights in a statistics phase after each round "
-                     "(forward passes only; fits the averaged weights, see BENCHMARKS.md issue 4)")
+                     "(forward passes only; which scores higher depends on the fleet, see BENCHMARKS.md issue 4)")
 
     _add_experiment_parser(sub)
 

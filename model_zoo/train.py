@@ -13,7 +13,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .backbones import FrozenTrunk
-from .checkpoint import RUNNING_STATISTICS
+from .checkpoint import running_statistics, shared_tensors
 from .data import FaceDataset, normalize_pixels, to_model_input
 from .losses import ArcFaceHead
 
@@ -273,8 +273,7 @@ def measure_batchnorm_statistics(module: nn.Module, images: np.ndarray, batch_si
         return model(to_model_input(images[order[idx.numpy()]]))
 
     recalibrate_batchnorm(model, embed, len(images), batch_size)
-    return {name: t.detach().numpy().copy() for name, t in model.state_dict().items()
-            if name.endswith(RUNNING_STATISTICS)}
+    return running_statistics(shared_tensors(model))
 
 
 def has_frozen_trunk(backbone: nn.Module) -> bool:

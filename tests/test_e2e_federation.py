@@ -62,6 +62,19 @@ class Recorder:
             return list(self.messages)
 
 
+def _run_recorded(cfg: SimulationConfig, recorder: Recorder, on_round=None, rogue: list[MqttLink] = ()):
+    """(simulation result, every message the recorder saw); rogue links, opened during the run, are closed."""
+    try:
+        result = run_simulation(cfg, on_round)
+    finally:
+        for link in rogue:
+            link.close()
+    time.sleep(0.5)
+    messages = recorder.snapshot()
+    recorder.link.close()
+    return result, messages
+
+
 def _rogue_messages(url: str, topics: Topics, global_specs: dict[str, tuple]) -> MqttLink:
     """Garbage and a wrong-shape update, published once round 1 is open."""
     round_open = threading.Event()
@@ -99,14 +112,7 @@ def test_federation_over_real_broker(broker_url, orl_small, tmp_path):
             specs = {k: v.shape for k, v in shared_tensors(initial).items()}
             rogue.append(_rogue_messages(broker_url, topics, specs))
 
-    try:
-        result = run_simulation(cfg, on_round)
-    finally:
-        for link in rogue:
-            link.close()
-    time.sleep(0.5)
-    messages = recorder.snapshot()
-    recorder.link.close()
+    result, messages = _run_recorded(cfg, recorder, on_round, rogue)
 
     # Rounds completed with all three honest clients, and the model changed each round.
     assert [r["round"] for r in result.rounds] == [0, 1, 2]
@@ -385,14 +391,7 @@ def test_compressed_uploads_and_downloads_over_a_real_broker(broker_url, orl_sma
         link.publish_transfer(topics.update_manifest("rogue-c"), lambda i: topics.update_chunk("rogue-c", i),
                               manifest, chunks)
 
-    try:
-        result = run_simulation(cfg, on_round)
-    finally:
-        for link in rogue:
-            link.close()
-    time.sleep(0.5)
-    messages = recorder.snapshot()
-    recorder.link.close()
+    result, messages = _run_recorded(cfg, recorder, on_round, rogue)
 
     assert [r["round"] for r in result.rounds] == [0, 1, 2, 3]
     checkpoints = {r: shared_tensors(load_checkpoint(out / "aggregator" / "checkpoints" / f"round-{r:04d}.safetensors")[0])
@@ -456,10 +455,7 @@ def test_measured_batchnorm_statistics_over_a_real_broker(mosquitto_broker, orl_
     cfg = SimulationConfig(data=[orl_small], out=out, clients=3, rounds=2, local_epochs=1, holdout=3,
                            broker=mosquitto_broker, topic_prefix=prefix, max_chunk_bytes=64 * 1024, batch_size=16,
                            download_codec="int8-delta", bn_statistics="measured")
-    result = run_simulation(cfg)
-    time.sleep(0.5)
-    messages = recorder.snapshot()
-    recorder.link.close()
+    result, messages = _run_recorded(cfg, recorder)
 
     assert [r["round"] for r in result.rounds] == [0, 1, 2]
     assert all(r["clients"] == 3 and "val_accuracy_averaged_bn" in r for r in result.rounds[1:])
