@@ -17,14 +17,11 @@ clocks an hour off.
 from __future__ import annotations
 
 import argparse
-import getpass
 import json
 import logging
-import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -37,14 +34,13 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from fedwire.broker import free_port
+from fedwire.broker import MOSQUITTO, MosquittoBroker, free_port, loopback_config  # noqa: F401 (MOSQUITTO: tests)
 from fedwire.chunking import build_transfer, unpack_chunk
 from fedwire.messages import DeviceStatus, RoundAnnouncement, TransferManifest, UpdateAck
 from fedwire.mqtt import MqttLink
 from fedwire.topics import Topics
 
 REPO = Path(__file__).resolve().parents[1]
-MOSQUITTO = Path(os.environ.get("FACEFED_MOSQUITTO", "/usr/sbin/mosquitto"))
 PREFIX = "facefed/faults"
 DEVICE_CHUNK_BYTES = 64 * 1024  # 63 chunks per 4 MB update: uploads last long enough to be interrupted
 WAIT_S = 90.0
@@ -88,49 +84,10 @@ def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None
 # ---- processes --------------------------------------------------------------------------------------
 
 
-class Mosquitto:
-    """A real mosquitto on 127.0.0.1 with persistence on, restartable on the same port."""
-
-    def __init__(self, folder: Path, port: int | None = None) -> None:
-        if not os.access(MOSQUITTO, os.X_OK):
-            raise FileNotFoundError(f"mosquitto is not installed at {MOSQUITTO} (apt-get install mosquitto)")
-        self.folder = folder
-        self.port = port or free_port()
-        self.config = folder / "mosquitto.conf"
-        (folder / "db").mkdir(parents=True, exist_ok=True)
-        # `user`: stay this user instead of dropping root to a 'mosquitto' user that may not exist.
-        self.config.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence true\n"
-                               f"persistence_location {folder / 'db'}/\nuser {getpass.getuser()}\n")
-        self.process: subprocess.Popen | None = None
-        self.starts = 0
-
-    @property
-    def url(self) -> str:
-        return f"mqtt://127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        self.starts += 1
-        log_file = (self.folder / f"mosquitto-{self.starts}.log").open("w")
-        self.process = subprocess.Popen([str(MOSQUITTO), "-c", str(self.config)], stdout=log_file,
-                                        stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"mosquitto exited with {self.process.returncode}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
-                    return
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError(f"mosquitto did not listen on port {self.port}")
-
-    def kill(self, sig: int) -> None:
-        self.process.send_signal(sig)
-        self.process.wait(timeout=10)
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.kill(signal.SIGTERM)
+def persistent_mosquitto(folder: Path) -> MosquittoBroker:
+    """A real mosquitto on 127.0.0.1 with persistence on, restartable on the same port (start() again)."""
+    (folder / "db").mkdir(parents=True, exist_ok=True)
+    return MosquittoBroker(folder, loopback_config(free_port(), persistence_dir=folder / "db"))
 
 
 class Aggregator:
@@ -322,7 +279,7 @@ def replay(url: str, messages: list[tuple[str, bytes]]) -> None:
 @dataclass
 class Setup:
     folder: Path
-    broker: Mosquitto
+    broker: MosquittoBroker
     aggregator: Aggregator | None = None
     fleets: list[Fleet] = field(default_factory=list)
     watcher: Watcher | None = None
@@ -347,7 +304,7 @@ def _scenario(folder: Path, verdict: Verdict, record_updates: bool = False) -> I
     """A broker and a watcher for one scenario. A wait that times out fails the verdict; at the end everything
     started is stopped and the verdict timed."""
     start = time.monotonic()
-    broker = Mosquitto(folder / "broker")
+    broker = persistent_mosquitto(folder / "broker")
     broker.start()
     setup = Setup(folder, broker, watcher=Watcher(broker.url, record_updates))
     try:

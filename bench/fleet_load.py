@@ -17,15 +17,12 @@ come from psutil. Per-round evaluation and export are off in the aggregator's co
 from __future__ import annotations
 
 import argparse
-import getpass
 import itertools
 import json
-import os
 import queue
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -39,7 +36,7 @@ import numpy as np
 import psutil
 
 from facefed.bench_aggregate import ExactMean, client_weight, grid_ints, grid_values
-from fedwire.broker import free_port
+from fedwire.broker import MOSQUITTO, MosquittoBroker, free_port, loopback_config, mosquitto_available
 from fedwire.chunking import Reassembler, build_transfer
 from fedwire.messages import (
     DeviceStatus,
@@ -51,7 +48,6 @@ from fedwire.messages import (
 from fedwire.mqtt import MqttLink
 from fedwire.topics import Topics
 
-MOSQUITTO = Path("/usr/sbin/mosquitto")
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_S = 0.1
 UPLOAD_THREADS = 4  # concurrent uploads per device process (default of --upload-threads)
@@ -258,27 +254,14 @@ def tree_cpu_s(process: psutil.Process) -> float:
     return total
 
 
-def start_mosquitto(workdir: Path) -> tuple[subprocess.Popen, str]:
-    if not os.access(MOSQUITTO, os.X_OK):
+def start_mosquitto(workdir: Path) -> MosquittoBroker:
+    if not mosquitto_available():
         raise SystemExit(f"mosquitto is not installed at {MOSQUITTO} (apt-get install mosquitto), or pass --broker")
-    port = free_port()
-    config = workdir / "mosquitto.conf"
     # max_queued_messages 0: no cap on messages queued for a slow subscriber (the aggregator): mosquitto's
     # default of 1000 silently drops QoS 1 messages once a fleet's uploads outrun the aggregator.
-    config.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-                      f"max_queued_messages 0\nmax_connections -1\nuser {getpass.getuser()}\n")
-    log = (workdir / "mosquitto.log").open("w")
-    process = subprocess.Popen([str(MOSQUITTO), "-c", str(config)], stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"mosquitto exited: {(workdir / 'mosquitto.log').read_text()}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return process, f"mqtt://127.0.0.1:{port}"
-        except OSError:
-            time.sleep(0.05)
-    raise SystemExit("mosquitto did not start")
+    broker = MosquittoBroker(workdir, loopback_config(free_port(), "max_queued_messages 0\nmax_connections -1\n"))
+    broker.start()
+    return broker
 
 
 def stop(process: subprocess.Popen, timeout: float = 10.0) -> None:
@@ -309,7 +292,8 @@ def run_fleet(devices: int, rounds: int, shard_workers: int, processes: int, bro
     prefix = f"fleet{secrets.token_hex(4)}"
     mosquitto = None
     if broker is None:
-        mosquitto, broker = start_mosquitto(workdir)
+        mosquitto = start_mosquitto(workdir)
+        broker = mosquitto.url
     config = workdir / "aggregator.yaml"
     config.write_text(json.dumps({  # JSON is YAML
         "state_dir": str(workdir / "state"), "broker": broker, "topic_prefix": prefix, "rounds": rounds,
@@ -336,7 +320,7 @@ def run_fleet(devices: int, rounds: int, shard_workers: int, processes: int, bro
     aggregator = subprocess.Popen(command, cwd=REPO_ROOT, stdout=agg_log, stderr=subprocess.STDOUT)
     watched = {"aggregator": psutil.Process(aggregator.pid)}
     if mosquitto is not None:
-        watched["broker"] = psutil.Process(mosquitto.pid)
+        watched["broker"] = psutil.Process(mosquitto.process.pid)
     sampler = Sampler(watched)
     sampler.start()
     cpu_marks: list[dict[str, float]] = []
@@ -357,7 +341,7 @@ def run_fleet(devices: int, rounds: int, shard_workers: int, processes: int, bro
             stop(proc)
         observer.link.close()
         if mosquitto is not None:
-            stop(mosquitto)
+            mosquitto.stop()
     return {"devices": devices, "rounds": rounds_report(observer, cpu_marks, shapes, seed, rounds),
             "shard_workers": shard_workers, "device_processes": len(device_procs), "spread_s": spread_s,
             "concurrent_uploads": len(device_procs) * upload_threads,

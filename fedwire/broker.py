@@ -1,16 +1,21 @@
-"""Embedded MQTT broker (amqtt) for tests and single-machine simulations.
-
-amqtt speaks MQTT 3.1.1 only; clients in "auto" mode fall back to it.
+"""Brokers for tests, benches and single-machine simulations: the embedded amqtt broker (MQTT 3.1.1
+only; clients in "auto" mode fall back to it) and a mosquitto process on the loopback interface.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import getpass
 import logging
+import os
+import re
 import signal
 import socket
+import subprocess
 import threading
+import time
+from pathlib import Path
 from types import TracebackType
 
 log = logging.getLogger(__name__)
@@ -148,6 +153,108 @@ class EmbeddedBroker:
             await self._stop_requested.wait()
         finally:
             await broker.shutdown()
+
+
+MOSQUITTO = Path(os.environ.get("FACEFED_MOSQUITTO", "/usr/sbin/mosquitto"))
+_LOOPBACK = ("127.0.0.1", "::1", "localhost")
+_LISTENER = re.compile(r"^\s*listener\s+(\d+)(?:\s+(\S+))?", re.MULTILINE)
+
+
+def mosquitto_available() -> bool:
+    return os.access(MOSQUITTO, os.X_OK)
+
+
+def loopback_config(port: int, extra: str = "", persistence_dir: Path | None = None) -> str:
+    """A plain, anonymous mosquitto listener on 127.0.0.1:port, plus `extra` config lines."""
+    persistence = (f"persistence true\npersistence_location {persistence_dir}/\n" if persistence_dir is not None
+                   else "persistence false\n")
+    return f"listener {port} 127.0.0.1\nallow_anonymous true\n{persistence}{extra}"
+
+
+class MosquittoBroker:
+    """A mosquitto process for tests and benches, listening on the loopback interface only.
+
+    `config` is the text of its mosquitto.conf (loopback_config, or aggregator/broker_config.py's hardened
+    one); it is written into `folder` with a `user` line, so that mosquitto started as root stays this user
+    instead of dropping to a 'mosquitto' user that may not exist (or that cannot read a 0600 key). Every
+    `listener` must be bound to a loopback address. The process is stopped by its PID; start() again
+    restarts it on the same port (with persistence, on the same database). Each start logs to its own file."""
+
+    def __init__(self, folder: Path, config: str, scheme: str = "mqtt") -> None:
+        if not mosquitto_available():
+            raise FileNotFoundError(f"mosquitto is not installed at {MOSQUITTO} (apt-get install mosquitto)")
+        listeners = _LISTENER.findall(config)
+        if not listeners or any(bind not in _LOOPBACK for _, bind in listeners):
+            raise ValueError(f"every mosquitto listener must be bound to a loopback address: {listeners}")
+        self.port = int(listeners[0][0])
+        self.scheme = scheme
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.config = self.folder / "mosquitto.conf"
+        self.config.write_text(f"{config.rstrip()}\nuser {getpass.getuser()}\n")
+        self.process: subprocess.Popen | None = None
+        self.starts = 0
+
+    @property
+    def url(self) -> str:
+        return f"{self.scheme}://127.0.0.1:{self.port}"
+
+    @property
+    def log(self) -> Path:
+        """The log file of the latest start."""
+        return self.folder / ("mosquitto.log" if self.starts <= 1 else f"mosquitto-{self.starts}.log")
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def start(self) -> str:
+        if self.running:
+            raise RuntimeError("mosquitto is already running")
+        self.starts += 1
+        with self.log.open("w") as log_file:
+            self.process = subprocess.Popen([str(MOSQUITTO), "-c", str(self.config)], stdout=log_file,
+                                            stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"mosquitto exited with {self.process.returncode}: {self.log_text()}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                    return self.url
+            except OSError:
+                time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"mosquitto did not listen on 127.0.0.1:{self.port}: {self.log_text()}")
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def kill(self, sig: int) -> None:
+        """Send sig (SIGKILL: a crash; SIGTERM: a clean stop) and wait for the process to end."""
+        self.process.send_signal(sig)
+        self.process.wait(timeout=STOP_TIMEOUT_S)
+
+    def reload(self) -> None:
+        """SIGHUP: mosquitto re-reads its config (ACL, limits; see mosquitto.conf(5) for what reloads)."""
+        self.process.send_signal(signal.SIGHUP)
+
+    def stop(self) -> None:
+        if not self.running:
+            return
+        try:
+            self.kill(signal.SIGTERM)
+        except subprocess.TimeoutExpired:
+            self.kill(signal.SIGKILL)
+
+    def __enter__(self) -> MosquittoBroker:
+        self.start()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -3,45 +3,20 @@
 
 from __future__ import annotations
 
-import getpass
-import os
 import shutil
-import signal
-import socket
 import subprocess
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from fedwire.broker import EmbeddedBroker, free_port
-
-MOSQUITTO = Path("/usr/sbin/mosquitto")
-BROKER_START_TIMEOUT_S = 10.0
+from fedwire.broker import MOSQUITTO, EmbeddedBroker, MosquittoBroker, free_port, loopback_config, mosquitto_available
 
 
-def _wait_for_port(port: int, process: subprocess.Popen, log_path: Path) -> None:
-    deadline = time.monotonic() + BROKER_START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"mosquitto exited with {process.returncode}: {log_path.read_text()}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"mosquitto did not listen on 127.0.0.1:{port}: {log_path.read_text()}")
-
-
-def _stop(process: subprocess.Popen) -> None:
-    os.kill(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        os.kill(process.pid, signal.SIGKILL)
-        process.wait()
+def _require_mosquitto() -> None:
+    if not mosquitto_available():
+        pytest.skip(f"mosquitto is not installed at {MOSQUITTO} (apt-get install mosquitto)")
 
 
 @pytest.fixture
@@ -51,21 +26,9 @@ def embedded_broker() -> Iterator[str]:
 
 
 def _run_mosquitto(tmp_path: Path, scheme: str, extra_config: str = "") -> Iterator[str]:
-    if not os.access(MOSQUITTO, os.X_OK):
-        pytest.skip(f"mosquitto is not installed at {MOSQUITTO} (apt-get install mosquitto)")
-    port = free_port()
-    config = tmp_path / "mosquitto.conf"
-    # `user` keeps mosquitto from dropping root privileges to a 'mosquitto' user that may not exist.
-    config.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-                      f"user {getpass.getuser()}\n{extra_config}")
-    log_path = tmp_path / "mosquitto.log"
-    with log_path.open("w") as log_file:
-        process = subprocess.Popen([str(MOSQUITTO), "-c", str(config)], stdout=log_file, stderr=subprocess.STDOUT)
-    try:
-        _wait_for_port(port, process, log_path)
-        yield f"{scheme}://127.0.0.1:{port}"
-    finally:
-        _stop(process)
+    _require_mosquitto()
+    with MosquittoBroker(tmp_path, loopback_config(free_port(), extra_config), scheme) as broker:
+        yield broker.url
 
 
 @pytest.fixture
@@ -111,14 +74,14 @@ class HardenedBroker:
     pki: Path  # fleet PKI: CA, broker, aggregator and the devices cam-a and cam-b
     prefix: str
     log: Path
+    broker: MosquittoBroker  # the process: reload() after a revocation, kill() / start() to restart it
 
 
 @pytest.fixture
 def hardened_broker(tmp_path: Path) -> Iterator[HardenedBroker]:
     """mosquitto run with the config and ACL of `facefed-aggregator broker-config` (TLS, client
     certificates, per-device ACL) on 127.0.0.1, with a fresh PKI that provisioned cam-a and cam-b."""
-    if not os.access(MOSQUITTO, os.X_OK):
-        pytest.skip(f"mosquitto is not installed at {MOSQUITTO} (apt-get install mosquitto)")
+    _require_mosquitto()
     from aggregator import pki
     from aggregator.broker_config import write_broker_config
 
@@ -129,14 +92,5 @@ def hardened_broker(tmp_path: Path) -> Iterator[HardenedBroker]:
     for device_id in ("cam-a", "cam-b"):
         pki.issue_device_cert(pki_dir, device_id)
     files = write_broker_config(pki_dir, tmp_path / "broker", port=port, topic_prefix=prefix)
-    with files.config.open("a") as config:
-        # Stay this user: dropping root to 'mosquitto' would leave the 0600 server key unreadable.
-        config.write(f"user {getpass.getuser()}\n")
-    log_path = tmp_path / "mosquitto.log"
-    with log_path.open("w") as log_file:
-        process = subprocess.Popen([str(MOSQUITTO), "-c", str(files.config)], stdout=log_file, stderr=subprocess.STDOUT)
-    try:
-        _wait_for_port(port, process, log_path)
-        yield HardenedBroker(f"mqtts://127.0.0.1:{port}", pki_dir, prefix, log_path)
-    finally:
-        _stop(process)
+    with MosquittoBroker(tmp_path, files.config.read_text(), "mqtts") as broker:
+        yield HardenedBroker(broker.url, pki_dir, prefix, broker.log, broker)
