@@ -7,7 +7,10 @@ import logging
 import sys
 from pathlib import Path
 
+from aggregator.broker_config import BrokerLimits
 from fedwire.config import ConfigError
+
+DEFAULT_LIMITS = BrokerLimits()
 
 EXAMPLE_CONFIG = """\
 # aggregator.yaml: every field is optional except state_dir.
@@ -87,6 +90,18 @@ def _add_pki_commands(sub: argparse._SubParsersAction) -> None:
                            help="1 to 64 characters of [A-Za-z0-9_.-], starting with a letter or digit")
     provision.add_argument("--dir", required=True, metavar="PKI", help="PKI directory made by `ca init`")
     provision.set_defaults(pki_command=_provision)
+    revoke = sub.add_parser(
+        "revoke", help="revoke a device: its certificate goes on the CRL, its id on the revoked list",
+        description="Add PKI/devices/DEVICE_ID.crt to PKI/crl.pem (signed by the fleet CA) and DEVICE_ID to "
+        "PKI/revoked.txt. With --broker-dir, also copy the CRL into a broker-config folder; then send mosquitto "
+        "SIGHUP (`kill -HUP PID` or `systemctl reload mosquitto`): it refuses the device's new connections. "
+        "A connection already open stays until it drops, so point aggregator.yaml's revoked_devices at "
+        "revoked.txt as well: the aggregator re-reads it when it changes and drops every message of a revoked "
+        "device.")
+    revoke.add_argument("device_id", metavar="DEVICE_ID", help="a device provisioned with `provision`")
+    revoke.add_argument("--dir", required=True, metavar="PKI", help="PKI directory made by `ca init`")
+    revoke.add_argument("--broker-dir", metavar="DIR", help="a folder written by `broker-config`: update its crl.pem")
+    revoke.set_defaults(pki_command=_revoke)
     broker = sub.add_parser(
         "broker-config", help="write a hardened Mosquitto config and ACL",
         description="Write DIR/mosquitto.conf, DIR/acl and copies of the CA certificate and the broker's "
@@ -101,6 +116,12 @@ def _add_pki_commands(sub: argparse._SubParsersAction) -> None:
     broker.add_argument("--topic-prefix", default="facefed", help="the federation's topic prefix (default facefed)")
     broker.add_argument("--bind", default="127.0.0.1",
                         help="address to listen on (default 127.0.0.1; 0.0.0.0 for every IPv4 interface)")
+    broker.add_argument("--max-chunk-bytes", type=int, default=DEFAULT_LIMITS.max_chunk_bytes,
+                        help="the fleet's chunk size (aggregator.yaml max_chunk_bytes, default %(default)s): "
+                        "larger messages are dropped, much larger ones disconnect their sender")
+    broker.add_argument("--max-queued-mb", type=int, default=DEFAULT_LIMITS.max_queued_bytes >> 20,
+                        help="MiB mosquitto queues for one client, the aggregator above all (default %(default)s): "
+                        "at least the updates of the devices that upload at the same moment")
     broker.set_defaults(pki_command=_broker_config)
 
 
@@ -171,10 +192,21 @@ def _provision(args: argparse.Namespace) -> list[Path]:
     return [device.cert, device.key]
 
 
+def _revoke(args: argparse.Namespace) -> list[Path]:
+    from aggregator import pki
+    from aggregator.broker_config import install_crl
+
+    written = pki.revoke_device(args.dir, args.device_id)
+    if args.broker_dir is not None:
+        written.append(install_crl(args.dir, args.broker_dir))
+    return written
+
+
 def _broker_config(args: argparse.Namespace) -> list[Path]:
     from aggregator.broker_config import write_broker_config
 
-    files = write_broker_config(args.pki, args.out, args.port, args.topic_prefix, args.bind)
+    limits = BrokerLimits(max_chunk_bytes=args.max_chunk_bytes, max_queued_bytes=args.max_queued_mb << 20)
+    files = write_broker_config(args.pki, args.out, args.port, args.topic_prefix, args.bind, limits)
     return [files.config, files.acl]
 
 

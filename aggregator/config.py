@@ -98,6 +98,25 @@ class ExportConfig:
 
 
 @dataclass
+class DeviceBudgetConfig:
+    """What the aggregator takes from one device per round before it drops the rest of that device's messages
+    (aggregator/budget.py). null: derived from the model's update size and max_chunk_bytes."""
+
+    transfers: int = 4  # update transfers: the update, resends after transfer faults, BatchNorm statistics
+    messages: int | None = None  # null: transfers x (chunks of a whole update + manifest) + 64
+    bytes: int | None = None  # null: transfers x the whole update's bytes + 1 MiB
+    # The smallest chunks an honest device uploads in (profiles: 128-256 KiB); the derived message budget
+    # counts chunks of this size.
+    min_chunk_bytes: int = 16 * 1024
+
+    def check(self) -> None:
+        require(1 <= self.transfers <= 1000, "transfers", "must be in [1, 1000]")
+        require(1024 <= self.min_chunk_bytes <= 256 * 1024 * 1024, "min_chunk_bytes", "must be in [1 KiB, 256 MiB]")
+        require(self.messages is None or self.messages >= 1, "messages", "must be >= 1 (or null: derived)")
+        require(self.bytes is None or self.bytes >= 1024, "bytes", "must be >= 1024 (or null: derived)")
+
+
+@dataclass
 class AggregatorConfig:
     state_dir: Path
     broker: str | None = None  # None: start an embedded broker on 127.0.0.1:embedded_port
@@ -133,6 +152,10 @@ class AggregatorConfig:
     train: TrainSettings = field(default_factory=TrainSettings)
     eval: EvalConfig = field(default_factory=EvalConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    device_budget: DeviceBudgetConfig = field(default_factory=DeviceBudgetConfig)
+    # Device ids whose updates are refused, one per line: `facefed-aggregator revoke` keeps PKI/revoked.txt (read at
+    # start and again whenever the file changes).
+    revoked_devices: Path | None = None
     shard_workers: int = 1  # > 1: workers share the update stream via MQTT 5 shared subscriptions (docs/scale-out.md)
 
     def check(self) -> None:
@@ -155,6 +178,8 @@ class AggregatorConfig:
         require(0 < self.fraction_fit <= 1, "fraction_fit", "must be in (0, 1]")
         if self.signing_key is not None:
             require(self.signing_key.is_file(), "signing_key", f"no such file: {self.signing_key}")
+        if self.revoked_devices is not None:
+            require(self.revoked_devices.is_file(), "revoked_devices", f"no such file: {self.revoked_devices}")
         require(1 <= self.shard_workers <= 256, "shard_workers", "must be in [1, 256]")
         require(0 < self.update_topk <= 1, "update_topk", "must be in (0, 1]")
         require(self.download_codec == "safetensors" or self.shard_workers == 1, "download_codec",

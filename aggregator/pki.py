@@ -31,6 +31,8 @@ from fedwire.pki_layout import (
 from fedwire.topics import validate_device_id
 
 CA_DAYS = 3650
+# OpenSSL (mosquitto) refuses every client once a CRL is past its next update, so it is valid as long as the CA.
+CRL_DAYS = CA_DAYS
 LEAF_DAYS = 825  # the longest validity Apple/browsers accept for server certificates; devices use the same
 _CLOCK_SKEW = datetime.timedelta(minutes=5)  # devices with a slightly slow clock still accept new certs
 _LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
@@ -89,13 +91,17 @@ def issue_server_cert(pki_dir: str | Path, hostnames: Sequence[str] = ("localhos
 
 def issue_device_cert(pki_dir: str | Path, device_id: str, days: int = LEAF_DAYS) -> CertFiles:
     """A device's client certificate, CN = device id (the broker uses it as the username)."""
-    try:
-        validate_device_id(device_id)
-    except ProtocolError as exc:
-        raise PkiError(exc.reason) from None
+    _checked_device_id(device_id)
     if device_id == AGGREGATOR_IDENTITY:
         raise PkiError(f"{device_id!r} is the aggregator's identity, not a device id")
     return _issue_leaf(pki_dir, device_files(pki_dir, device_id), device_id, ExtendedKeyUsageOID.CLIENT_AUTH, days)
+
+
+def _checked_device_id(device_id: str) -> str:
+    try:
+        return validate_device_id(device_id)
+    except ProtocolError as exc:
+        raise PkiError(exc.reason) from None
 
 
 def issue_aggregator_identity(pki_dir: str | Path, days: int = LEAF_DAYS) -> AggregatorIdentity:
@@ -114,6 +120,58 @@ def issue_aggregator_identity(pki_dir: str | Path, days: int = LEAF_DAYS) -> Agg
     return identity
 
 
+def crl_file(pki_dir: str | Path) -> Path:
+    """The fleet's certificate revocation list (PEM, signed by the CA); mosquitto's `crlfile`."""
+    return Path(pki_dir) / "crl.pem"
+
+
+def revoked_file(pki_dir: str | Path) -> Path:
+    """The revoked device ids, one per line: the aggregator's `revoked_devices` (a CRL names serials only)."""
+    return Path(pki_dir) / "revoked.txt"
+
+
+def ensure_crl(pki_dir: str | Path) -> Path:
+    """The CRL, created empty (with an empty revoked list) if the fleet has none yet."""
+    path = crl_file(pki_dir)
+    if not path.exists():
+        _write_crl(pki_dir, [])
+    if not revoked_file(pki_dir).exists():
+        write_replacing(revoked_file(pki_dir), _REVOKED_HEADER.encode(), 0o644)
+    return path
+
+
+def revoke_device(pki_dir: str | Path, device_id: str) -> list[Path]:
+    """Add the device's certificate to the CRL and its id to the revoked list; returns the files written.
+    Revoking twice changes nothing."""
+    files = device_files(pki_dir, _checked_device_id(device_id))
+    if not files.cert.is_file():
+        raise PkiError(f"no certificate for {device_id!r} in {Path(pki_dir) / 'devices'}: nothing to revoke")
+    cert = x509.load_pem_x509_certificate(files.cert.read_bytes())
+    entries = list(_load_crl(pki_dir)) if crl_file(pki_dir).exists() else []
+    if all(entry.serial_number != cert.serial_number for entry in entries):
+        entries.append(x509.RevokedCertificateBuilder().serial_number(cert.serial_number)
+                       .revocation_date(datetime.datetime.now(datetime.timezone.utc)).build())
+    _write_crl(pki_dir, entries)
+    revoked = load_revoked(revoked_file(pki_dir)) if revoked_file(pki_dir).exists() else frozenset()
+    lines = [_REVOKED_HEADER.rstrip("\n"), *sorted(revoked | {device_id})]
+    write_replacing(revoked_file(pki_dir), ("\n".join(lines) + "\n").encode(), 0o644)
+    return [crl_file(pki_dir), revoked_file(pki_dir)]
+
+
+def load_revoked(path: str | Path) -> frozenset[str]:
+    """The device ids in a revoked list (blank lines and # comments ignored)."""
+    ids = set()
+    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
+        text = line.split("#", 1)[0].strip()
+        if not text:
+            continue
+        try:
+            ids.add(validate_device_id(text))
+        except ProtocolError as exc:
+            raise PkiError(f"{path}:{number}: {exc.reason}") from None
+    return frozenset(ids)
+
+
 def check_hostname(hostname: str) -> str:
     if not _HOSTNAME.fullmatch(hostname):
         raise PkiError(f"{hostname!r} is not a DNS hostname")
@@ -128,6 +186,38 @@ def check_ip(ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
 
 
 # -- helpers ------------------------------------------------------------------------------------
+
+_REVOKED_HEADER = "# Revoked FaceFed devices, one id per line (written by facefed-aggregator revoke).\n"
+
+
+def _load_crl(pki_dir: str | Path) -> x509.CertificateRevocationList:
+    ca_cert, _ = _load_ca(pki_dir)
+    crl = x509.load_pem_x509_crl(crl_file(pki_dir).read_bytes())
+    if not crl.is_signature_valid(ca_cert.public_key()):
+        raise PkiError(f"{crl_file(pki_dir)} is not signed by the fleet CA {ca_files(pki_dir).cert}")
+    return crl
+
+
+def _write_crl(pki_dir: str | Path, entries: Sequence[x509.RevokedCertificate]) -> None:
+    ca_cert, ca_key = _load_ca(pki_dir)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    builder = (x509.CertificateRevocationListBuilder().issuer_name(ca_cert.subject)
+               .last_update(now - _CLOCK_SKEW).next_update(now + datetime.timedelta(days=CRL_DAYS)))
+    for entry in entries:
+        builder = builder.add_revoked_certificate(entry)
+    crl = builder.sign(ca_key, hashes.SHA256())
+    write_replacing(crl_file(pki_dir), crl.public_bytes(serialization.Encoding.PEM), 0o644)
+
+
+def write_replacing(path: Path, data: bytes, mode: int) -> None:
+    """Replace path atomically, created with its final mode (a key is never readable by others)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+    os.chmod(tmp, mode)
+    os.replace(tmp, path)
 
 
 def _issue_leaf(pki_dir: str | Path, files: CertFiles, common_name: str, usage: x509.ObjectIdentifier, days: int,

@@ -18,8 +18,10 @@ from typing import Any
 
 import numpy as np
 
+from aggregator.budget import BudgetLimits, DeviceBudget, sender
 from aggregator.config import AggregatorConfig
 from aggregator.fedavg import WeightedSum
+from aggregator.pki import PkiError, load_revoked
 from aggregator.state import AcceptedUpdate, StateDir
 from aggregator.strategy import build_strategy
 from aggregator.validation import UpdateRejected, check_finite, check_running_variances, check_update_manifest
@@ -43,6 +45,7 @@ STREAM_POLL_S = 0.2
 # memory would grow with the number of devices uploading at the same moment.
 REASSEMBLY_MEMORY_BYTES = 32 * 2**20
 PUBLISH_RETRY_S = 1.0  # pause between attempts to publish retained state while the broker is away
+REVOKED_POLL_S = 1.0  # how often the revoked_devices file is checked for changes
 AVERAGED_BN_SUFFIX = "_averaged_bn"  # bn_statistics measured: round metrics of the model before the statistics phase
 
 
@@ -102,6 +105,9 @@ class AggregatorService:
         self._download_residual: dict[str, np.ndarray] = {}  # server-side error feedback of the download delta
         self._chunks_retained: dict[str, int] = {}  # a transfer's chunk-0 topic -> chunks retained there by us
         self._retained: dict[str, bytes] = {}  # topic -> last retained message (round, summary)
+        self.budget: DeviceBudget | None = None  # per device and round; made at _connect, once the model is known
+        self._revoked_checked = 0.0
+        self._revoked_mtime: float | None = None
 
     # ---- lifecycle -------------------------------------------------------
 
@@ -160,6 +166,8 @@ class AggregatorService:
         return shared_tensors(backbone)
 
     def _connect(self) -> None:
+        self.budget = DeviceBudget(self._budget_limits())
+        self._reload_revoked(force=True)
         url = self.config.broker
         if url is None:
             self._broker = EmbeddedBroker(port=self.config.embedded_port)
@@ -174,10 +182,54 @@ class AggregatorService:
             tls=self.config.tls.files() if url.startswith("mqtts://") else None,
             clean_session=False,  # the broker queues updates (QoS 1) for us while we are down
             ack_after_handling=True,
+            admit=self._admit,
         )
         self._link.connect()
         self._link_connections = self._link.connections
         log.info("connected to %s (MQTT %s)", url, self._link.protocol_version)
+
+    def _budget_limits(self) -> BudgetLimits:
+        budget = self.config.device_budget
+        # From the backbone, not the global model: a shard worker gets that over MQTT only after it connected.
+        update_bytes = sum(value.nbytes for value in shared_tensors(self.backbone).values())
+        return BudgetLimits.derive(update_bytes, budget.min_chunk_bytes, budget.transfers, budget.messages,
+                                   budget.bytes)
+
+    def _reload_revoked(self, force: bool = False) -> None:
+        """Read revoked_devices at start and whenever the file changed (checked every REVOKED_POLL_S)."""
+        path = self.config.revoked_devices
+        now = time.monotonic()
+        if path is None or (not force and now - self._revoked_checked < REVOKED_POLL_S):
+            return
+        self._revoked_checked = now
+        try:
+            mtime = path.stat().st_mtime
+            if mtime == self._revoked_mtime:
+                return
+            revoked = load_revoked(path)
+        except (OSError, PkiError) as exc:  # a bad edit keeps the list we have
+            log.error("revoked devices not re-read: %s", exc)
+            return
+        self._revoked_mtime = mtime
+        if revoked != self.budget.revoked:
+            log.info("revoked devices (%s): %s", path, ", ".join(sorted(revoked)) or "none")
+        self.budget.set_revoked(revoked)
+
+    def _admit(self, topic: str, payload: bytes) -> bool:
+        """Network thread, before anything is parsed or queued: a revoked device, or one over its budget for
+        the round, is dropped here (acknowledged, never queued), so a flood does not wait in front of the
+        other devices' updates."""
+        device_id = sender(self.topics.prefix, topic)
+        if device_id is None:
+            return True
+        verdict = self.budget.admit(device_id, payload)
+        if verdict.first_drop:
+            log.warning("dropping every message from %s for the rest of the round: %s", device_id, verdict.reason)
+        return verdict.admitted
+
+    def _new_budget_round(self) -> None:
+        for device_id, (reason, count) in sorted(self.budget.new_round().items()):
+            log.warning("dropped %d message(s) from %s (%s)", count, device_id, reason)
 
     def subscriptions(self) -> list[str]:
         """Topic filters of this process (aggregator/sharded.py's reducer and workers use others)."""
@@ -190,6 +242,7 @@ class AggregatorService:
             self.handle_next_event()
             if self._link.connections != self._link_connections:
                 self._republish_retained()
+            self._reload_revoked()
             self._check_round_close(time.time())
 
     def _open_round(self, number: int) -> None:
@@ -207,6 +260,7 @@ class AggregatorService:
             participants=participants,
         )
         self.strategy.begin_round(self.global_tensors)
+        self._new_budget_round()
         self.current = OpenRound(number, self.model_version, announcement, time.time(), quorum)
         self._restore_accepted(self.current)
         self._publish_retained(self.topics.round, self._signed(announcement).to_json())
@@ -476,6 +530,10 @@ class AggregatorService:
             reason = f"an upload ({current.kind}) from {device_id} was already accepted for round {current.number}"
             log.info("ignored a second update from %s: %s", device_id, reason)
             self._send_ack(UpdateAck(device_id, manifest.round, manifest.transfer_id, False, reason))
+            return
+        if device_id in self.budget.revoked:  # the broker let a revoked device through
+            current.rejected += 1
+            self._reject(device_id, manifest, f"{device_id}'s certificate is revoked")
             return
         participants = current.announcement.participants
         if participants and device_id not in participants:

@@ -174,6 +174,7 @@ class ShardWorker(_NeedsMqtt5, AggregatorService):
             log.info("shard worker %d of %d ready", self.index, self.workers)
             while not self.finished:
                 self.handle_next_event()
+                self._reload_revoked()
                 for dropped in self.reassembler.expire(time.time()):
                     log.warning("dropped incomplete transfer %s (chunks missing past timeout)", dropped)
         finally:
@@ -257,6 +258,7 @@ class ShardWorker(_NeedsMqtt5, AggregatorService):
             log.warning("round %d trains from model v%d but this worker holds v%d",
                         ann.round, ann.model_version, self.model_version)
         self.strategy.begin_round(self.global_tensors)
+        self._new_budget_round()
         self.current = OpenRound(ann.round, ann.model_version, ann, time.time(), ann.min_clients)
         self._restore_accepted(self.current)  # after a restart mid-round; drops journals of other rounds
         self.forwarded = 0

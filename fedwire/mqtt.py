@@ -135,6 +135,7 @@ class MqttLink:
         clean_session: bool = True,
         ack_after_handling: bool = False,
         max_unacked: int = RECEIVE_MAXIMUM,
+        admit: Callable[[str, bytes], bool] | None = None,
     ) -> None:
         """ack_after_handling: on_message(topic, payload, ack) gets a third argument, a callable that sends the
         QoS 1 PUBACK; call it (from any thread) once the message is handled. The broker sends only a few
@@ -147,7 +148,12 @@ class MqttLink:
         max_unacked messages (of any QoS) were handed to on_message and not acknowledged, the network thread
         waits before handing over the next one and reads nothing meanwhile, so the backlog stays at the broker
         whatever it does. It reads on while a call of this link waits for the broker (a PUBACK, a SUBACK), since
-        that answer may sit behind the backlog, and once per keepalive/2, so the connection stays alive."""
+        that answer may sit behind the backlog, and once per keepalive/2, so the connection stays alive.
+
+        admit(topic, payload), if given, runs on the network thread before a message takes a place in the
+        window: a message it refuses is acknowledged at once and never handed to on_message. It must be cheap
+        (no parsing): it is how a consumer keeps one flooding sender from filling the window, which would stop
+        the reading and leave the broker to queue, and drop, everyone's messages behind the flood."""
         if protocol not in PROTOCOLS:
             raise ProtocolError("protocol", f"{protocol!r} is not one of {PROTOCOLS}")
         self.address = parse_broker_url(url)
@@ -163,6 +169,7 @@ class MqttLink:
         self._tls = tls
         self._clean_session = clean_session
         self._ack_after_handling = ack_after_handling
+        self._admit = admit
         if max_unacked < 1:
             raise ValueError(f"max_unacked must be >= 1, not {max_unacked}")
         self.max_unacked = max_unacked
@@ -490,6 +497,9 @@ class MqttLink:
         if not self._is_subscribed(message.topic):
             # amqtt 0.12.1 sends a new client the retained messages of *every* client's subscriptions.
             log.debug("%s: dropped %s, not subscribed", self.client_id, message.topic)
+            ack()
+            return
+        if self._admit is not None and not self._admit(message.topic, message.payload):
             ack()
             return
         if self._ack_after_handling:
