@@ -84,10 +84,10 @@ def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None
 # ---- processes --------------------------------------------------------------------------------------
 
 
-def persistent_mosquitto(folder: Path) -> MosquittoBroker:
+def persistent_mosquitto(folder: Path, extra_config: str = "") -> MosquittoBroker:
     """A real mosquitto on 127.0.0.1 with persistence on, restartable on the same port (start() again)."""
     (folder / "db").mkdir(parents=True, exist_ok=True)
-    return MosquittoBroker(folder, loopback_config(free_port(), persistence_dir=folder / "db"))
+    return MosquittoBroker(folder, loopback_config(free_port(), extra_config, persistence_dir=folder / "db"))
 
 
 class Aggregator:
@@ -300,11 +300,11 @@ def _devices(count: int, first: int = 0, delay_s: float = 0.0, stagger_s: float 
 
 
 @contextmanager
-def _scenario(folder: Path, verdict: Verdict, record_updates: bool = False) -> Iterator[Setup]:
+def _scenario(folder: Path, verdict: Verdict, record_updates: bool = False, broker_config: str = "") -> Iterator[Setup]:
     """A broker and a watcher for one scenario. A wait that times out fails the verdict; at the end everything
     started is stopped and the verdict timed."""
     start = time.monotonic()
-    broker = persistent_mosquitto(folder / "broker")
+    broker = persistent_mosquitto(folder / "broker", broker_config)
     broker.start()
     setup = Setup(folder, broker, watcher=Watcher(broker.url, record_updates))
     try:
@@ -541,6 +541,64 @@ def _flood(url: str, device_id: str, total_bytes: int) -> int:
     return sent
 
 
+def scenario_message_flood(folder: Path, devices: int = 3, messages: int = 30_000, qos: int = 1,
+                           broker_limits: bool = True) -> Verdict:
+    """One device publishes `messages` tiny messages at full speed on its update topics while the honest
+    devices upload round 1. broker_limits: the broker runs with broker-config's limits (off: mosquitto's
+    defaults, as before issue 14)."""
+    verdict = Verdict(f"message-flood ({messages} tiny QoS {qos} messages from one device, {devices} honest devices"
+                      f"{'' if broker_limits else ', mosquitto defaults'})")
+    limits = ""
+    if broker_limits:
+        from aggregator.broker_config import BrokerLimits, render_limits
+
+        limits = render_limits(BrokerLimits())
+    with _scenario(folder, verdict, broker_config=limits) as setup:
+        honest = _devices(devices, delay_s=1.5, stagger_s=0.5)  # they upload while the flood arrives
+        setup.fleets.append(Fleet(folder, "fleet", setup.broker.url, honest))
+        _wait_online(setup, honest)
+        setup.aggregator = agg = Aggregator(folder / "aggregator", setup.broker.url, rounds=1, min_clients=devices)
+        agg.start()
+        wait_until(lambda: 1 in setup.watcher.open_rounds(), WAIT_S, "round 1 to open")
+        started = time.monotonic()
+        sent = _tiny_flood(setup.broker.url, "flooder", messages, qos)
+        flood_s = time.monotonic() - started
+        _finish(setup, verdict, rounds=1)
+        round_s = next((e["seconds"] for e in agg.rounds() if e["round"] == 1), float("nan"))
+        verdict.notes.append(f"{sent} messages in {flood_s:.2f} s ({sent / max(flood_s, 1e-9):.0f}/s); "
+                             f"round 1 took {round_s} s")
+        announced = [a for a in setup.watcher.rounds if a.round == 1 and a.state == "open"]
+        verdict.check(f"round 1 was announced once ({len(announced)}), not again after a lost update",
+                      len(announced) == 1)
+        broker_log = setup.broker.log_text()
+        verdict.check("mosquitto dropped no outgoing message",
+                      "Outgoing messages are being dropped" not in broker_log)
+        verdict.check("the flooder was dropped with a logged reason",
+                      "dropping every message from flooder for the rest of the round: over its budget" in agg.log_text())
+        verdict.check("no honest device had to send its update again (none was lost)",
+                      "sending the unacknowledged update" not in setup.fleets[0].log_text())
+        _check_rounds(setup, verdict, {1: honest})
+    return verdict
+
+
+def _tiny_flood(url: str, device_id: str, count: int, qos: int) -> int:
+    """Publish `count` 16-byte messages on one device's chunk topic as fast as the client can; returns count."""
+    t = Topics(PREFIX)
+    link = MqttLink(url, f"faults-{device_id}", lambda topic, payload: None, [])
+    link.connect()
+    done = threading.Semaphore(0)
+    try:
+        for index in range(count):
+            link.publish_nowait(t.update_chunk(device_id, index % 1000), b"FWC1" + secrets.token_bytes(12), qos=qos,
+                                on_acked=done.release)
+        for _ in range(count):  # every message reached the broker
+            if not done.acquire(timeout=WAIT_S):
+                raise TimeoutError("the flooder's messages were not all acknowledged")
+    finally:
+        link.close()
+    return count
+
+
 def scenario_skew_and_late(folder: Path, devices: int = 4, skew_s: float = 3600.0) -> Verdict:
     """Device clocks +1 h and -1 h off; during round 2, updates for round 1 arrive (a replay and a fresh one)."""
     verdict = Verdict(f"clock-skew-and-late (+/-{skew_s:.0f} s clocks, {devices} devices)")
@@ -588,6 +646,7 @@ SCENARIOS = {
     "aggregator-sigkill": lambda folder, n: [scenario_aggregator_sigkill(folder, n, kill_after_acks=n // 2)],
     "devices-vanish": lambda folder, n: [scenario_devices_vanish(folder, n)],
     "flood": lambda folder, n: [scenario_flood(folder, n)],
+    "message-flood": lambda folder, n: [scenario_message_flood(folder, n)],
     "clock-skew-and-late": lambda folder, n: [scenario_skew_and_late(folder, n)],
 }
 
