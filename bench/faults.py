@@ -587,10 +587,10 @@ def _tiny_flood(url: str, device_id: str, count: int, qos: int) -> int:
     link = MqttLink(url, f"faults-{device_id}", lambda topic, payload: None, [])
     link.connect()
     done = threading.Semaphore(0)
+    junk = b"FWC1" + secrets.token_bytes(12)  # one transfer id: it is the message count that must stop it
     try:
         for index in range(count):
-            link.publish_nowait(t.update_chunk(device_id, index % 1000), b"FWC1" + secrets.token_bytes(12), qos=qos,
-                                on_acked=done.release)
+            link.publish_nowait(t.update_chunk(device_id, index % 1000), junk, qos=qos, on_acked=done.release)
         for _ in range(count):  # every message reached the broker
             if not done.acquire(timeout=WAIT_S):
                 raise TimeoutError("the flooder's messages were not all acknowledged")
