@@ -466,8 +466,11 @@ def scenario_flood(folder: Path, devices: int = 4, flood_mb: int = 256, max_upda
         honest = _devices(devices, delay_s=1.5, stagger_s=0.3)
         setup.fleets.append(Fleet(folder, "fleet", setup.broker.url, honest))
         _wait_online(setup, honest)
+        # The device budget is lifted: this scenario tests what validation and reassembly do with junk, in bounded
+        # memory; scenario_message_flood tests the budget, which would drop this flooder after ~17 MB.
         setup.aggregator = agg = Aggregator(folder / "aggregator", setup.broker.url, rounds=1, min_clients=devices,
-                                            max_update_bytes=max_update_mb << 20)
+                                            max_update_bytes=max_update_mb << 20,
+                                            device_budget={"messages": 10**9, "bytes": 2**50})
         agg.start()
         wait_until(lambda: 1 in setup.watcher.open_rounds(), WAIT_S, "round 1 to open")
         baseline = agg.rss_mb()
