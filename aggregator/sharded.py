@@ -45,7 +45,7 @@ from fedwire.messages import (
     TransferManifest,
     UpdateAck,
 )
-from fedwire.mqtt import SHARE_PREFIX, HeldAck
+from fedwire.mqtt import SHARE_PREFIX, HeldAck, MqttLink
 
 log = logging.getLogger("facefed.aggregator.sharded")
 
@@ -162,6 +162,7 @@ class ShardWorker(_NeedsMqtt5, AggregatorService):
         self.pending_close: ShardClose | None = None  # a close seen before its round's announcement
         self.forwarded = 0
         self.finished = False
+        self._forward_link: MqttLink | None = None  # publishes the forwarded copies (see handle_event)
 
     def subscriptions(self) -> list[str]:
         return self.shard.worker_subscriptions(self.index)
@@ -187,10 +188,12 @@ class ShardWorker(_NeedsMqtt5, AggregatorService):
             super().handle_event(event)
             return
         # The device's message is acknowledged once the broker holds the forwarded copy, so a worker that dies
-        # in between gets it again. Waiting here for that PUBACK would stall: it comes in behind the window.
-        ack.release()  # the window bounds what this process holds; paho keeps the copy until its PUBACK
+        # in between gets it again. Until then it keeps its place in the window, so forwarded copies waiting for
+        # their PUBACK count towards the window's bound (without that, 400 of them, 76 MB, waited in paho's
+        # outgoing queue at N = 100). Their PUBACKs come in on the second connection, whose network thread reads
+        # on while this link's waits for the window.
         try:
-            self._link.publish_nowait(self.shard.route(target, topic), payload, on_acked=ack)
+            self._forward_link.publish_nowait(self.shard.route(target, topic), payload, on_acked=ack)
         except ConnectionError as exc:
             log.warning("could not forward %s to worker %d: %s", topic, target, exc)
             ack()  # the device gets no update ack and resends
@@ -277,7 +280,11 @@ class ShardWorker(_NeedsMqtt5, AggregatorService):
                                                  self.current.accepted[ack.device_id]))
 
     def _publish_accepted(self, accepted: ShardAccepted) -> None:
-        self._link.publish(self.shard.accepted(self.index), accepted.to_json())
+        # Not waiting for the PUBACK: while a publish of ours waits, the link reads past its window (fedwire/mqtt.py),
+        # and under a burst that answer sits behind hundreds of queued chunks, which all came in meanwhile (up to
+        # 630 messages, ~160 MB, per worker at N = 100). paho resends it after a reconnection; a reducer that missed
+        # it anyway hears it again when it announces the round again.
+        self._link.publish_nowait(self.shard.accepted(self.index), accepted.to_json())
 
     def _on_close(self, close: ShardClose) -> None:
         current = self.current
@@ -309,9 +316,19 @@ class ShardWorker(_NeedsMqtt5, AggregatorService):
         status = DeviceStatus(f"shard-{self.index}", state, self.current.number if self.current else None, time.time())
         self._link.publish(self.shard.worker_status(self.index), status.to_json(), retain=True)
 
+    def _connect(self) -> None:
+        super()._connect()
+        url = self._link.url
+        self._forward_link = MqttLink(url, f"{self.config.client_id}-forward", lambda topic, payload: None, [],
+                                      protocol="5", tls=self.config.tls.files() if url.startswith("mqtts://") else None)
+        self._forward_link.connect()
+
     def close(self) -> None:
         if self._link is not None and self._link.connected:
             self._publish_worker_state("offline")
+        if self._forward_link is not None:
+            self._forward_link.close()
+            self._forward_link = None
         super().close()
 
     def _publish_report(self, report: ShardReport) -> None:

@@ -95,9 +95,8 @@ class _Attempt:
 
 
 class HeldAck:
-    """The ack of a message handed over with ack_after_handling. Calling it sends the PUBACK and frees the
-    message's place in the link's window. release() frees the place alone, for a message whose PUBACK waits
-    on the broker (a forwarded copy's PUBACK): the network thread must read on to get that answer."""
+    """The ack of a message handed over with ack_after_handling. Calling it (from any thread) sends the PUBACK
+    and frees the message's place in the link's window; release() frees the place alone."""
 
     def __init__(self, link: MqttLink, send_puback: Callable[[], None]) -> None:
         self._link = link
