@@ -30,6 +30,8 @@ eval: {data: null, every: 1}      # folder of held-out identities: accuracy per 
 bn_statistics: averaged           # or measured: devices measure BatchNorm statistics on each averaged model
 export: {formats: [], calibration: null}   # e.g. [onnx, onnx-int8]: state_dir/exports after each round
 shard_workers: 1                  # > 1: `serve` reduces, W `worker`s share the updates (MQTT 5 broker; docs/scale-out.md)
+device_budget: {transfers: 4, messages: null, bytes: null}   # per device and round, then dropped; null = from the model
+revoked_devices: null             # e.g. pki/revoked.txt (`revoke` writes it): those devices' messages are dropped
 """
 
 
@@ -196,6 +198,8 @@ def _revoke(args: argparse.Namespace) -> list[Path]:
     from aggregator import pki
     from aggregator.broker_config import install_crl
 
+    if args.broker_dir is not None and not Path(args.broker_dir).is_dir():
+        raise pki.PkiError(f"{args.broker_dir} is not a folder written by `broker-config`")
     written = pki.revoke_device(args.dir, args.device_id)
     if args.broker_dir is not None:
         written.append(install_crl(args.dir, args.broker_dir))

@@ -198,3 +198,39 @@ def test_a_revoked_device_is_refused_by_the_broker_and_by_the_aggregator(hardene
     assert not agg.thread.is_alive() and agg.service.model_version == 1
     entry = agg.service.state.log_path.read_text().splitlines()[-1]
     assert '"client_ids": ["cam-a", "cam-c"]' in entry
+
+
+def test_revoke_and_broker_config_commands(tmp_path, capsys):
+    from aggregator.cli import main
+
+    pki_dir = tmp_path / "pki"
+    assert main(["ca", "init", "--dir", str(pki_dir)]) == 0
+    assert main(["provision", "cam-01", "--dir", str(pki_dir)]) == 0
+    out = tmp_path / "broker"
+    assert main(["broker-config", "--pki", str(pki_dir), "--out", str(out), "--max-chunk-bytes", "131072",
+                 "--max-queued-mb", "512"]) == 0
+    conf = (out / "mosquitto.conf").read_text()
+    assert f"crlfile {out.resolve() / 'crl.pem'}" in conf and "message_size_limit 196608" in conf
+    assert "max_packet_size 197632" in conf and f"max_queued_bytes {512 << 20}" in conf
+    capsys.readouterr()
+    assert main(["revoke", "cam-02", "--dir", str(pki_dir)]) == 1
+    assert "no certificate for 'cam-02'" in capsys.readouterr().err
+    assert main(["revoke", "cam-01", "--dir", str(pki_dir), "--broker-dir", str(out)]) == 0
+    assert pki.load_revoked(pki.revoked_file(pki_dir)) == {"cam-01"}
+    assert (out / "crl.pem").read_bytes() == pki.crl_file(pki_dir).read_bytes()
+    from cryptography import x509
+
+    crl = x509.load_pem_x509_crl((out / "crl.pem").read_bytes())
+    cert = x509.load_pem_x509_certificate(pki_layout.device_files(pki_dir, "cam-01").cert.read_bytes())
+    assert [entry.serial_number for entry in crl] == [cert.serial_number]
+    assert main(["revoke", "cam-01", "--dir", str(pki_dir)]) == 0  # twice: still one entry
+    assert len(x509.load_pem_x509_crl(pki.crl_file(pki_dir).read_bytes())) == 1
+
+
+def test_budget_and_revoked_list_config_errors_name_the_field(tmp_path):
+    from fedwire.config import ConfigError
+
+    with pytest.raises(ConfigError, match="device_budget.transfers"):
+        parse_config(AggregatorConfig, {"state_dir": str(tmp_path), "device_budget": {"transfers": 0}})
+    with pytest.raises(ConfigError, match="revoked_devices"):
+        parse_config(AggregatorConfig, {"state_dir": str(tmp_path), "revoked_devices": str(tmp_path / "none.txt")})
