@@ -17,6 +17,7 @@ import threading
 import time
 from pathlib import Path
 from types import TracebackType
+from typing import Self
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +83,26 @@ def _broker_config(host: str, port: int) -> dict:
     }
 
 
-class EmbeddedBroker:
+class _StartedInWith:
+    """`with broker:` starts it and stops it again."""
+
+    def start(self) -> str:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+
+class EmbeddedBroker(_StartedInWith):
     """amqtt broker on its own asyncio loop in a daemon thread."""
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
@@ -124,15 +144,6 @@ class EmbeddedBroker:
         self._thread.join(STOP_TIMEOUT_S)
         self._thread = None
 
-    def __enter__(self) -> EmbeddedBroker:
-        self.start()
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
-
     def _run(self, broker_class: type) -> None:
         try:
             asyncio.run(self._serve(broker_class))
@@ -171,7 +182,7 @@ def loopback_config(port: int, extra: str = "", persistence_dir: Path | None = N
     return f"listener {port} 127.0.0.1\nallow_anonymous true\n{persistence}{extra}"
 
 
-class MosquittoBroker:
+class MosquittoBroker(_StartedInWith):
     """A mosquitto process for tests and benches, listening on the loopback interface only.
 
     `config` is the text of its mosquitto.conf (loopback_config, or aggregator/broker_config.py's hardened
@@ -246,15 +257,6 @@ class MosquittoBroker:
             self.kill(signal.SIGTERM)
         except subprocess.TimeoutExpired:
             self.kill(signal.SIGKILL)
-
-    def __enter__(self) -> MosquittoBroker:
-        self.start()
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
 
 
 def main(argv: list[str] | None = None) -> None:
