@@ -93,6 +93,28 @@ def test_train_settings_parse_strictly_with_the_field_named():
         RoundAnnouncement.from_json(json.dumps(wire).encode())
 
 
+@dataclasses.dataclass
+class _Privacy:
+    noise_multiplier: float = 0.0
+
+
+@dataclasses.dataclass
+class _ExtendedSettings(TrainSettings):
+    """How a later setting group (differential privacy, say) joins: a nested dataclass, read the same strict way."""
+
+    privacy: _Privacy = dataclasses.field(default_factory=_Privacy)
+
+
+def test_a_nested_settings_group_is_parsed_strictly_too():
+    settings = _ExtendedSettings(privacy=_Privacy(1.1))
+    assert _ExtendedSettings.from_dict(json.loads(json.dumps(settings.to_dict()))) == settings
+    for bad, field in (({"privacy": {"clip": 1}}, "train.privacy.clip"),
+                       ({"privacy": {"noise_multiplier": "x"}}, "train.privacy.noise_multiplier")):
+        with pytest.raises(ProtocolError) as info:
+            _ExtendedSettings.from_dict(bad)
+        assert info.value.field == field
+
+
 def test_aggregator_yaml_train_section_is_the_same_dataclass(tmp_path):
     config = parse_config(AggregatorConfig, {"state_dir": str(tmp_path), "train": {"lr": 0.2, "local_epochs": 3}})
     assert isinstance(config.train, TrainSettings) and (config.train.lr, config.train.local_epochs) == (0.2, 3)

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from PIL import Image
 
 from aggregator import pki
 from aggregator.cli import main as aggregator_main
@@ -21,6 +20,7 @@ from facefed.cli import main as facefed_main
 from fedwire.config import ConfigError, parse_config
 from model_zoo.backbones import build_backbone
 from model_zoo.checkpoint import load_checkpoint, save_checkpoint
+from model_zoo.data import FaceDataset, save_folders
 
 
 @pytest.fixture
@@ -84,10 +84,7 @@ def test_a_truncated_or_corrupted_checkpoint_gives_one_line(tmp_path, capsys):
     truncated.write_bytes(data[: len(data) // 2])
     garbled.write_bytes(b"\xff" * 64 + data[64:])
     faces = tmp_path / "faces"
-    for person in ("a", "b"):
-        (faces / person).mkdir(parents=True)
-        for i in range(2):
-            Image.fromarray(np.full((112, 112, 3), 40 * i, np.uint8)).save(faces / person / f"{i}.png")
+    save_folders(FaceDataset(np.zeros((4, 112, 112, 3), np.uint8), np.array([0, 0, 1, 1]), ["a", "b"]), faces)
     for bad in (truncated, garbled):
         with pytest.raises(ValueError, match="not a readable checkpoint"):
             load_checkpoint(bad)
