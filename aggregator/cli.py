@@ -193,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         return _run_pki_command(args)
     from aggregator.config import load_aggregator_config
     from aggregator.service import AggregatorService
+    from model_zoo.checkpoint import CheckpointError
 
     overrides = {k: v for k, v in {"broker": args.broker, "rounds": getattr(args, "rounds", None)}.items()
                  if v is not None}
@@ -222,6 +223,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConnectionError as exc:
         print(f"facefed-aggregator: {exc}", file=sys.stderr)
         return 1
+    except CheckpointError as exc:  # a checkpoint in state_dir cut short (disk full, power loss) or damaged
+        print(f"facefed-aggregator: cannot resume: {exc}; move that file away to resume from the round before",
+              file=sys.stderr)
+        return 2
     return 0
 
 

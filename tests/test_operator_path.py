@@ -93,3 +93,17 @@ def test_a_truncated_or_corrupted_checkpoint_gives_one_line(tmp_path, capsys):
         assert err.count("\n") == 1 and "Traceback" not in err and bad.name in err
         with pytest.raises(ConfigError, match="init_checkpoint: .*not a readable checkpoint"):
             parse_config(AggregatorConfig, {"state_dir": str(tmp_path / "s"), "model": {"init_checkpoint": str(bad)}})
+
+
+def test_a_truncated_checkpoint_in_the_state_dir_stops_serve_with_one_line(tmp_path, capsys):
+    state = tmp_path / "state"
+    (state / "checkpoints").mkdir(parents=True)
+    torch.manual_seed(0)
+    checkpoint = state / "checkpoints" / "round-0001.safetensors"
+    save_checkpoint(checkpoint, build_backbone("mobilefacenet"), {})
+    checkpoint.write_bytes(checkpoint.read_bytes()[:5000])  # what a full disk or a power cut leaves
+    config = tmp_path / "aggregator.yaml"
+    config.write_text(yaml.safe_dump({"state_dir": str(state), "embedded_port": 0}))
+    assert aggregator_main(["serve", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "cannot resume" in err and "round-0001.safetensors" in err and "Traceback" not in err
