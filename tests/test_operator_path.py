@@ -93,6 +93,12 @@ def test_a_truncated_or_corrupted_checkpoint_gives_one_line(tmp_path, capsys):
         assert err.count("\n") == 1 and "Traceback" not in err and bad.name in err
         with pytest.raises(ConfigError, match="init_checkpoint: .*not a readable checkpoint"):
             parse_config(AggregatorConfig, {"state_dir": str(tmp_path / "s"), "model": {"init_checkpoint": str(bad)}})
+    exported = tmp_path / "model.onnx"  # an export whose sidecar was cut short
+    exported.write_bytes(b"onnx bytes")
+    exported.with_suffix(".json").write_text('{"format": "facefed-ex')
+    assert facefed_main(["evaluate", "--model", str(exported), "--data", str(faces)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "model.json: not a usable sidecar" in err
 
 
 def test_a_truncated_checkpoint_in_the_state_dir_stops_serve_with_one_line(tmp_path, capsys):
