@@ -53,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     flash.add_argument("--device-id", required=True, help="the id the device was provisioned with")
     flash.add_argument("--broker", required=True, help="mqtts://HOST:8883 as the device will reach it")
     flash.add_argument("--pki", required=True, type=Path, help="the fleet PKI folder")
-    flash.add_argument("--out", required=True, type=Path, help="bundle folder, or a .tar.gz file")
+    flash.add_argument("--out", required=True, type=Path,
+                       help="a folder (the bundle is written as DIR/facefed-ID/) or NAME.tar.gz (holding facefed-ID/)")
     flash.add_argument("--topic-prefix", default="facefed")
     flash.add_argument("--model", type=Path, help="the deployed model to ship (e.g. an int8 .onnx export)")
     flash.add_argument("--wheel", type=Path, help="facefed-edge wheel to ship (default: build from this source)")
