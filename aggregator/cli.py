@@ -22,11 +22,15 @@ rounds: 10
 min_clients: 2                    # quorum: the round closes as soon as this many updates are in
 round_timeout_s: 600              # deadline: close with what arrived (or re-announce if nothing did)
 max_chunk_bytes: 262144           # largest MQTT payload we publish (many brokers cap message size)
+signing_key: null                 # pki/aggregator/signing.key: sign every global model and round (set it in a fleet)
+tls: {ca_cert: null, certfile: null, keyfile: null}   # with mqtts://: pki/ca.crt, pki/aggregator/client.crt, client.key
 model: {arch: mobilefacenet, act: relu, embedding_size: 128, seed: 0}
 # pretrained face-api ResNet, last stage + projection fine-tuned (weights: $FACEFED_FACEAPI_DIR on every machine):
 # model: {arch: faceapi-resnet, options: {trainable: last}}   with train: {lr: 0.0001, margin: 0.0}
 train: {local_epochs: 1, lr: 0.05, momentum: 0.9, weight_decay: 0.0005, margin: 0.5}
-eval: {data: null, every: 1}      # folder of held-out identities: accuracy per round in the log
+eval:                             # held-out scores per round in rounds.jsonl and the summary
+  data: null                      # a folder of held-out identities (ORL, Yale or one folder per person)
+  every: 1                        # evaluate every N rounds
 bn_statistics: averaged           # or measured: devices measure BatchNorm statistics on each averaged model
 export: {formats: [], calibration: null}   # e.g. [onnx, onnx-int8]: state_dir/exports after each round
 shard_workers: 1                  # > 1: `serve` reduces, W `worker`s share the updates (MQTT 5 broker; docs/scale-out.md)
@@ -225,6 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         return _run_pki_command(args)
     from aggregator.config import load_aggregator_config
     from aggregator.service import AggregatorService
+    from model_zoo.checkpoint import CheckpointError
 
     overrides = {k: v for k, v in {"broker": args.broker, "rounds": getattr(args, "rounds", None)}.items()
                  if v is not None}
@@ -254,6 +259,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConnectionError as exc:
         print(f"facefed-aggregator: {exc}", file=sys.stderr)
         return 1
+    except CheckpointError as exc:  # a checkpoint in state_dir cut short (disk full, power loss) or damaged
+        print(f"facefed-aggregator: cannot resume: {exc}; move that file away to resume from the round before",
+              file=sys.stderr)
+        return 2
     return 0
 
 

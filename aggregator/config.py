@@ -9,9 +9,11 @@ from typing import Any, Literal
 
 from fedwire.chunking import DEFAULT_MAX_CHUNK_BYTES
 from fedwire.config import ConfigError, TlsConfig, load_config, require
+from fedwire.messages import TrainSettings
 from fedwire.mqtt import parse_broker_url
 from fedwire.topics import Topics
 from model_zoo.backbones import BACKBONES, build_backbone
+from model_zoo.checkpoint import load_checkpoint
 
 
 @dataclass
@@ -34,40 +36,16 @@ class ModelConfig:
             raise ConfigError("options", f"{self.arch} rejects {self.options}: {exc}") from None
         if self.init_checkpoint is not None:
             require(self.init_checkpoint.is_file(), "init_checkpoint", f"no such file: {self.init_checkpoint}")
+            try:  # at start, so a truncated file fails here with one line, not in the service with a traceback
+                load_checkpoint(self.init_checkpoint)
+            except ValueError as exc:
+                raise ConfigError("init_checkpoint", str(exc)) from None
 
     def backbone_kwargs(self) -> dict[str, Any]:
         """Constructor kwargs: act and embedding_size where the backbone takes them, then the options."""
         accepted = inspect.signature(BACKBONES[self.arch]).parameters
         common = {"act": self.act, "embedding_size": self.embedding_size}
         return {**{k: v for k, v in common.items() if k in accepted}, **self.options}
-
-
-@dataclass
-class TrainSettings:
-    """Announced with each round; devices use them over their profile defaults."""
-
-    local_epochs: int = 1
-    lr: float = 0.05
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    margin: float = 0.5  # ArcFace additive angular margin of the devices' heads, in radians
-    proximal_mu: float = 0.0  # FedProx: devices add mu/2 * ||w - w_global||^2 to their loss (0: plain FedAvg)
-    l2sp_alpha: float = 0.0  # L2-SP: devices add alpha/2 * ||w - w_version0||^2, a fixed pull to the pretrained model
-    # Single-identity devices: this many fixed random negative class vectors, generated on each device from
-    # anchor_seed, join every head as negatives (0: off). See model_zoo/losses/anchors.py.
-    negative_anchors: int = 0
-    anchor_seed: int = 0
-
-    def check(self) -> None:
-        require(self.local_epochs >= 1, "local_epochs", "must be >= 1")
-        require(0 <= self.proximal_mu <= 100, "proximal_mu", "must be in [0, 100]")
-        require(0 <= self.l2sp_alpha <= 1e5, "l2sp_alpha", "must be in [0, 1e5]")
-        require(0 <= self.negative_anchors <= 65536, "negative_anchors", "must be in [0, 65536] (0 = off)")
-        require(self.anchor_seed >= 0, "anchor_seed", "must be >= 0")
-        require(0 <= self.margin < 1.5, "margin", "must be in [0, 1.5) radians")
-        require(0 < self.lr <= 10, "lr", "must be in (0, 10]")
-        require(0 <= self.momentum < 1, "momentum", "must be in [0, 1)")
-        require(self.weight_decay >= 0, "weight_decay", "must be >= 0")
 
 
 @dataclass
@@ -167,6 +145,9 @@ class AggregatorConfig:
         require(0 <= self.embedded_port <= 65535, "embedded_port", "must be a TCP port (0 = any free port)")
         require(bool(self.topic_prefix) and not any(c in self.topic_prefix for c in "#+"),
                 "topic_prefix", "must be non-empty without MQTT wildcards")
+        for name in TrainSettings.SET_BY_AGGREGATOR:
+            require(getattr(self.train, name) == getattr(TrainSettings(), name), f"train.{name}",
+                    "is announced from the aggregator's own fields (update_codec, update_topk, download_codec, model)")
         require(self.rounds >= 1, "rounds", "must be >= 1")
         require(self.min_clients >= 1, "min_clients", "must be >= 1")
         require(self.round_timeout_s > 0, "round_timeout_s", "must be > 0")

@@ -7,8 +7,11 @@ dropped without stopping the service.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import math
+import os
 import queue
 import secrets
 import time
@@ -31,7 +34,8 @@ from fedwire.codec import tensor_specs
 from fedwire.compression import (INT8_DELTA, PATCH, PLAIN, TOPK_INT8_DELTA, as_global_delta, decode_update,
                                  encode_global_delta, wire_specs)
 from fedwire.errors import ProtocolError
-from fedwire.messages import DeviceStatus, RoundAnnouncement, RoundSummary, TransferManifest, UpdateAck
+from fedwire.messages import (DeviceStatus, RoundAnnouncement, RoundSummary, TrainSettings, TransferManifest,
+                              UpdateAck)
 from fedwire.mqtt import MqttLink
 from fedwire.signing import load_signing_key, sign
 from model_zoo.backbones import MACHINE_LOCAL_KWARGS, build_backbone
@@ -46,6 +50,9 @@ STREAM_POLL_S = 0.2
 REASSEMBLY_MEMORY_BYTES = 32 * 2**20
 PUBLISH_RETRY_S = 1.0  # pause between attempts to publish retained state while the broker is away
 REVOKED_POLL_S = 1.0  # how often the revoked_devices file is checked for changes
+# Announcements expire this long after their deadline (agents allow for their own clock's error on top): a replay
+# of an old, validly signed announcement is refused by a device that saw nothing newer (PROTOCOL.md 8.2).
+ANNOUNCEMENT_GRACE_S = 60.0
 AVERAGED_BN_SUFFIX = "_averaged_bn"  # bn_statistics measured: round metrics of the model before the statistics phase
 
 
@@ -81,8 +88,8 @@ class AggregatorService:
         self.config = config
         self.topics = config.topics
         self.state = StateDir(config.state_dir)
-        self.strategy = build_strategy(config.strategy, _train_dict(config), config.clip_norm, config.trim_fraction,
-                                       config.server_lr)
+        self.strategy = build_strategy(config.strategy, _train_settings(config).to_dict(), config.clip_norm,
+                                       config.trim_fraction, config.server_lr)
         self.reassembler = Reassembler(max_payload_bytes=config.max_update_bytes, timeout_s=config.round_timeout_s,
                                        memory_budget_bytes=REASSEMBLY_MEMORY_BYTES, spill_dir=self.state.root)
         # (topic, payload, ack): acked once handled, so the broker, not this process, holds any backlog.
@@ -95,6 +102,7 @@ class AggregatorService:
         self.devices: dict[str, str] = {}
         self._eval_data = None
         self._signing_key = load_signing_key(config.signing_key) if config.signing_key else None
+        self._federation = _federation_started(self.state.root)
         self._broker: EmbeddedBroker | None = None
         self._link: MqttLink | None = None
         self._link_connections = 0  # the link's connection count when the retained state was last published
@@ -256,8 +264,10 @@ class AggregatorService:
             announce_id=secrets.token_hex(16),
             deadline=deadline,
             min_clients=quorum,
-            train=self.strategy.configure_round(number),
+            train=TrainSettings.from_dict(self.strategy.configure_round(number)),
             participants=participants,
+            expires=deadline + ANNOUNCEMENT_GRACE_S,
+            federation=self._federation,
         )
         self.strategy.begin_round(self.global_tensors)
         self._new_budget_round()
@@ -328,10 +338,12 @@ class AggregatorService:
         """Publish the averaged weights and ask the devices to measure their BatchNorm statistics on them."""
         averaged_bn = self._evaluate(trained.number)
         self._publish_global()
+        deadline = time.time() + self.config.round_timeout_s
         announcement = RoundAnnouncement(
             round=trained.number, model_version=self.model_version, state="statistics",
-            announce_id=secrets.token_hex(16), deadline=time.time() + self.config.round_timeout_s,
-            min_clients=trained.quorum, train={"model": _train_dict(self.config)["model"]},
+            announce_id=secrets.token_hex(16), deadline=deadline,
+            min_clients=trained.quorum, train=_train_settings(self.config),
+            expires=deadline + ANNOUNCEMENT_GRACE_S, federation=self._federation,
         )
         self.current = OpenRound(trained.number, self.model_version, announcement, time.time(), trained.quorum,
                                  statistics=WeightedSum(), trained=trained, averaged_bn=averaged_bn,
@@ -469,7 +481,8 @@ class AggregatorService:
             announce_id=secrets.token_hex(16),
             deadline=time.time(),
             min_clients=self.config.min_clients,
-            train={},
+            train=TrainSettings(),
+            federation=self._federation,  # no expiry: a device that comes back late still learns the end
         )
         self._publish_retained(self.topics.round, self._signed(announcement).to_json())
         log.info("federation finished after round %d; final model %s",
@@ -684,19 +697,34 @@ class AggregatorService:
         return {"model_version": self.model_version, "strategy": self.strategy.name}
 
 
-def _train_dict(config: AggregatorConfig) -> dict[str, Any]:
-    t, m = config.train, config.model
-    return {
-        "local_epochs": t.local_epochs, "lr": t.lr, "momentum": t.momentum, "weight_decay": t.weight_decay,
-        "margin": t.margin,
-        "proximal_mu": t.proximal_mu, "l2sp_alpha": t.l2sp_alpha,
-        "negative_anchors": t.negative_anchors, "anchor_seed": t.anchor_seed,
-        "codec": config.update_codec,
-        **({"codec_topk": config.update_topk} if config.update_codec == TOPK_INT8_DELTA else {}),
-        **({"download_codec": config.download_codec} if config.download_codec != PLAIN else {}),
+def _train_settings(config: AggregatorConfig) -> TrainSettings:
+    """What every round announces: the train: section plus the codecs and the model devices must use."""
+    m = config.model
+    return dataclasses.replace(
+        config.train,
+        codec=config.update_codec,
+        codec_topk=config.update_topk if config.update_codec == TOPK_INT8_DELTA else None,
+        download_codec=config.download_codec,
         # Devices build the same backbone from this before loading the global tensors.
-        "model": {"arch": m.arch, **{k: v for k, v in m.backbone_kwargs().items() if k not in MACHINE_LOCAL_KWARGS}},
-    }
+        model={"arch": m.arch, **{k: v for k, v in m.backbone_kwargs().items() if k not in MACHINE_LOCAL_KWARGS}},
+    )
+
+
+def _federation_started(state_dir) -> float:
+    """When this state dir's federation began (aggregator clock), announced so that devices order federations:
+    a new federation (a fresh state dir) is newer than every round of the one before it."""
+    path = state_dir / "federation.json"
+    try:
+        return float(json.loads(path.read_text())["started"])
+    except FileNotFoundError:
+        pass
+    except (ValueError, KeyError, TypeError) as exc:
+        log.warning("%s unreadable (%s): starting a new federation epoch", path, exc)
+    started = time.time()
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"started": started}))
+    os.replace(tmp, path)
+    return started
 
 
 def _weighted_loss(current: OpenRound) -> float | None:

@@ -53,6 +53,7 @@ import torch
 from aggregator.fedavg import WeightedSum
 from facefed.simulate import SimulationConfig, prepare_partitions, run_simulation
 from fedwire.codec import encode_tensors
+from fedwire.messages import TrainSettings
 from model_zoo import align
 from model_zoo.backbones import build_backbone
 from model_zoo.checkpoint import load_checkpoint, load_shared_tensors, save_checkpoint, shared_tensors
@@ -144,15 +145,13 @@ def remedy_settings(args: argparse.Namespace) -> dict:
 
 
 def check_announceable(extra: dict) -> None:
-    """The MQTT route announces what aggregator.config.TrainSettings holds; anything else stops the aggregator."""
+    """The MQTT route announces what fedwire.messages.TrainSettings holds; anything else stops the aggregator."""
     import dataclasses
-
-    from aggregator.config import TrainSettings
 
     missing = sorted(set(extra) - {f.name for f in dataclasses.fields(TrainSettings)})
     if missing:
-        raise SystemExit(f"the aggregator cannot announce {', '.join(missing)} yet (aggregator.config.TrainSettings "
-                         "and aggregator.service._train_dict lack it): use --federation in-process")
+        raise SystemExit(f"the aggregator cannot announce {', '.join(missing)} yet (fedwire.messages.TrainSettings "
+                         "lacks it): use --federation in-process")
 
 
 def federate_in_process(clients: list[FaceDataset], args: argparse.Namespace, extra: dict, workdir: Path
@@ -166,12 +165,12 @@ def federate_in_process(clients: list[FaceDataset], args: argparse.Namespace, ex
                              seed=args.seed + 1000 * k, trunk_precision=args.trunk_precision)
                 for k, part in enumerate(clients)]
     versions = [shared_tensors(build_backbone("faceapi-resnet", trainable=args.trainable))]
-    settings = {"local_epochs": args.local_epochs, "lr": args.lr, "margin": args.margin, **extra}
+    settings = TrainSettings(local_epochs=args.local_epochs, lr=args.lr, margin=args.margin, model=spec, **extra)
     log, start = [], time.perf_counter()
     for number in range(1, args.rounds + 1):
         total, losses, bytes_up = WeightedSum(), [], 0
         for trainer in trainers:
-            out = trainer.train_round(number, versions[-1], spec, settings, args.local_epochs)
+            out = trainer.train_round(number, versions[-1], settings)
             total.add(out.tensors, out.result.num_samples)
             losses.append((out.result.loss, out.result.num_samples))
             bytes_up += len(encode_tensors(out.tensors))

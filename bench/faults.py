@@ -667,7 +667,7 @@ class KnownUpdateTrainer:
     def num_samples(self) -> int:
         return self.device.num_samples
 
-    def train_round(self, round_number, global_tensors, model_spec, settings, default_epochs, progress=False):
+    def train_round(self, round_number, global_tensors, settings, progress=False):
         from edge_agent.trainer import RoundResult
         from model_zoo.train import TrainResult
 

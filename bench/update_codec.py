@@ -34,6 +34,7 @@ import numpy as np
 
 from fedwire.chunking import build_transfer
 from fedwire.codec import encode_tensors, sha256_hex
+from fedwire.messages import TrainSettings
 from fedwire.compression import (
     DEFAULT_TOPK_FRACTION,
     INT8_DELTA,
@@ -115,7 +116,7 @@ class FaceapiSetting:
         self.clients, held_small = prepare_partitions(limited, cfg)
         self.held_out = identities_subset(celeb, held_small.identities)
         self.model_spec = {"arch": "faceapi-resnet", "trainable": "last"}
-        self.settings = {"local_epochs": 1, "lr": args.lr, "margin": 0.0}
+        self.settings = TrainSettings(local_epochs=1, lr=args.lr, margin=0.0, model=self.model_spec)
         self.scratch = scratch
         self.trainers = [LocalTrainer(part, scratch / f"client-{k}", batch_size=32, augment=True, seed=1000 * k)
                          for k, part in enumerate(self.clients)]
@@ -164,7 +165,7 @@ def run_paired_variant(setting: FaceapiSetting, variant: Variant, seed: int, rou
     for rnd in range(1, rounds + 1):
         strategy.begin_round(global_tensors)
         for k, trainer in enumerate(setting.trainers):
-            outcome = trainer.train_round(rnd, global_tensors, setting.model_spec, setting.settings, 1)
+            outcome = trainer.train_round(rnd, global_tensors, setting.settings)
             wire, residuals[k] = encode_update(outcome.tensors, global_tensors, variant.upload, residuals[k])
             up.append(transfer_bytes("update", wire, variant.upload, num_samples=outcome.result.num_samples,
                                      metrics={"train_loss": 0.1, "train_accuracy": 1.0, "train_seconds": 1.0,

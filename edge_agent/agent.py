@@ -14,9 +14,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from edge_agent import refusals
 from edge_agent.config import AgentConfig
 from edge_agent.train_window import may_train, read_device
-from edge_agent.trainer import LocalTrainer
+from edge_agent.trainer import LocalTrainer, TrainingDiverged
 from fedwire.chunking import CompletedTransfer, Reassembler, build_transfer
 from fedwire.codec import encode_tensors, sha256_hex
 from fedwire.compression import (
@@ -86,6 +87,7 @@ class EdgeAgent:
         self._waiting_since: float | None = None
         self._link: MqttLink | None = None
         self._verify_key = load_verify_key(config.aggregator_key) if config.aggregator_key else None
+        self.watermark = refusals.load_watermark(config.state_dir)  # freshness: what we accepted last, persisted
 
     # ---- lifecycle -----------------------------------------------------------
 
@@ -151,13 +153,19 @@ class EdgeAgent:
             elif parsed.kind == "ack":
                 self._on_ack(UpdateAck.from_json(payload))
         except SignatureError as exc:
-            log.error("refused %s: %s", topic, exc)
-            self.last_refusal = f"refused {topic}: {exc}"
-            self._set_status(self.status_state, detail=self.last_refusal)  # reported to the operator
+            self._refuse(f"refused {topic}: {exc}")
         except ProtocolError as exc:
             log.warning("dropped message on %s (%d bytes): %s", topic, len(payload), exc)
+            if topic == self.topics.round:  # e.g. a train setting this agent does not know: say so
+                self._refuse(f"refused {topic}: {exc}")
             if "global" in topic:
                 self._refetch_global()
+
+    def _refuse(self, reason: str, state: str | None = None, round_number: int | None = None) -> None:
+        """Log a refusal and report it in the retained status; the agent keeps its last good state and runs on."""
+        log.error("%s", reason)
+        self.last_refusal = reason
+        self._set_status(state or self.status_state, round_number, detail=reason)  # reported to the operator
 
     def _trusted(self, message):
         """Check the aggregator's signature before anything in the message is used."""
@@ -166,6 +174,18 @@ class EdgeAgent:
         return message
 
     def _on_announcement(self, announcement: RoundAnnouncement) -> None:
+        refusal = refusals.announcement_refusal(self.watermark, announcement, time.time(),
+                                                self.config.max_clock_skew_s)
+        if refusal is not None:
+            self._refuse(f"refused {self.topics.round}: {refusal}")
+            return
+        mark = refusals.after_announcement(self.watermark, announcement)
+        if mark.federation != self.watermark.federation and self.watermark.federation:
+            log.info("a new federation started: forgetting the previous one's rounds")
+            self.handled.clear()
+            self.upload = self.accepted = None
+            self._refetch_global()  # its model may have come first and been refused as older
+        self._advance(mark)
         self.announcement = announcement
         self._refresh_enrolment()
         if announcement.state == "finished":
@@ -182,6 +202,10 @@ class EdgeAgent:
         if manifest.kind != "global" or manifest.sender != "aggregator":
             log.warning("ignored a global-topic transfer of kind %r from %r", manifest.kind, manifest.sender)
             return
+        refusal = refusals.global_refusal(self.watermark, manifest.model_version)
+        if refusal is not None:
+            self._refuse(f"refused {self.topics.global_manifest}: {refusal}")
+            return
         if manifest.codec != PLAIN:
             self._on_global_delta(completed)
             return
@@ -190,6 +214,14 @@ class EdgeAgent:
                          f"{completed.payload_bytes} bytes")
 
     def _set_global(self, version: int, tensors: dict[str, np.ndarray], sha256: str, how: str) -> None:
+        """Adopt a verified global model, unless it is older than one accepted or not finite: then the last good
+        model stays and the refusal is reported."""
+        refusal = refusals.global_refusal(self.watermark, version) or refusals.first_bad_tensor(tensors)
+        if refusal is not None:
+            self._refuse(f"refused global model v{version}: {refusal}; keeping "
+                         + ("no model" if self.global_model is None else f"v{self.global_model.version}"))
+            return
+        self._advance(refusals.after_global(self.watermark, version))
         self.global_model = GlobalModel(version, tensors, sha256)
         self._waiting_since = None
         log.info("global model v%d received (%d tensors, %s)", version, len(tensors), how)
@@ -289,7 +321,7 @@ class EdgeAgent:
         from edge_agent.unlock.reembed import reembed_enrolment
 
         try:
-            reembed_enrolment(self.config.unlock.store_dir(self.config.state_dir), ann.train.get("model", {}),
+            reembed_enrolment(self.config.unlock.store_dir(self.config.state_dir), ann.train.model,
                               model.tensors, model.version)
         except (OSError, ValueError) as exc:  # unlock keeps its old templates; training goes on
             log.warning("could not re-embed the unlock enrolment with model v%d: %s", model.version, exc)
@@ -370,23 +402,23 @@ class EdgeAgent:
 
     def _train_and_upload(self, ann: RoundAnnouncement) -> None:
         self._set_status("training", ann.round)
-        settings = dict(ann.train)
-        model_spec = settings.pop("model", {})
-        codec = settings.pop("codec", PLAIN)
-        topk = float(settings.pop("codec_topk", DEFAULT_TOPK_FRACTION))
-        settings.pop("download_codec", None)  # informational: each global manifest declares its own codec
+        settings = ann.train
         start = time.time()
-        outcome = self.trainer.train_round(ann.round, self.global_model.tensors, model_spec, settings,
-                                           self.config.device.local_epochs, progress=self.progress)
+        try:
+            outcome = self.trainer.train_round(ann.round, self.global_model.tensors, settings, progress=self.progress)
+        except TrainingDiverged as exc:  # nothing was stored: the next round starts from the last good head
+            self._refuse(f"round {ann.round}: no update sent: {exc}", "idle", ann.round)
+            return
         result = outcome.result
         log.info("round %d: trained %d epoch(s) on %d samples in %.1f s, loss %.4f, accuracy %.3f",
                  ann.round, result.epochs, result.num_samples, time.time() - start, result.loss, result.accuracy)
         metrics = {"train_loss": result.loss, "train_accuracy": result.accuracy, "train_seconds": result.seconds,
                    "local_epochs": float(result.epochs)}
         manifest, chunks = build_transfer(
-            "update", self.device_id, ann.round, ann.model_version, self._encode(outcome.tensors, codec, topk),
+            "update", self.device_id, ann.round, ann.model_version,
+            self._encode(outcome.tensors, settings.codec, settings.codec_topk or DEFAULT_TOPK_FRACTION),
             num_samples=result.num_samples, metrics=metrics, max_chunk_bytes=self.config.device.max_chunk_bytes,
-            codec=codec,
+            codec=settings.codec,
         )
         self.upload = PendingUpload(ann.round, manifest, chunks)
         self._set_status("uploading", ann.round)
@@ -397,7 +429,11 @@ class EdgeAgent:
         """Statistics phase (bn_statistics: measured): BatchNorm statistics of the new global model on our images."""
         self._set_status("training", ann.round, detail="measuring BatchNorm statistics")
         start = time.time()
-        statistics = self.trainer.measure_statistics(self.global_model.tensors, ann.train.get("model", {}))
+        statistics = self.trainer.measure_statistics(self.global_model.tensors, ann.train.model)
+        problem = refusals.first_bad_tensor(statistics)
+        if problem is not None:
+            self._refuse(f"round {ann.round}: no BatchNorm statistics sent: {problem}", "idle", ann.round)
+            return
         log.info("round %d: measured BatchNorm statistics of model v%d on %d samples in %.1f s", ann.round,
                  ann.model_version, self.trainer.num_samples, time.time() - start)
         manifest, chunks = build_transfer("statistics", self.device_id, ann.round, ann.model_version, statistics,
@@ -440,6 +476,11 @@ class EdgeAgent:
         # Retained messages are delivered again on a fresh subscription.
         self._link.resubscribe(self.topics.global_manifest)
         self._link.resubscribe(self.topics.global_chunk("+"))
+
+    def _advance(self, mark: refusals.Watermark) -> None:
+        if mark != self.watermark:
+            refusals.save_watermark(self.config.state_dir, mark)
+            self.watermark = mark
 
     def _set_status(self, state: str, round_number: int | None = None, detail: str = "") -> None:
         self.status_state = state

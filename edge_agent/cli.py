@@ -20,7 +20,10 @@ broker: mqtt://127.0.0.1:1883     # or mqtts://host:8883
 topic_prefix: facefed
 device:                           # overrides of the profile's fields
   threads: 2
-exit_when_finished: false         # true: exit once the aggregator announces the end
+exit_when_finished: false         # true (or run --exit-when-finished): exit once the aggregator announces the end
+aggregator_key: null              # the bundle's keys/aggregator-signing.pub: refuse unsigned or altered models
+tls: {ca_cert: null, certfile: null, keyfile: null}   # with mqtts://: the bundle's tls/ca.crt, device.crt, device.key
+max_clock_skew_s: 21600           # how far this device's clock may be off; older expired announcements are replays
 """
 
 
@@ -36,7 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Connect, wait for rounds, train, upload; reconnects after broker loss.")
     run.add_argument("--config", required=True, help="agent.yaml (see `example-config`)")
     run.add_argument("--broker", help="override the broker URL")
-    run.add_argument("--exit-when-finished", action="store_true", help="exit once the federation is finished")
+    run.add_argument("--exit-when-finished", action="store_true",
+                     help="exit with status 0 once the aggregator announces the federation finished (default, and "
+                     "what a fleet device does: keep waiting for the next federation)")
     run.add_argument("--progress", action="store_true", help="show a progress bar per local epoch")
     flash = sub.add_parser(
         "flash", help="build a device bundle (config, certificates, model, installer) and optionally push it",
@@ -48,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     flash.add_argument("--device-id", required=True, help="the id the device was provisioned with")
     flash.add_argument("--broker", required=True, help="mqtts://HOST:8883 as the device will reach it")
     flash.add_argument("--pki", required=True, type=Path, help="the fleet PKI folder")
-    flash.add_argument("--out", required=True, type=Path, help="bundle folder, or a .tar.gz file")
+    flash.add_argument("--out", required=True, type=Path,
+                       help="a folder (the bundle is written as DIR/facefed-ID/) or NAME.tar.gz (holding facefed-ID/)")
     flash.add_argument("--topic-prefix", default="facefed")
     flash.add_argument("--model", type=Path, help="the deployed model to ship (e.g. an int8 .onnx export)")
     flash.add_argument("--wheel", type=Path, help="facefed-edge wheel to ship (default: build from this source)")

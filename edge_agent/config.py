@@ -56,6 +56,9 @@ class DeviceProfile:
     batch_size: int = 32
     local_epochs: int = 1
     max_chunk_bytes: int = 256 * 1024
+    # What the bundle's install.sh installs for torch: pip arguments (the CPU build pinned as in CI by default), or
+    # "system" to reuse a torch the system already has (a vendor build: JetPack, Termux's python-torch).
+    torch: str = "torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"
     camera: CameraSettings = field(default_factory=CameraSettings)
     train_window: TrainWindow = field(default_factory=TrainWindow)
 
@@ -64,6 +67,9 @@ class DeviceProfile:
         require(1 <= self.batch_size <= 4096, "batch_size", "must be in [1, 4096]")
         require(1 <= self.local_epochs <= 1000, "local_epochs", "must be in [1, 1000]")
         require(1024 <= self.max_chunk_bytes <= 256 * 1024 * 1024, "max_chunk_bytes", "must be in [1 KiB, 256 MiB]")
+        require(self.torch == "system" or self.torch.startswith("torch"), "torch",
+                "must be pip arguments starting with a torch requirement (e.g. torch==2.13.0) or 'system'")
+        require(not any(c in self.torch for c in "\"$`;&|\n"), "torch", "must not hold shell metacharacters")
 
 
 @dataclass
@@ -115,6 +121,8 @@ class AgentConfig:
     upload_retries: int = 2
     exit_when_finished: bool = False  # a fleet device keeps waiting for the next federation
     aggregator_key: Path | None = None  # Ed25519 public key: refuse unsigned or altered models and rounds
+    # How far this device's clock may be off: a round announcement expired longer ago than this is refused as a replay.
+    max_clock_skew_s: float = 6 * 3600.0
     tls: TlsConfig = field(default_factory=TlsConfig)  # files for an mqtts:// broker
     unlock: UnlockSettings = field(default_factory=UnlockSettings)  # face unlock on this device
 
@@ -129,6 +137,7 @@ class AgentConfig:
             raise ConfigError("broker", str(exc)) from None
         require(self.data.is_dir(), "data", f"no such directory: {self.data}")
         require(0 <= self.upload_retries <= 10, "upload_retries", "must be in [0, 10]")
+        require(0 <= self.max_clock_skew_s <= 30 * 86400, "max_clock_skew_s", "must be in [0, 30 days] seconds")
         if self.aggregator_key is not None:
             require(self.aggregator_key.is_file(), "aggregator_key", f"no such file: {self.aggregator_key}")
 

@@ -1,6 +1,7 @@
 """Build a device bundle: everything one device needs to join the fleet, and its installer.
 
-Bundle layout (relocatable: agent.yaml's paths are relative to it):
+Bundle layout (relocatable: agent.yaml's paths are relative to it), the same folder facefed-<device id>/ whether
+--out names a folder (the bundle goes inside it) or a .tar.gz (the archive holds it):
 
     agent.yaml                  the merged agent config (profile, broker, TLS files, aggregator key)
     tls/ca.crt device.crt device.key    the fleet CA and this device's client certificate (key 0600)
@@ -9,7 +10,8 @@ Bundle layout (relocatable: agent.yaml's paths are relative to it):
     faces/                      the owner's labelled faces go here (never leave the device)
     wheels/                     the facefed-edge wheel to install
     facefed-agent.service       systemd unit
-    install.sh                  creates a venv, installs the agent with the profile's extras, enables the unit
+    install.sh                  creates a venv, installs the profile's torch and the agent with the profile's extras,
+                                and enables the unit (or, with --no-systemd, prints how to run the agent)
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from urllib.parse import urlparse
 
 import yaml
 
+from edge_agent.config import DeviceProfile
+from fedwire.config import ConfigError, parse_config
 from fedwire.pki_layout import aggregator_files, ca_files, device_files
 from fedwire.topics import validate_device_id
 from firmware_configs import profile_path
@@ -52,21 +56,27 @@ class FlashRequest:
 
 
 def build_bundle(request: FlashRequest) -> Path:
+    """The .tar.gz, or the bundle folder inside --out; either way the device gets facefed-<id>/."""
     device_id = validate_device_id(request.device_id)
-    profile = yaml.safe_load(profile_path(request.profile).read_text())
+    path = profile_path(request.profile)
+    try:
+        profile = parse_config(DeviceProfile, yaml.safe_load(path.read_text()) or {}, source=str(path))
+    except ConfigError as exc:
+        raise FlashError(str(exc)) from None
+    name = f"facefed-{device_id}"
     if request.out.name.endswith(".tar.gz"):
         with tempfile.TemporaryDirectory() as tmp:
-            root = Path(tmp) / f"facefed-{device_id}"
+            root = Path(tmp) / name
             _write_bundle(request, device_id, profile, root)
             request.out.parent.mkdir(parents=True, exist_ok=True)
             with tarfile.open(request.out, "w:gz") as tar:
                 tar.add(root, arcname=root.name)
         return request.out
-    _write_bundle(request, device_id, profile, request.out)
-    return request.out
+    _write_bundle(request, device_id, profile, request.out / name)
+    return request.out / name
 
 
-def _write_bundle(request: FlashRequest, device_id: str, profile: dict, root: Path) -> None:
+def _write_bundle(request: FlashRequest, device_id: str, profile: DeviceProfile, root: Path) -> None:
     if root.exists() and any(root.iterdir()):
         raise FlashError(f"{root} is not empty")
     for sub in ("tls", "keys", "faces", "wheels", "model"):
@@ -79,8 +89,8 @@ def _write_bundle(request: FlashRequest, device_id: str, profile: dict, root: Pa
         shutil.copy2(wheel, root / "wheels" / wheel.name)
     (root / "agent.yaml").write_text(_agent_yaml(request, device_id))
     (root / "facefed-agent.service").write_text(SYSTEMD_UNIT)
-    extras = BACKEND_EXTRAS[profile.get("backend", "torch")]
-    _write_executable(root / "install.sh", INSTALL_SCRIPT.replace("@EXTRAS@", extras))
+    script = INSTALL_SCRIPT.replace("@EXTRAS@", BACKEND_EXTRAS[profile.backend]).replace("@TORCH@", profile.torch)
+    _write_executable(root / "install.sh", script)
     (root / "faces" / "README.txt").write_text(
         "Put this device's labelled faces here: one folder per person (faces/<name>/*.jpg).\n"
         "They are used for local training only and never leave the device.\n")
@@ -184,11 +194,16 @@ WantedBy=multi-user.target
 
 INSTALL_SCRIPT = """\
 #!/bin/sh
-# Installs this FaceFed Edge bundle: PREFIX (default /opt/facefed), a venv with the agent, and,
-# unless --no-systemd, a systemd service running as user 'facefed'.
+# Installs this FaceFed Edge bundle: PREFIX (default /opt/facefed), a venv with the profile's torch and the
+# agent, and, unless --no-systemd, a systemd service running as user 'facefed'. Without root or systemd:
+#   ./install.sh --prefix="$HOME/facefed" --no-systemd    (then run the command it prints)
 # FACEFED_VENV_SYSTEM_SITE=1 lets the venv reuse packages already on the system (e.g. a vendor torch).
 set -eu
 PREFIX="${PREFIX:-/opt/facefed}"
+# The profile's torch (its `torch` field): pip arguments, or "system" for a torch already installed on the system
+# (a vendor build), which the venv then reuses. Never an unpinned torch: pip would pick a CUDA build of gigabytes.
+TORCH="@TORCH@"
+if [ "$TORCH" = "system" ]; then FACEFED_VENV_SYSTEM_SITE=1; fi
 SYSTEMD=1
 for arg in "$@"; do
     case "$arg" in
@@ -210,6 +225,10 @@ VENV_FLAGS=""
 if [ "${FACEFED_VENV_SYSTEM_SITE:-0}" = "1" ]; then VENV_FLAGS="--system-site-packages --without-pip"; fi
 python3 -m venv $VENV_FLAGS "$PREFIX/venv"
 WHEEL="$(ls "$PREFIX"/wheels/facefed_edge-*.whl | tail -n 1)"
+if [ "$TORCH" != "system" ] && ! "$PREFIX/venv/bin/python" -c "import torch" >/dev/null 2>&1; then
+    # shellcheck disable=SC2086 # TORCH holds several pip arguments on purpose
+    "$PREFIX/venv/bin/python" -m pip install --quiet $TORCH
+fi
 "$PREFIX/venv/bin/python" -m pip install --quiet "$WHEEL[@EXTRAS@]"
 "$PREFIX/venv/bin/facefed-agent" profiles >/dev/null
 if [ "$SYSTEMD" = "1" ] && command -v systemctl >/dev/null 2>&1; then
@@ -221,5 +240,6 @@ if [ "$SYSTEMD" = "1" ] && command -v systemctl >/dev/null 2>&1; then
     echo "facefed-agent installed in $PREFIX and started (journalctl -u facefed-agent)"
 else
     echo "facefed-agent installed in $PREFIX; run: $PREFIX/venv/bin/facefed-agent run --config $PREFIX/agent.yaml"
+    echo "(add --exit-when-finished to stop once the aggregator announces the end of the federation)"
 fi
 """

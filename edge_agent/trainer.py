@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,10 +16,13 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.numpy import load_file as load_numpy_file
 from safetensors.numpy import save_file as save_numpy_file
 from safetensors.torch import load_file, save_file
 
+from edge_agent.refusals import first_bad_tensor
+from fedwire.messages import TrainSettings
 from model_zoo.backbones import MACHINE_LOCAL_KWARGS, FrozenTrunk, build_backbone
 from model_zoo.checkpoint import load_shared_tensors, shared_tensors
 from model_zoo.data import FaceDataset
@@ -33,6 +37,10 @@ log = logging.getLogger("edge_agent.trainer")
 class RoundResult:
     tensors: dict[str, np.ndarray]
     result: TrainResult
+
+
+class TrainingDiverged(ValueError):
+    """Local training produced a non-finite loss, model or head; nothing of it was kept."""
 
 
 class LocalTrainer:
@@ -59,29 +67,38 @@ class LocalTrainer:
     def num_samples(self) -> int:
         return len(self.dataset)
 
-    def train_round(self, round_number: int, global_tensors: dict[str, np.ndarray],
-                    model_spec: dict[str, Any], settings: dict[str, Any], default_epochs: int,
+    def train_round(self, round_number: int, global_tensors: dict[str, np.ndarray], settings: TrainSettings,
                     progress: bool = False) -> RoundResult:
+        """Train on the announced settings. A loss, backbone or head that is not finite raises TrainingDiverged
+        before anything is stored: the head on disk stays the last good one."""
+        model_spec = settings.model
         backbone = self._backbone_for(model_spec)
         load_shared_tensors(backbone, global_tensors)
-        head = self._load_head(backbone, model_spec.get("embedding_size", 128), float(settings.get("margin", 0.5)),
-                               int(settings.get("negative_anchors", 0)), int(settings.get("anchor_seed", 0)))
+        embedding_size = model_spec.get("embedding_size", 128)
+        head = self._load_head(backbone, embedding_size, settings.margin, settings.negative_anchors,
+                               settings.anchor_seed)
         cfg = TrainConfig(
-            epochs=int(settings.get("local_epochs", default_epochs)),
+            epochs=settings.local_epochs,
             batch_size=self.batch_size,
-            lr=float(settings.get("lr", TrainConfig.lr)),
-            momentum=float(settings.get("momentum", TrainConfig.momentum)),
-            weight_decay=float(settings.get("weight_decay", TrainConfig.weight_decay)),
+            lr=settings.lr,
+            momentum=settings.momentum,
+            weight_decay=settings.weight_decay,
             augment=self.augment,
             seed=self.seed + round_number,
-            proximal_mu=float(settings.get("proximal_mu", 0.0)),
-            l2sp_alpha=float(settings.get("l2sp_alpha", 0.0)),
+            proximal_mu=settings.proximal_mu,
+            l2sp_alpha=settings.l2sp_alpha,
         )
         reference = self._l2sp_reference(round_number, global_tensors, model_spec) if cfg.l2sp_alpha > 0 else None
         result = train_local(backbone, head, self.dataset, cfg, progress=progress, trunk_cache=self._trunk_cache,
                              l2sp_reference=reference)
-        self._save_head(head, model_spec.get("embedding_size", 128))
-        return RoundResult(shared_tensors(backbone), result)
+        tensors = shared_tensors(backbone)
+        if not math.isfinite(result.loss):
+            raise TrainingDiverged(f"local training loss is {result.loss}")
+        problem = first_bad_tensor(tensors) or first_bad_tensor(_numpy(head.state_dict()))
+        if problem is not None:
+            raise TrainingDiverged(f"local training diverged: {problem}")
+        self._save_head(head, embedding_size)
+        return RoundResult(tensors, result)
 
     def measure_statistics(self, global_tensors: dict[str, np.ndarray], model_spec: dict[str, Any]
                            ) -> dict[str, np.ndarray]:
@@ -125,14 +142,34 @@ class LocalTrainer:
             os.replace(tmp, self.version0_path)
             meta_path.write_text(json.dumps({"model": spec}))
             return global_tensors
-        if (self.version0_path.exists() and meta_path.exists()
-                and json.loads(meta_path.read_text()).get("model") == spec):
-            return load_numpy_file(str(self.version0_path))
+        kept = self._kept_version0(spec)
+        if kept is not None:
+            return kept
         if has_frozen_trunk(self._backbone):
             return self._built_tensors
         log.warning("l2sp_alpha set but model version 0 was never seen here and %s has no pretrained weights: "
                     "pulling towards this round's global model instead", model_spec.get("arch", "mobilefacenet"))
         return global_tensors
+
+    def _kept_version0(self, spec: str) -> dict[str, np.ndarray] | None:
+        """Version 0 as kept in round 1, if it is for this model and readable and finite; else None (logged)."""
+        meta_path = self.version0_path.with_suffix(".json")
+        if not (self.version0_path.exists() and meta_path.exists()):
+            return None
+        try:
+            if json.loads(meta_path.read_text()).get("model") != spec:
+                return None
+            kept = load_numpy_file(str(self.version0_path))
+        except (OSError, ValueError, AttributeError, SafetensorError) as exc:
+            problem = f"is unreadable ({type(exc).__name__}: {exc})"
+        else:
+            bad = first_bad_tensor(kept)
+            if bad is None:
+                return kept
+            problem = f"is not usable: {bad}"
+        log.warning("kept model version 0 %s %s: discarded", self.version0_path, problem)
+        self.version0_path.unlink(missing_ok=True)
+        return None
 
     def _load_head(self, backbone, embedding_size: int, margin: float, anchors: int = 0,
                    anchor_seed: int = 0) -> ArcFaceHead:
@@ -145,24 +182,57 @@ class LocalTrainer:
                                        margin=margin)
         else:
             head = ArcFaceHead(embedding_size, num_classes, margin=margin)
-        meta_path = self.head_path.with_suffix(".json")
-        if self.head_path.exists() and meta_path.exists():
-            meta = json.loads(meta_path.read_text())
-            if meta.get("identities") == self.dataset.identities and meta.get("embedding_size") == embedding_size:
-                head.load_state_dict(load_file(str(self.head_path)))
+        stored = self._stored_head(embedding_size)
+        if stored is not None:
+            try:
+                head.load_state_dict(stored)
                 return head
+            except RuntimeError as exc:  # the announced margin/anchors changed the head's tensors
+                self._discard_head(f"does not fit this round's head ({exc})")
         if isinstance(backbone, FrozenTrunk):
             # A random head on a pretrained embedder drags its features toward random directions in the first
             # steps (held-out EER up by a third in one round): start from the class centroids instead.
             imprint_head(head, embed_images(backbone, self.dataset.images), self.dataset.labels)
         return head
 
+    def _stored_head(self, embedding_size: int) -> dict[str, torch.Tensor] | None:
+        """The head kept from earlier rounds, if it is for these identities and readable and finite. Anything else
+        is discarded with a logged reason and the head is rebuilt: no crash, no manual clean-up."""
+        meta_path = self.head_path.with_suffix(".json")
+        if not self.head_path.exists():
+            return None
+        try:
+            meta = json.loads(meta_path.read_text())
+            if meta.get("identities") != self.dataset.identities or meta.get("embedding_size") != embedding_size:
+                return None  # another dataset or model: a fresh head, as before
+            stored = load_file(str(self.head_path))
+        except (OSError, ValueError, AttributeError, SafetensorError) as exc:
+            self._discard_head(f"is unreadable ({type(exc).__name__}: {exc})")
+            return None
+        problem = first_bad_tensor(_numpy(stored))
+        if problem is not None:
+            self._discard_head(f"is not usable: {problem}")
+            return None
+        return stored
+
+    def _discard_head(self, reason: str) -> None:
+        log.warning("stored head %s %s: discarded, a new one is built", self.head_path, reason)
+        for path in (self.head_path, self.head_path.with_suffix(".json")):
+            path.unlink(missing_ok=True)
+
     def _save_head(self, head: ArcFaceHead, embedding_size: int) -> None:
-        # The head stays on the device: written here, never published.
+        # The head stays on the device: written here, never published. Never stored non-finite (checked by the
+        # caller), and written before its metadata so a crash between the two leaves a head that is re-checked.
+        state = {k: v.detach().contiguous() for k, v in head.state_dict().items()}
         tmp = self.head_path.with_suffix(".tmp")
-        save_file({k: v.detach().contiguous() for k, v in head.state_dict().items()}, str(tmp))
+        save_file(state, str(tmp))
+        os.chmod(tmp, 0o600)
         os.replace(tmp, self.head_path)
         meta = {"identities": self.dataset.identities, "embedding_size": embedding_size}
-        self.head_path.with_suffix(".json").write_text(json.dumps(meta))
-        os.chmod(self.head_path, 0o600)
+        meta_tmp = self.head_path.with_suffix(".json.tmp")
+        meta_tmp.write_text(json.dumps(meta))
+        os.replace(meta_tmp, self.head_path.with_suffix(".json"))
 
+
+def _numpy(state: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    return {name: value.detach().cpu().numpy() for name, value in state.items()}

@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 import yaml
 
+from .errors import ProtocolError
 from .mqtt import TlsFiles
 
 T = TypeVar("T")
@@ -113,7 +114,7 @@ def _build(cls: type, data: Any, prefix: str, base_dir: Path | None) -> Any:
     if check is not None:
         try:
             check()
-        except ConfigError as exc:
+        except (ConfigError, ProtocolError) as exc:  # a wire settings dataclass (TrainSettings) names its field too
             raise ConfigError(prefix + exc.field, exc.reason) from None
     return obj
 

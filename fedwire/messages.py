@@ -13,6 +13,7 @@ import json
 import math
 import numbers
 import re
+import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -316,6 +317,116 @@ def _check_manifest_consistency(m: TransferManifest) -> None:
         raise ProtocolError("base_version", f"a global transfer with codec {m.codec} must name its base version")
 
 
+UPLOAD_CODECS = ("safetensors", "int8-delta", "topk-int8-delta")  # train.codec; see compression.py
+DOWNLOAD_CODECS = ("safetensors", "int8-delta")  # train.download_codec
+
+
+def _require(condition: bool, name: str, reason: str) -> None:
+    if not condition:
+        raise ProtocolError(name, reason)
+
+
+@dataclass
+class TrainSettings:
+    """How devices train in a round: the `train:` section of aggregator.yaml, announced in every round's `train`.
+
+    The one set of defaults for both sides: the aggregator writes every field, the agent reads exactly these
+    (an unknown or malformed field is a ProtocolError naming it, so no device trains on a setting it does not
+    understand). A new setting is a field with its default here and its range in check(); a group of
+    settings may be a nested dataclass (read the same way).
+    """
+
+    local_epochs: int = 1
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    margin: float = 0.5  # ArcFace additive angular margin of the devices' heads, in radians
+    proximal_mu: float = 0.0  # FedProx: devices add mu/2 * ||w - w_global||^2 to their loss (0: plain FedAvg)
+    l2sp_alpha: float = 0.0  # L2-SP: devices add alpha/2 * ||w - w_version0||^2, a fixed pull to the pretrained model
+    # Single-identity devices: this many fixed random negative class vectors, generated on each device from
+    # anchor_seed, join every head as negatives (0: off). See model_zoo/losses/anchors.py.
+    negative_anchors: int = 0
+    anchor_seed: int = 0
+    # Filled in by the aggregator from its own fields (update_codec, update_topk, download_codec, model), never
+    # from aggregator.yaml's train: section (AggregatorConfig.check refuses them there).
+    codec: str = "safetensors"  # how devices send updates (PROTOCOL.md 5.1)
+    codec_topk: float | None = None  # topk-int8-delta only: share of each kernel's elements sent
+    download_codec: str = "safetensors"  # informational: each global manifest declares its own codec
+    model: dict[str, Any] = field(default_factory=dict)  # backbone arch and constructor kwargs
+
+    SET_BY_AGGREGATOR = ("codec", "codec_topk", "download_codec", "model")
+
+    def check(self) -> None:
+        _require(1 <= self.local_epochs <= 1000, "local_epochs", "must be in [1, 1000]")
+        _require(0 <= self.proximal_mu <= 100, "proximal_mu", "must be in [0, 100]")
+        _require(0 <= self.l2sp_alpha <= 1e5, "l2sp_alpha", "must be in [0, 1e5]")
+        _require(0 <= self.negative_anchors <= 65536, "negative_anchors", "must be in [0, 65536] (0 = off)")
+        _require(self.anchor_seed >= 0, "anchor_seed", "must be >= 0")
+        _require(0 <= self.margin < 1.5, "margin", "must be in [0, 1.5) radians")
+        _require(0 < self.lr <= 10, "lr", "must be in (0, 10]")
+        _require(0 <= self.momentum < 1, "momentum", "must be in [0, 1)")
+        _require(self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        _require(self.codec in UPLOAD_CODECS, "codec", f"{self.codec!r} is not one of {list(UPLOAD_CODECS)}")
+        _require(self.codec_topk is None or 0 < self.codec_topk <= 1, "codec_topk", "must be in (0, 1]")
+        _require(self.download_codec in DOWNLOAD_CODECS, "download_codec",
+                 f"{self.download_codec!r} is not one of {list(DOWNLOAD_CODECS)}")
+        _require(all(isinstance(k, str) for k in self.model), "model", "keys must be strings")
+
+    @classmethod
+    def from_dict(cls, obj: Mapping[str, Any]) -> TrainSettings:
+        """Strict: every key a known setting of the right type and range, else a ProtocolError naming it."""
+        return cls.from_fields(_Fields(obj, "train."))
+
+    @classmethod
+    def from_fields(cls, f: _Fields) -> TrainSettings:
+        settings = _read_strict(cls, f)
+        try:
+            settings.check()
+        except ProtocolError as exc:
+            raise f.fail(exc.field, exc.reason) from None
+        return settings
+
+    def to_dict(self) -> dict[str, Any]:
+        """The wire object; codec_topk and download_codec only where set, as earlier versions sent them."""
+        obj = dataclasses.asdict(self)
+        if obj["codec_topk"] is None:
+            del obj["codec_topk"]
+        if obj["download_codec"] == "safetensors":
+            del obj["download_codec"]
+        return obj
+
+
+def _read_strict(cls: type[_T], f: _Fields) -> _T:
+    """Dataclass `cls` from an object holding only its fields, each read by its annotated type."""
+    hints = typing.get_type_hints(cls)
+    names = [spec.name for spec in dataclasses.fields(cls)]
+    unknown = sorted(set(f._obj) - set(names))
+    if unknown:
+        raise f.fail(unknown[0], f"unknown setting (known: {', '.join(names)})")
+    values = {}
+    for name in names:
+        if name not in f._obj:
+            continue
+        hint = hints[name]
+        nullable = type(None) in typing.get_args(hint)
+        base = next((a for a in typing.get_args(hint) if a is not type(None)), hint) if nullable else hint
+        if dataclasses.is_dataclass(base):
+            values[name] = _read_strict(base, _Fields(f.mapping(name), f"{f.name(name)}."))
+        elif base is int:
+            values[name] = f.integer(name, minimum=None, nullable=nullable)
+        elif base is float:
+            values[name] = f.number(name, nullable=nullable)
+        elif base is bool:
+            values[name] = f.flag(name)
+        elif base is str:
+            values[name] = f.text(name)
+        elif typing.get_origin(base) is dict:
+            values[name] = f.mapping(name)
+        else:
+            raise TypeError(f"{cls.__name__}.{name}: no wire reader for {hint!r}")
+    return cls(**values)
+
+
 @dataclass
 class RoundAnnouncement(_Message):
     round: int
@@ -324,10 +435,13 @@ class RoundAnnouncement(_Message):
     announce_id: str  # 32 lowercase hex, new for every announcement
     deadline: float  # unix seconds
     min_clients: int
-    train: dict[str, Any]  # local training hyper-parameters, e.g. {"local_epochs": 1, "lr": 0.05}
+    train: TrainSettings  # local training hyper-parameters
     participants: list[str] = field(default_factory=list)  # devices sampled for this round; [] = all
     signature: str = ""  # as in TransferManifest
     protocol: int = PROTOCOL_VERSION
+    # Freshness (PROTOCOL.md 8.2), both signed and left out of the JSON when unset (earlier aggregators):
+    expires: float | None = None  # aggregator's unix seconds after which agents refuse it; None: never
+    federation: float | None = None  # when the aggregator's state dir was created: orders federations
 
     @classmethod
     def from_fields(cls, f: _Fields) -> RoundAnnouncement:
@@ -338,10 +452,25 @@ class RoundAnnouncement(_Message):
             announce_id=f.text("announce_id", pattern=_ID_HEX),
             deadline=f.number("deadline", minimum=0.0),
             min_clients=f.integer("min_clients"),
-            train=f.mapping("train"),
+            train=TrainSettings.from_dict(f.mapping("train")),
             participants=f.each("participants", validate_device_id, default=[]),
             signature=f.text("signature", default="", pattern=_SIGNATURE_B64),
+            expires=f.number("expires", minimum=0.0) if "expires" in f._obj else None,
+            federation=f.number("federation", minimum=0.0) if "federation" in f._obj else None,
         )
+
+    def to_dict(self) -> dict[str, Any]:
+        obj = dataclasses.asdict(self)
+        obj["train"] = self.train.to_dict()
+        for name in ("expires", "federation"):
+            if obj[name] is None:
+                del obj[name]
+        return obj
+
+    @property
+    def freshness(self) -> tuple[float, int, int]:
+        """Ordering of announcements: a later federation, then a later round, then a later model version."""
+        return (self.federation or 0.0, self.round, self.model_version)
 
 
 @dataclass

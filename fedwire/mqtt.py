@@ -8,6 +8,8 @@ publishes that wait for the broker's PUBACK.
 from __future__ import annotations
 
 import logging
+import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -50,6 +52,27 @@ class TlsFiles:
     ca_cert: str | None = None
     certfile: str | None = None
     keyfile: str | None = None
+
+
+def speaks_tls(host: str, port: int, timeout: float = 2.0) -> bool:
+    """Whether host:port answers a TLS ClientHello with a TLS record (a handshake or an alert): a TLS listener.
+    Only the first 5 bytes of the reply are read; no certificate is checked and nothing else is sent."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    try:
+        context.wrap_bio(incoming, outgoing).do_handshake()
+    except ssl.SSLWantReadError:
+        pass  # the ClientHello is written and the handshake waits for the server: what we want
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as sock:
+            sock.sendall(outgoing.read())
+            reply = sock.recv(5)
+    except OSError:
+        return False
+    # A TLS record header: content type 22 (handshake) or 21 (alert), then protocol major version 3.
+    return len(reply) >= 2 and reply[0] in (21, 22) and reply[1] == 3
 
 
 def parse_broker_url(url: str) -> BrokerAddress:
@@ -217,6 +240,16 @@ class MqttLink:
         """Connect and subscribe, blocking until the broker acknowledged both."""
         if self._client is not None:
             raise RuntimeError("already connected; create a new MqttLink to reconnect")
+        try:
+            self._connect(timeout)
+        except ConnectionError:
+            # A TLS listener drops a plain CONNECT without a word: find out why before reporting a vague failure.
+            if not self.address.tls and speaks_tls(self.address.host, self.address.port):
+                raise ConnectionError(f"broker {self.url}: this port speaks TLS: use "
+                                      f"mqtts://{self.address.host}:{self.address.port}") from None
+            raise
+
+    def _connect(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         versions = ["5", "3.1.1"] if self._requested_protocol == "auto" else [self._requested_protocol]
         for version in versions:

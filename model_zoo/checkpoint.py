@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 from torch import nn
 
@@ -64,13 +64,25 @@ def save_checkpoint(path, backbone: nn.Module, meta: dict) -> None:
     os.replace(tmp, path)
 
 
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be read (truncated, corrupted, or not one of ours)."""
+
+
 def load_checkpoint(path) -> tuple[nn.Module, dict]:
-    """(backbone in eval mode, user meta), the backbone rebuilt from the architecture recorded in the file."""
-    with safe_open(str(path), framework="np") as f:
-        metadata = f.metadata() or {}
-        if metadata.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"{path} is not a {CHECKPOINT_FORMAT} file (format={metadata.get('format')!r})")
-        tensors = {name: f.get_tensor(name) for name in f.keys()}
-    backbone = build_backbone(metadata["arch"], **json.loads(metadata["arch_kwargs"]))
-    load_shared_tensors(backbone, tensors)
-    return backbone.eval(), json.loads(metadata.get("meta", "{}"))
+    """(backbone in eval mode, user meta), the backbone rebuilt from the architecture recorded in the file.
+    A truncated or corrupted file raises CheckpointError, one line naming it (callers print it, no traceback)."""
+    try:
+        with safe_open(str(path), framework="np") as f:
+            metadata = f.metadata() or {}
+            if metadata.get("format") != CHECKPOINT_FORMAT:
+                raise CheckpointError(f"{path} is not a {CHECKPOINT_FORMAT} file (format={metadata.get('format')!r})")
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+        backbone = build_backbone(metadata["arch"], **json.loads(metadata["arch_kwargs"]))
+        load_shared_tensors(backbone, tensors)
+        return backbone.eval(), json.loads(metadata.get("meta", "{}"))
+    except CheckpointError:
+        raise
+    except SafetensorError as exc:  # not a ValueError: the header or the data is cut short or garbled
+        raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupted: {exc})") from None
+    except (KeyError, RuntimeError, ValueError) as exc:  # metadata (JSON) or tensors that do not fit the backbone
+        raise CheckpointError(f"{path}: not a usable checkpoint ({type(exc).__name__}: {exc})") from None

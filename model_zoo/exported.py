@@ -127,7 +127,10 @@ def read_card(model_path) -> ExportCard:
     path = sidecar_path(model_path)
     if not path.is_file():
         raise FileNotFoundError(f"{model_path} has no sidecar {path}: export it with `facefed export`")
-    card = ExportCard.from_dict(json.loads(path.read_text(encoding="utf-8")))
+    try:
+        card = ExportCard.from_dict(json.loads(path.read_text(encoding="utf-8")))
+    except (ValueError, KeyError, TypeError) as exc:  # truncated or edited: one line naming the file
+        raise ValueError(f"{path}: not a usable sidecar ({type(exc).__name__}: {exc})") from None
     if sha256_file(model_path) != card.file_sha256:
         raise ValueError(f"{model_path} does not match its sidecar {path.name} (sha256 differs)")
     return card

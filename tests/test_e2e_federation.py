@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -232,7 +233,8 @@ def _delta_agent(monkeypatch, full_models: dict):
     from edge_agent.agent import EdgeAgent
 
     config = SimpleNamespace(topics=Topics("t"), device_id="dev-1", aggregator_key=None,
-                             unlock=SimpleNamespace(reembed_after_round=False))
+                             unlock=SimpleNamespace(reembed_after_round=False),
+                             state_dir=Path(tempfile.mkdtemp(prefix="agent-state-")))  # its freshness.json
     agent = EdgeAgent(config, trainer=None)
     fetched = []
 
@@ -422,7 +424,8 @@ def test_compressed_uploads_and_downloads_over_a_real_broker(broker_url, orl_sma
     from fedwire.compression import decode_update  # noqa: F401  (the agent's own path is exercised below)
 
     config = SimpleNamespace(topics=topics, device_id="late-1", aggregator_key=None, broker=broker_url,
-                             protocol="auto", tls=None, unlock=SimpleNamespace(reembed_after_round=False))
+                             protocol="auto", tls=None, unlock=SimpleNamespace(reembed_after_round=False),
+                             state_dir=tmp_path / "late-1")
     newcomer = EdgeAgent(config, trainer=None)
     last_delta = globals_[-1]
     reassembler, done = Reassembler(), None

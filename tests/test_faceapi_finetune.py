@@ -12,11 +12,11 @@ from test_e2e_federation import Recorder
 
 import facefed.cli
 from aggregator.config import AggregatorConfig, ModelConfig
-from aggregator.service import _train_dict
+from aggregator.service import _train_settings
 from facefed.simulate import SimulationConfig, run_simulation
 from fedwire.chunking import Reassembler
 from fedwire.config import ConfigError
-from fedwire.messages import TransferManifest
+from fedwire.messages import TrainSettings, TransferManifest
 from fedwire.topics import Topics
 from model_zoo.backbones import FaceApiResNet, build_backbone
 from model_zoo.backbones.faceapi_resnet import STAGES
@@ -96,19 +96,19 @@ def test_device_carries_announced_l2sp_alpha_and_anchors_to_model_version_0(tmp_
     version0 = shared_tensors(build_backbone("mobilefacenet"))
     later = {k: v + 1.0 for k, v in version0.items()}
 
-    trainer.train_round(1, version0, spec, {"lr": 0.01}, 1)  # L2-SP off: nothing kept, no reference
+    trainer.train_round(1, version0, TrainSettings(lr=0.01, model=spec))  # L2-SP off: nothing kept, no reference
     assert calls[-1][0].l2sp_alpha == 0.0 and calls[-1][1] is None
     assert not trainer.version0_path.exists()
-    trainer.train_round(1, version0, spec, {"lr": 0.01, "l2sp_alpha": 0.5}, 1)
+    trainer.train_round(1, version0, TrainSettings(lr=0.01, l2sp_alpha=0.5, model=spec))
     assert calls[-1][0].l2sp_alpha == 0.5 and trainer.version0_path.exists()
-    trainer.train_round(3, later, spec, {"lr": 0.01, "l2sp_alpha": 0.5}, 1)
+    trainer.train_round(3, later, TrainSettings(lr=0.01, l2sp_alpha=0.5, model=spec))
     reference = calls[-1][1]
     assert set(reference) == set(version0)
     assert all(np.array_equal(reference[k], version0[k]) for k in version0)  # version 0, not the round's model
 
     # A device that never saw round 1 and has no pretrained weights falls back to the round's global model.
     fresh = trainer_mod.LocalTrainer(data, tmp_path / "fresh", 2, False, 0)
-    fresh.train_round(3, later, spec, {"l2sp_alpha": 0.5}, 1)
+    fresh.train_round(3, later, TrainSettings(l2sp_alpha=0.5, model=spec))
     assert calls[-1][1] is later
 
 
@@ -192,7 +192,7 @@ def test_aggregator_config_builds_and_announces_without_machine_paths() -> None:
     config = AggregatorConfig(state_dir=".", model=ModelConfig(arch="faceapi-resnet", options=options))
 
     assert config.model.backbone_kwargs() == options  # act / embedding_size are not FaceApiResNet's
-    assert _train_dict(config)["model"] == {"arch": "faceapi-resnet", "trainable": "last2"}
+    assert _train_settings(config).model == {"arch": "faceapi-resnet", "trainable": "last2"}
     with pytest.raises(ConfigError, match="options.*trainable"):
         ModelConfig(arch="faceapi-resnet", options={"trainable": "most"}).check()
 
@@ -317,6 +317,6 @@ def test_a_late_joining_device_pulls_towards_the_pretrained_weights(celeb_small:
     pretrained = shared_tensors(build_backbone("faceapi-resnet", trainable="last"))
     moved = {k: v + 0.01 for k, v in pretrained.items()}
     trainer = trainer_mod.LocalTrainer(celeb_small, tmp_path / "late", 8, False, 0)
-    trainer.train_round(3, moved, spec, {"lr": 1e-4, "margin": 0.0, "l2sp_alpha": 100.0}, 1)
+    trainer.train_round(3, moved, TrainSettings(lr=1e-4, margin=0.0, l2sp_alpha=100.0, model=spec))
     assert set(seen[-1]) == set(pretrained)
     assert all(np.array_equal(seen[-1][k], pretrained[k]) for k in pretrained)

@@ -13,6 +13,7 @@ from fedwire.messages import (
     DeviceStatus,
     RoundAnnouncement,
     RoundSummary,
+    TrainSettings,
     TensorSpec,
     TransferManifest,
     UpdateAck,
@@ -33,7 +34,7 @@ def _manifest(**overrides) -> TransferManifest:
 MESSAGES = [
     _manifest(),
     RoundAnnouncement(round=2, model_version=1, state="open", announce_id=HEX32, deadline=1.7e9, min_clients=2,
-                      train={"local_epochs": 1, "lr": 0.05, "augment": True}),
+                      train=TrainSettings(local_epochs=1, lr=0.05), expires=1.7e9 + 60),
     DeviceStatus("rpi4-01", "training", 2, 1.7e9, "epoch 1/1"),
     DeviceStatus("rpi4-01", "offline", None, 1.7e9),
     UpdateAck("rpi4-01", 2, HEX32, False, "shape mismatch"),
@@ -207,8 +208,8 @@ def test_to_json_refuses_what_a_receiver_would_reject():
         RoundSummary(1, 1, [], 0, 0, 0, float("nan"), {}, 1.0).to_json()
     assert info.value.field == "train_loss"
     with pytest.raises(ProtocolError) as info:
-        RoundAnnouncement(1, 1, "open", HEX32, 0.0, 1, {"lr": float("inf")}).to_json()
-    assert info.value.field == "json"
+        RoundAnnouncement(1, 1, "open", HEX32, 0.0, 1, TrainSettings(lr=float("inf"))).to_json()
+    assert info.value.field == "train.lr"
 
 
 def test_error_types_and_format():

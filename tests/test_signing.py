@@ -12,7 +12,7 @@ from edge_agent.agent import EdgeAgent
 from edge_agent.config import load_agent_config
 from edge_agent.trainer import LocalTrainer
 from fedwire.chunking import build_transfer
-from fedwire.messages import RoundAnnouncement, TransferManifest
+from fedwire.messages import RoundAnnouncement, TrainSettings, TransferManifest
 from fedwire.signing import SignatureError, load_signing_key, load_verify_key, sign, verify
 from fedwire.topics import Topics
 from model_zoo.data import FaceDataset
@@ -47,7 +47,7 @@ def test_signature_round_trips_through_json_and_catches_every_change(tmp_path):
     other = load_signing_key(_write_keys(tmp_path, "other")[0])
     with pytest.raises(SignatureError):
         verify(sign(manifest, other), verify_key)
-    announcement = RoundAnnouncement(5, 4, "open", "a" * 32, time.time() + 60, 2, {"lr": 0.1})
+    announcement = RoundAnnouncement(5, 4, "open", "a" * 32, time.time() + 60, 2, TrainSettings(lr=0.1))
     verify(RoundAnnouncement.from_json(sign(announcement, key).to_json()), verify_key)
 
 
@@ -89,6 +89,6 @@ def test_agent_refuses_unsigned_and_tampered_models_and_loads_signed_ones(agent)
     assert agent.global_model is not None and agent.global_model.version == 3
     np.testing.assert_array_equal(agent.global_model.tensors["w"], np.full(1000, 1.0, np.float32))
 
-    unsigned_round = RoundAnnouncement(4, 3, "open", "b" * 32, time.time() + 60, 1, {})
+    unsigned_round = RoundAnnouncement(4, 3, "open", "b" * 32, time.time() + 60, 1, TrainSettings())
     agent.handle_message(Topics().round, unsigned_round.to_json())
     assert agent.announcement is None  # never acted on

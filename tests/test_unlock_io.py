@@ -151,7 +151,7 @@ def test_calibrate_writes_threshold_plot_and_figures(tmp_path):
 
 def test_agent_reembeds_the_enrolment_with_a_new_global_model(tmp_path):
     from edge_agent.agent import EdgeAgent, GlobalModel
-    from fedwire.messages import RoundAnnouncement
+    from fedwire.messages import RoundAnnouncement, TrainSettings
     from model_zoo.backbones import build_backbone
     from model_zoo.checkpoint import shared_tensors
 
@@ -165,7 +165,7 @@ def test_agent_reembeds_the_enrolment_with_a_new_global_model(tmp_path):
     tensors = shared_tensors(build_backbone("mobilefacenet", embedding_size=64))
     agent.global_model = GlobalModel(3, tensors, "")
     agent._on_announcement(RoundAnnouncement(4, 3, "open", "a" * 32, 1.7e9, 1,
-                                             {"model": {"arch": "mobilefacenet", "embedding_size": 64}}))
+                                             TrainSettings(model={"arch": "mobilefacenet", "embedding_size": 64})))
     after = store.load("alice")
     np.testing.assert_array_equal(after.chips, before.chips)  # the chips stay; the embeddings are the new model's
     assert after.embeddings.shape == (3, 64) and after.model_version == 3
