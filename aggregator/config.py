@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from aggregator.strategies import STRATEGIES
 from fedwire.chunking import DEFAULT_MAX_CHUNK_BYTES
 from fedwire.config import ConfigError, TlsConfig, load_config, require
 from fedwire.mqtt import parse_broker_url
@@ -166,8 +167,9 @@ class AggregatorConfig:
                     "needs an MQTT 5 broker with shared subscriptions (set broker: mqtt://...; the embedded "
                     "amqtt broker speaks only MQTT 3.1.1)")
             require(self.protocol != "3.1.1", "shard_workers", "needs MQTT 5 (protocol: 5 or auto), not 3.1.1")
-            require(self.strategy in ("fedavg", "fedavgm", "fedadam"), "shard_workers",
-                    f"works with fedavg, fedavgm and fedadam (sums are additive); {self.strategy} needs every "
+            partial = sorted(name for name, cls in STRATEGIES.items() if cls.supports_partial_sums)
+            require(STRATEGIES[self.strategy].supports_partial_sums, "shard_workers",
+                    f"works with {', '.join(partial)} (sums are additive); {self.strategy} needs every "
                     "update in one process")
 
     @property

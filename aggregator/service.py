@@ -19,9 +19,9 @@ from typing import Any
 import numpy as np
 
 from aggregator.config import AggregatorConfig
-from aggregator.fedavg import WeightedSum
+from aggregator.strategies import WeightedSum
 from aggregator.state import AcceptedUpdate, StateDir
-from aggregator.strategy import build_strategy
+from aggregator.strategies import build_strategy
 from aggregator.validation import UpdateRejected, check_finite, check_running_variances, check_update_manifest
 from fedwire.broker import EmbeddedBroker
 from fedwire.chunking import Reassembler, build_transfer, unpack_chunk
