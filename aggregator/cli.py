@@ -27,6 +27,11 @@ eval: {data: null, every: 1}      # folder of held-out identities: accuracy per 
 bn_statistics: averaged           # or measured: devices measure BatchNorm statistics on each averaged model
 export: {formats: [], calibration: null}   # e.g. [onnx, onnx-int8]: state_dir/exports after each round
 shard_workers: 1                  # > 1: `serve` reduces, W `worker`s share the updates (MQTT 5 broker; docs/scale-out.md)
+# n_k (num_samples) is a device's claim. samples: weight n_k, a claim above the cap is rejected; capped: weight
+# min(n_k, cap), a claim above is clamped (logged); uniform: every update weighs 1. median and trimmed_mean ignore
+# weights; clip_norm bounds the step, the cap the weight. Default cap: the faces an 8 GB device can hold.
+max_samples_per_update: 250000
+weighting: samples                # samples | capped | uniform (PROTOCOL.md 4.2.1)
 """
 
 
@@ -189,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         return _run_pki_command(args)
     from aggregator.config import load_aggregator_config
     from aggregator.service import AggregatorService
+    from aggregator.validation import UnsafeModel
 
     overrides = {k: v for k, v in {"broker": args.broker, "rounds": getattr(args, "rounds", None)}.items()
                  if v is not None}
@@ -216,6 +222,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except ConnectionError as exc:
+        print(f"facefed-aggregator: {exc}", file=sys.stderr)
+        return 1
+    except UnsafeModel as exc:  # e.g. a resumed checkpoint holding NaN: nothing was published
         print(f"facefed-aggregator: {exc}", file=sys.stderr)
         return 1
     return 0

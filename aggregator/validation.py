@@ -66,3 +66,17 @@ def check_running_variances(tensors: Mapping[str, np.ndarray]) -> None:
     for name, value in tensors.items():
         if "running_var" in name and (value < 0).any():
             raise UpdateRejected(f"{name}: negative BatchNorm variance")
+
+
+def model_problem(tensors: Mapping[str, np.ndarray]) -> str | None:
+    """Why a global model must not be signed or published (a NaN or Inf, a negative BatchNorm variance), or None."""
+    try:
+        check_finite(tensors)
+        check_running_variances(tensors)
+    except UpdateRejected as exc:
+        return str(exc)
+    return None
+
+
+class UnsafeModel(RuntimeError):
+    """A global model the guard before signing refused: nothing was published."""

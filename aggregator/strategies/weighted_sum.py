@@ -12,9 +12,8 @@ from collections.abc import Mapping
 import numpy as np
 
 from aggregator.strategies.base import overflow_refused, require_finite
+from fedwire.messages import MAX_NUM_SAMPLES, brief_int
 
-# The largest weight taken: every integer up to it is exact in float64 (fedwire.messages.MAX_NUM_SAMPLES).
-MAX_WEIGHT = 2**53
 
 
 class WeightedSum:
@@ -47,8 +46,8 @@ class WeightedSum:
         return dict(self._sums)
 
     def add(self, tensors: Mapping[str, np.ndarray], weight: int) -> None:
-        if not 0 < weight <= MAX_WEIGHT:  # an int compare: no float conversion of a huge claim
-            raise ValueError(f"weight must be positive and at most 2^53, got {_short(weight)}")
+        if not 0 < weight <= MAX_NUM_SAMPLES:  # compared as integers: a huge claim is never made a float
+            raise ValueError(f"weight must be positive and at most 2^53, got {brief_int(weight)}")
         if self._sums and set(tensors) != set(self._sums):
             raise ValueError("update tensor names differ from earlier updates of this round")
         with overflow_refused("weighted sum"):
@@ -85,9 +84,3 @@ class WeightedSum:
                       for name, total in self._sums.items()}
         require_finite("weighted mean", result)
         return result
-
-
-def _short(value: int) -> str:
-    """A huge claimed integer as a few characters, not hundreds of digits in a log line."""
-    text = str(value)
-    return text if len(text) <= 24 else f"a {len(text)}-digit integer"
