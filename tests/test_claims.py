@@ -2,6 +2,7 @@
 The same attacks through a real broker and a running aggregator are in test_attacks_claims.py."""
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from fedwire.chunking import build_transfer
 from fedwire.config import ConfigError, parse_config
 from fedwire.errors import ProtocolError
 from fedwire.messages import DEVICE_MAX_SAMPLES, MAX_NUM_SAMPLES, TransferManifest
+from fedwire.mqtt import MqttLink
 
 
 def _manifest_json(**changes) -> bytes:
@@ -109,3 +111,35 @@ def test_example_config_states_the_default_cap(capsys):
 
     assert main(["example-config"]) == 0
     assert f"max_samples_per_update: {DEVICE_MAX_SAMPLES}\n" in capsys.readouterr().out
+
+
+def test_a_non_finite_model_in_the_state_dir_is_never_published(embedded_broker, tmp_path, capsys):
+    """The guard before signing: a resumed checkpoint holding NaN stops the service with one line, unpublished."""
+    import torch
+
+    from aggregator.cli import main
+    from aggregator.state import StateDir
+    from model_zoo.backbones import build_backbone
+
+    backbone = build_backbone(embedding_size=8)
+    with torch.no_grad():
+        next(backbone.parameters()).fill_(float("nan"))
+    StateDir(tmp_path / "state").save_round(1, backbone, {"model_version": 1}, {"round": 1})
+    (tmp_path / "aggregator.yaml").write_text(f"state_dir: state\nbroker: {embedded_broker}\nrounds: 2\n"
+                                              "model: {embedding_size: 8}\n")
+    received = []
+    watcher = MqttLink(embedded_broker, "test-watcher", lambda t, p: received.append(t), ["facefed/#"])
+    watcher.connect()
+    try:
+        assert main(["serve", "--config", str(tmp_path / "aggregator.yaml")]) == 1
+        # Once our own sentinel is back, anything the aggregator published before it would be too.
+        watcher.publish("facefed/sentinel", b"after")
+        deadline = time.monotonic() + 10
+        while "facefed/sentinel" not in received and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        watcher.close()
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("facefed-aggregator: refusing to sign and publish global model v1:") and "NaN" in err
+    assert "\n" not in err and "Traceback" not in err
+    assert received == ["facefed/sentinel"]  # nothing of the aggregator's reached the broker
