@@ -21,9 +21,9 @@ import numpy as np
 from aggregator.claims import SampleCount, bound_sample_count, clamp_note, claimed_loss
 from aggregator.config import AggregatorConfig
 from aggregator.state import AcceptedUpdate, StateDir
-from aggregator.strategies import NonFiniteResult, WeightedSum, build_strategy
+from aggregator.strategies import WeightedSum, build_strategy
 from aggregator.validation import (UnsafeModel, UpdateRejected, check_finite, check_running_variances,
-                                   check_update_manifest, model_problem)
+                                   check_update_manifest, model_problem, publishable)
 from fedwire.broker import EmbeddedBroker
 from fedwire.chunking import Reassembler, build_transfer, unpack_chunk
 from fedwire.codec import tensor_specs
@@ -280,12 +280,8 @@ class AggregatorService:
 
     def _safe_aggregate(self, current: OpenRound) -> dict[str, np.ndarray]:
         """The strategy's aggregate, or the previous global model when the aggregate is not fit to publish."""
-        try:
-            aggregate = self.strategy.aggregate()
-            problem = model_problem(aggregate)
-        except NonFiniteResult as exc:
-            problem = str(exc)
-        if problem is None:
+        aggregate, problem = publishable(self.strategy.aggregate)
+        if aggregate is not None:
             return aggregate
         current.kept_previous = problem
         log.error("round %d: the aggregate is not fit to publish (%s); keeping the tensors of global model v%d",
@@ -353,12 +349,8 @@ class AggregatorService:
         """The measured BatchNorm statistics' mean, or None (keep the averaged ones) when none came or it is unfit."""
         if not phase.statistics.count:
             return None
-        try:
-            measured = phase.statistics.mean()
-            problem = model_problem(measured)
-        except NonFiniteResult as exc:
-            problem = str(exc)
-        if problem is None:
+        measured, problem = publishable(phase.statistics.mean)
+        if measured is not None:
             return measured
         log.error("round %d: measured BatchNorm statistics not fit to publish (%s); keeping the averaged ones",
                   phase.number, problem)

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
+from aggregator.strategies.base import NonFiniteResult
 from fedwire.messages import PROTOCOL_VERSION, TensorSpec, TransferManifest
 
 
@@ -76,6 +77,17 @@ def model_problem(tensors: Mapping[str, np.ndarray]) -> str | None:
     except UpdateRejected as exc:
         return str(exc)
     return None
+
+
+def publishable(compute: Callable[[], Mapping[str, np.ndarray]]) -> tuple[dict[str, np.ndarray] | None, str | None]:
+    """(tensors, None) from `compute` (an aggregate, a statistics mean), or (None, why) when one of its steps
+    overflowed or the result must not be published."""
+    try:
+        tensors = dict(compute())
+    except NonFiniteResult as exc:
+        return None, str(exc)
+    problem = model_problem(tensors)
+    return (None, problem) if problem else (tensors, None)
 
 
 class UnsafeModel(RuntimeError):
