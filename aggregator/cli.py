@@ -36,6 +36,11 @@ export: {formats: [], calibration: null}   # e.g. [onnx, onnx-int8]: state_dir/e
 shard_workers: 1                  # > 1: `serve` reduces, W `worker`s share the updates (MQTT 5 broker; docs/scale-out.md)
 device_budget: {transfers: 4, messages: null, bytes: null}   # per device and round, then dropped; null = from the model
 revoked_devices: null             # e.g. pki/revoked.txt (`revoke` writes it): those devices' messages are dropped
+# n_k (num_samples) is a device's claim. samples: weight n_k, a claim above the cap is rejected; capped: weight
+# min(n_k, cap), a claim above is clamped (logged); uniform: every update weighs 1. median and trimmed_mean ignore
+# weights; clip_norm bounds the step, the cap the weight. Default cap: the faces an 8 GB device can hold.
+max_samples_per_update: 250000
+weighting: samples                # samples | capped | uniform (PROTOCOL.md 4.2.1)
 """
 
 
@@ -230,6 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     from aggregator.config import load_aggregator_config
     from aggregator.service import AggregatorService
     from model_zoo.checkpoint import CheckpointError
+    from aggregator.validation import UnsafeModel
 
     overrides = {k: v for k, v in {"broker": args.broker, "rounds": getattr(args, "rounds", None)}.items()
                  if v is not None}
@@ -263,6 +269,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"facefed-aggregator: cannot resume: {exc}; move that file away to resume from the round before",
               file=sys.stderr)
         return 2
+    except UnsafeModel as exc:  # e.g. a resumed checkpoint holding NaN: nothing was published
+        print(f"facefed-aggregator: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -7,9 +7,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from aggregator.strategies import STRATEGIES
 from fedwire.chunking import DEFAULT_MAX_CHUNK_BYTES
 from fedwire.config import ConfigError, TlsConfig, load_config, require
-from fedwire.messages import TrainSettings
+from fedwire.messages import DEVICE_MAX_SAMPLES, MAX_NUM_SAMPLES, TrainSettings
 from fedwire.mqtt import parse_broker_url
 from fedwire.topics import Topics
 from model_zoo.backbones import BACKBONES, build_backbone
@@ -126,6 +127,11 @@ class AggregatorConfig:
     seed: int = 0  # client sampling
     clip_norm: float | None = None  # bound each update's L2 distance from the global model
     trim_fraction: float = 0.2  # trimmed_mean: share of values dropped at each end, per coordinate
+    # n_k is a device's claim (aggregator/claims.py, PROTOCOL.md 4.2.1): the most one update may claim, and what
+    # it weighs. samples: weight n_k, a claim above the cap is rejected; capped: weight min(n_k, cap), a claim above
+    # is clamped; uniform: weight 1 (a claim above is clamped). The default cap is what the largest device can hold.
+    max_samples_per_update: int = DEVICE_MAX_SAMPLES
+    weighting: Literal["samples", "capped", "uniform"] = "samples"
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainSettings = field(default_factory=TrainSettings)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -156,6 +162,8 @@ class AggregatorConfig:
         require(self.clip_norm is None or self.clip_norm > 0, "clip_norm", "must be > 0 (or null for no clipping)")
         require(0 <= self.trim_fraction < 0.5, "trim_fraction", "must be in [0, 0.5)")
         require(self.server_lr is None or self.server_lr > 0, "server_lr", "must be > 0")
+        require(1 <= self.max_samples_per_update <= MAX_NUM_SAMPLES, "max_samples_per_update",
+                "must be in [1, 2^53]")
         require(0 < self.fraction_fit <= 1, "fraction_fit", "must be in (0, 1]")
         if self.signing_key is not None:
             require(self.signing_key.is_file(), "signing_key", f"no such file: {self.signing_key}")
@@ -172,8 +180,11 @@ class AggregatorConfig:
                     "needs an MQTT 5 broker with shared subscriptions (set broker: mqtt://...; the embedded "
                     "amqtt broker speaks only MQTT 3.1.1)")
             require(self.protocol != "3.1.1", "shard_workers", "needs MQTT 5 (protocol: 5 or auto), not 3.1.1")
-            require(self.strategy in ("fedavg", "fedavgm", "fedadam"), "shard_workers",
-                    f"works with fedavg, fedavgm and fedadam (sums are additive); {self.strategy} needs every "
+            require(self.weighting != "uniform", "weighting",
+                    "uniform needs shard_workers: 1 (shard reports weigh partial sums by their n_k)")
+            partial = sorted(name for name, cls in STRATEGIES.items() if cls.supports_partial_sums)
+            require(STRATEGIES[self.strategy].supports_partial_sums, "shard_workers",
+                    f"works with {', '.join(partial)} (sums are additive); {self.strategy} needs every "
                     "update in one process")
 
     @property

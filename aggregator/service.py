@@ -22,12 +22,13 @@ from typing import Any
 import numpy as np
 
 from aggregator.budget import BudgetLimits, DeviceBudget, sender
+from aggregator.claims import SampleCount, bound_sample_count, clamp_note, claimed_loss
 from aggregator.config import AggregatorConfig
-from aggregator.fedavg import WeightedSum
 from aggregator.pki import PkiError, load_revoked
 from aggregator.state import AcceptedUpdate, StateDir
-from aggregator.strategy import build_strategy
-from aggregator.validation import UpdateRejected, check_finite, check_running_variances, check_update_manifest
+from aggregator.strategies import WeightedSum, build_strategy
+from aggregator.validation import (UnsafeModel, UpdateRejected, check_finite, check_running_variances,
+                                   check_update_manifest, model_problem, publishable)
 from fedwire.broker import EmbeddedBroker
 from fedwire.chunking import Reassembler, build_transfer, unpack_chunk
 from fedwire.codec import tensor_specs
@@ -65,9 +66,11 @@ class OpenRound:
     announcement: RoundAnnouncement
     started: float
     quorum: int
-    accepted: dict[str, int] = field(default_factory=dict)  # device -> n_k
+    accepted: dict[str, int] = field(default_factory=dict)  # device -> n_k, bounded (aggregator/claims.py)
     transfers: dict[str, str] = field(default_factory=dict)  # device -> transfer id of its accepted update
-    train_losses: dict[str, float] = field(default_factory=dict)
+    train_losses: dict[str, float] = field(default_factory=dict)  # claimed by each device
+    clamped: dict[str, int] = field(default_factory=dict)  # device -> its n_k claim above max_samples_per_update
+    kept_previous: str = ""  # why the aggregate was refused and the previous global model kept, if it was
     bytes_up: int = 0
     rejected: int = 0
     bytes_down: int = 0
@@ -281,7 +284,12 @@ class AggregatorService:
     def _restore_accepted(self, current: OpenRound) -> None:
         """Replay the updates acknowledged in this round before a crash, in their original order."""
         for update in self.state.load_accepted(current.number, current.model_version):
-            self.strategy.accumulate(update.tensors, update.num_samples)
+            try:  # journaled n_k are bounded already; a config changed since may bound them otherwise
+                count = self._bound(update.num_samples)
+                self.strategy.accumulate(update.tensors, count.weight)
+            except (UpdateRejected, ValueError) as exc:
+                log.warning("round %d: journaled update of %s left out: %s", current.number, update.device_id, exc)
+                continue
             self._count_accepted(current, update)
         if current.accepted:
             log.info("round %d: restored %d acknowledged update(s) from %s: %s", current.number,
@@ -325,7 +333,7 @@ class AggregatorService:
         if current.statistics is not None:
             self._finish_round(current.trained, current)
             return
-        new_tensors = self._compress_download(self.strategy.aggregate(), current.number)
+        new_tensors = self._compress_download(self._safe_aggregate(current), current.number)
         self.global_tensors = new_tensors
         self.model_version = current.number
         load_shared_tensors(self.backbone, new_tensors)
@@ -333,6 +341,16 @@ class AggregatorService:
             self._open_statistics(current)
         else:
             self._finish_round(current)
+
+    def _safe_aggregate(self, current: OpenRound) -> dict[str, np.ndarray]:
+        """The strategy's aggregate, or the previous global model when the aggregate is not fit to publish."""
+        aggregate, problem = publishable(self.strategy.aggregate)
+        if aggregate is not None:
+            return aggregate
+        current.kept_previous = problem
+        log.error("round %d: the aggregate is not fit to publish (%s); keeping the tensors of global model v%d",
+                  current.number, problem, self.model_version)
+        return self.global_tensors
 
     def _open_statistics(self, trained: OpenRound) -> None:
         """Publish the averaged weights and ask the devices to measure their BatchNorm statistics on them."""
@@ -361,9 +379,9 @@ class AggregatorService:
             current.bytes_up += phase.bytes_up
             current.rejected += phase.rejected
             current.bytes_down = phase.bytes_down
-            if phase.statistics.count:
+            measured = self._safe_statistics(phase)
+            if measured is not None:
                 # The weights went out with the statistics phase: only the statistics travel now.
-                measured = phase.statistics.mean()
                 self.global_tensors = {**self.global_tensors, **measured}
                 load_shared_tensors(self.backbone, self.global_tensors)
                 self._publish_global(patch=measured)
@@ -378,7 +396,7 @@ class AggregatorService:
             num_samples=sum(current.accepted.values()),
             bytes_up=current.bytes_up,
             bytes_down=current.bytes_down,
-            train_loss=_weighted_loss(current),
+            train_loss=claimed_loss({d: l for d, l in current.train_losses.items() if d in current.accepted}),
             metrics=metrics,
             seconds=time.time() - current.started,
         )
@@ -391,6 +409,18 @@ class AggregatorService:
         log.info(_round_line(summary))
         if self.model_version < self.config.rounds:
             self._open_round(self.model_version + 1)
+
+    @staticmethod
+    def _safe_statistics(phase: OpenRound) -> dict[str, np.ndarray] | None:
+        """The measured BatchNorm statistics' mean, or None (keep the averaged ones) when none came or it is unfit."""
+        if not phase.statistics.count:
+            return None
+        measured, problem = publishable(phase.statistics.mean)
+        if measured is not None:
+            return measured
+        log.error("round %d: measured BatchNorm statistics not fit to publish (%s); keeping the averaged ones",
+                  phase.number, problem)
+        return None
 
     def _compress_download(self, new_tensors: dict[str, np.ndarray], version: int) -> dict[str, np.ndarray]:
         """download_codec int8-delta: the new global model becomes what devices rebuild from the delta."""
@@ -405,6 +435,10 @@ class AggregatorService:
         """Publish global model v (retained): in full, as a delta against v - 1 (download_codec int8-delta) or as
         a `patch` of v (its measured BatchNorm statistics, for devices that hold v with averaged ones)."""
         v = self.model_version
+        # The one guard before anything is signed: the round's checks keep such a model from getting here.
+        problem = model_problem(self.global_tensors) or (model_problem(patch) if patch is not None else None)
+        if problem is not None:
+            raise UnsafeModel(f"refusing to sign and publish global model v{v}: {problem}")
         manifest, chunks = build_transfer("global", "aggregator", v, v, self.global_tensors,
                                           max_chunk_bytes=self.config.max_chunk_bytes)
         self._full_transfer = None
@@ -567,6 +601,7 @@ class AggregatorService:
                 expected=expected,
                 max_payload_bytes=self.config.max_update_bytes,
             )
+            self._bound(manifest.num_samples)  # refused before any chunk is kept
         except UpdateRejected as exc:
             current.rejected += 1
             self._reject(device_id, manifest, str(exc))
@@ -613,30 +648,33 @@ class AggregatorService:
                 tensors = decode_update(tensors, self.global_tensors, manifest.codec)
             check_finite(tensors)
             check_running_variances(tensors)
+            count = self._bound(manifest.num_samples)
             if current.statistics is not None:
-                current.statistics.add(tensors, manifest.num_samples)
+                current.statistics.add(tensors, count.weight)
             else:
-                self.strategy.accumulate(tensors, manifest.num_samples)
-        except (UpdateRejected, ProtocolError, ValueError) as exc:
+                self.strategy.accumulate(tensors, count.weight)
+        except (UpdateRejected, ProtocolError, ValueError) as exc:  # NonFiniteResult: the update would overflow
             current.rejected += 1
             self._reject(device_id, manifest, str(exc))
             return
+        if count.clamped_from is not None:
+            current.clamped[device_id] = count.clamped_from
+            log.warning("round %d: %s from %s: %s", current.number, current.kind, device_id,
+                        clamp_note(count, self.config.max_samples_per_update))
         if current.statistics is not None:  # not journaled: after a restart the phase is simply announced again
-            current.accepted[device_id] = manifest.num_samples
+            current.accepted[device_id] = count.n_k
             current.transfers[device_id] = manifest.transfer_id
             self._send_ack(UpdateAck(device_id, current.number, manifest.transfer_id, True, ""))
             log.info("round %d: BatchNorm statistics from %s accepted (n=%d, %d/%d)", current.number, device_id,
-                     manifest.num_samples, len(current.accepted), current.quorum)
+                     count.n_k, len(current.accepted), current.quorum)
             return
-        loss = manifest.metrics.get("train_loss")
-        update = AcceptedUpdate(device_id, manifest.transfer_id, manifest.num_samples,
-                                None if loss is None else float(loss), tensors)
+        update = AcceptedUpdate(device_id, manifest.transfer_id, count.n_k, manifest.metrics.get("train_loss"), tensors)
         # Durable before the ack: a device told "accepted" is counted even if we crash right after.
         self.state.save_accepted(current.number, current.model_version, update)
         self._count_accepted(current, update)
         self._send_ack(UpdateAck(device_id, current.number, manifest.transfer_id, True, ""))
         log.info("round %d: update from %s accepted (n=%d, %d/%d)", current.number, device_id,
-                 manifest.num_samples, len(current.accepted), current.quorum)
+                 count.n_k, len(current.accepted), current.quorum)
 
     @staticmethod
     def _count_accepted(current: OpenRound, update: AcceptedUpdate) -> None:
@@ -644,6 +682,10 @@ class AggregatorService:
         current.transfers[update.device_id] = update.transfer_id
         if update.train_loss is not None:
             current.train_losses[update.device_id] = update.train_loss
+
+    def _bound(self, claimed: int) -> SampleCount:
+        """The claimed n_k under this fleet's cap and weighting (aggregator/claims.py)."""
+        return bound_sample_count(claimed, self.config.weighting, self.config.max_samples_per_update)
 
     def _reject(self, device_id: str, manifest: TransferManifest, reason: str) -> None:
         log.warning("rejected update from %s: %s", device_id, reason)
@@ -727,14 +769,6 @@ def _federation_started(state_dir) -> float:
     return started
 
 
-def _weighted_loss(current: OpenRound) -> float | None:
-    losses = {d: l for d, l in current.train_losses.items() if d in current.accepted}
-    if not losses:
-        return None
-    total = sum(current.accepted[d] for d in losses)
-    return sum(current.accepted[d] * l for d, l in losses.items()) / total
-
-
 def _log_entry(summary: RoundSummary, current: OpenRound) -> dict[str, Any]:
     return {
         "round": summary.round,
@@ -746,7 +780,9 @@ def _log_entry(summary: RoundSummary, current: OpenRound) -> dict[str, Any]:
         "bytes_down": summary.bytes_down,
         "bytes": summary.bytes_up + summary.bytes_down,
         "rejected": current.rejected,
-        "train_loss": summary.train_loss,
+        "train_loss": summary.train_loss,  # the median of the devices' claims
+        **({"clamped_num_samples": current.clamped} if current.clamped else {}),
+        **({"kept_previous_model": current.kept_previous} if current.kept_previous else {}),
         "seconds": round(summary.seconds, 3),
         "time": time.time(),
         **summary.metrics,

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from aggregator.config import AggregatorConfig
-from aggregator.fedavg import WeightedSum
+from aggregator.strategies import WeightedSum
 from aggregator.service import AggregatorService, OpenRound
 from fedwire.chunking import CompletedTransfer, Reassembler, build_transfer
 from fedwire.errors import ProtocolError

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
+from aggregator.strategies.base import NonFiniteResult
 from fedwire.messages import PROTOCOL_VERSION, TensorSpec, TransferManifest
 
 
@@ -66,3 +67,28 @@ def check_running_variances(tensors: Mapping[str, np.ndarray]) -> None:
     for name, value in tensors.items():
         if "running_var" in name and (value < 0).any():
             raise UpdateRejected(f"{name}: negative BatchNorm variance")
+
+
+def model_problem(tensors: Mapping[str, np.ndarray]) -> str | None:
+    """Why a global model must not be signed or published (a NaN or Inf, a negative BatchNorm variance), or None."""
+    try:
+        check_finite(tensors)
+        check_running_variances(tensors)
+    except UpdateRejected as exc:
+        return str(exc)
+    return None
+
+
+def publishable(compute: Callable[[], Mapping[str, np.ndarray]]) -> tuple[dict[str, np.ndarray] | None, str | None]:
+    """(tensors, None) from `compute` (an aggregate, a statistics mean), or (None, why) when one of its steps
+    overflowed or the result must not be published."""
+    try:
+        tensors = dict(compute())
+    except NonFiniteResult as exc:
+        return None, str(exc)
+    problem = model_problem(tensors)
+    return (None, problem) if problem else (tensors, None)
+
+
+class UnsafeModel(RuntimeError):
+    """A global model the guard before signing refused: nothing was published."""

@@ -27,7 +27,7 @@ operator-owned validation set, Yale (15 people never trained on or tested; frame
 crops), from frozen-trunk features computed once. Then:
 - `--l2sp-alpha A`: devices add A/2 * ||w - w_version0||^2 (L2-SP) to their loss; announced as the train setting
   `l2sp_alpha`. `--federation in-process` runs the same devices (edge_agent.trainer.LocalTrainer, the agents'
-  settings and seeds) and the aggregator's own FedAvg (aggregator.fedavg.WeightedSum) in this process, without
+  settings and seeds) and the aggregator's own FedAvg (aggregator.strategies.WeightedSum) in this process, without
   the wire, for quick screens.
 - `--negative-anchors N`: N seeded random negative class vectors join every device head (model_zoo/losses).
 - server-side selection: the version the operator would deploy when choosing, among versions 0..R, the lowest
@@ -50,7 +50,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from aggregator.fedavg import WeightedSum
+from aggregator.strategies import WeightedSum
 from facefed.simulate import SimulationConfig, prepare_partitions, run_simulation
 from fedwire.codec import encode_tensors
 from fedwire.messages import TrainSettings

@@ -3,7 +3,7 @@
 Run from the repository root:  python -m bench.robust_aggregation [--arch faceapi-resnet] [--rounds 3] [--json OUT]
 
 In-process federation: the MQTT path is not in the loop, but every round goes through the aggregator's own
-strategy classes (aggregator/strategy.py, configure_round -> begin_round -> accumulate -> aggregate), the
+strategy classes (aggregator/strategies/, configure_round -> begin_round -> accumulate -> aggregate), the
 code the service runs. Clients train exactly as edge_agent's LocalTrainer does: own ArcFace head kept across
 rounds (imprinted from its data's centroids on a pretrained frozen-trunk backbone), seed = seed + 1000 * k,
 TrainConfig seed = client seed + round number, lr / margin / local epochs from the strategy's round settings,
@@ -35,8 +35,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from aggregator.robust import update_norm
-from aggregator.strategy import FedAvg, build_strategy
+from aggregator.strategies.clipping import update_norm
+from aggregator.strategies import FedAvg, build_strategy
 from model_zoo.backbones import FrozenTrunk, build_backbone
 from model_zoo.checkpoint import load_shared_tensors, shared_tensors
 from model_zoo.data import FaceDataset, load_dataset, shared_dataset_dir
@@ -62,7 +62,7 @@ BAR_POINTS = 1.0  # Done-means of issue 7: a robust rule stays within 1 accuracy
 @dataclass
 class RunSpec:
     name: str  # aggregation rule as shown in the table
-    strategy: str  # aggregator.strategy name
+    strategy: str  # aggregator.strategies name
     attack: str | None  # key of ATTACK_SIGNS, or None for the clean run
     clip_norm: float | None = None
     trim_fraction: float = 0.2

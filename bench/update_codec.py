@@ -150,7 +150,7 @@ class FaceapiSetting:
 
 
 def run_paired_variant(setting: FaceapiSetting, variant: Variant, seed: int, rounds: int, heads: list[bytes]) -> dict:
-    from aggregator.strategy import build_strategy
+    from aggregator.strategies import build_strategy
 
     for k, (trainer, head) in enumerate(zip(setting.trainers, heads)):  # every run starts from the imprinted heads
         trainer.head_path.write_bytes(head[0])

@@ -1,7 +1,7 @@
 """`facefed bench aggregate`: our streaming FedAvg against Flower's, on the same client updates.
 
 The parent process writes N client updates of P float32 parameters as .npy files, then runs each
-side in a fresh subprocess that reads those files: ours (aggregator.fedavg.WeightedSum, adding one
+side in a fresh subprocess that reads those files: ours (aggregator.strategies.WeightedSum, adding one
 client at a time) with this interpreter, Flower's `aggregate` and `aggregate_inplace` with the
 interpreter of a separate venv (Flower's pins clash with ours). Each side reports the time of the
 aggregation calls alone and of the whole pass including loading, and its peak RSS above what the
@@ -115,7 +115,7 @@ def _split(flat: np.ndarray, sizes: Sequence[int]) -> list[np.ndarray]:
 
 
 def _run_ours(files: list[tuple[Path, int]], sizes: Sequence[int]) -> tuple[np.ndarray, float]:
-    from aggregator.fedavg import WeightedSum
+    from aggregator.strategies import WeightedSum
 
     acc, busy = WeightedSum(), 0.0
     for path, weight in files:
@@ -258,7 +258,7 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     agg = bench_sub.add_parser(
         "aggregate", help="time and peak memory of our streaming FedAvg vs Flower's, on the same arrays",
         description="Write N client updates of P float32 parameters (known values, so the exact weighted mean is "
-        "known) to a temp dir, then aggregate them in a fresh subprocess per side: ours (aggregator.fedavg) and "
+        "known) to a temp dir, then aggregate them in a fresh subprocess per side: ours (aggregator.strategies.weighted_sum) and "
         "Flower's aggregate / aggregate_inplace, run in a separate venv because Flower's pins clash with ours. "
         "Prints a markdown table; --json writes ours_s, flower_s, ours_peak_mb, flower_peak_mb, exact and more.")
     agg.add_argument("--clients", type=int, nargs="+", default=[10], metavar="N", help="client counts (default 10)")

@@ -23,6 +23,13 @@ from .topics import validate_device_id
 
 PROTOCOL_VERSION = 1
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024  # bounds JSON parsing; a 512 MiB manifest at 64 KiB chunks is ~0.6 MiB
+# n_k is a claim (PROTOCOL.md 4.2.1). Above 2^53 an integer is no longer exact as a float64 weight, so such a
+# manifest is malformed: checked on the integer, before anything converts it to a float.
+MAX_NUM_SAMPLES = 2**53
+# The most faces one device can train on: an agent holds its whole data set in memory as uint8 112x112x3 (37,632
+# bytes a face, model_zoo.data), and the largest device profile (firmware_configs/: Jetson Orin Nano, Pi 5) has
+# 8 GB, so about 228,000 faces at most. The aggregator's default max_samples_per_update; agents may read it too.
+DEVICE_MAX_SAMPLES = 250_000
 SAFETENSORS_DTYPES = frozenset(
     {"BOOL", "U8", "I8", "U16", "I16", "U32", "I32", "U64", "I64", "F16", "BF16", "F32", "F64"}
 )
@@ -74,6 +81,20 @@ def _is_real(value: object) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
+def _fits_float(value: numbers.Real) -> bool:
+    """Finite as a float; a JSON integer like 10**400 is not (float() of it would raise OverflowError)."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
+def brief_int(value: int) -> str:
+    """An integer for an error message: a claimed 10**400 is named by its length, not by 401 digits."""
+    text = str(value)
+    return text if len(text) <= 24 else f"an integer of {len(text)} digits"
+
+
 class _Fields:
     """Typed reads from a decoded JSON object; errors carry the field's path."""
 
@@ -111,22 +132,25 @@ class _Fields:
             raise self.fail(key, f"{value!r} is not one of {sorted(choices)}")
         return value
 
-    def integer(self, key: str, *, minimum: int | None = 0, nullable: bool = False) -> int | None:
+    def integer(self, key: str, *, minimum: int | None = 0, maximum: int | None = None,
+                nullable: bool = False) -> int | None:
         value = self.raw(key)
         if value is None and nullable:
             return None
         if not _is_int(value):
             raise self.fail(key, f"expected an integer, got {type(value).__name__}")
         if minimum is not None and value < minimum:
-            raise self.fail(key, f"{value} is below the minimum {minimum}")
+            raise self.fail(key, f"{brief_int(value)} is below the minimum {minimum}")
+        if maximum is not None and value > maximum:
+            raise self.fail(key, f"{brief_int(value)} is above the maximum {brief_int(maximum)}")
         return int(value)
 
     def number(self, key: str, *, minimum: float | None = None, nullable: bool = False) -> float | None:
         value = self.raw(key)
         if value is None and nullable:
             return None
-        if not _is_real(value) or not math.isfinite(value):
-            raise self.fail(key, f"expected a finite number, got {value!r}")
+        if not _is_real(value) or not _fits_float(value):
+            raise self.fail(key, f"expected a finite number, got {brief_int(value) if _is_int(value) else repr(value)}")
         if minimum is not None and value < minimum:
             raise self.fail(key, f"{value} is below the minimum {minimum}")
         return float(value)
@@ -152,9 +176,9 @@ class _Fields:
             raise self.fail(key, f"expected an object, got {type(value).__name__}")
         return dict(value)
 
-    def float_map(self, key: str, default: Any = _MISSING) -> dict[str, float]:
+    def float_map(self, key: str, default: Any = _MISSING, *, nullable: bool = False) -> dict[str, float | None]:
         inner = _Fields(self.mapping(key, default), f"{self.name(key)}.")
-        return {name: inner.number(name) for name in inner._obj}
+        return {name: inner.number(name, nullable=nullable) for name in inner._obj}
 
     def items(self, key: str) -> list[_Fields]:
         """The list under `key`, each element read as an object."""
@@ -242,13 +266,13 @@ class TransferManifest(_Message):
     sender: str  # device id or "aggregator"
     round: int
     model_version: int
-    num_samples: int  # n_k, the FedAvg weight; 0 for global
+    num_samples: int  # n_k, the FedAvg weight (a claim, at most MAX_NUM_SAMPLES); 0 for global
     tensors: list[TensorSpec]
     payload_bytes: int
     payload_sha256: str
     chunk_size: int  # data bytes per chunk (the last may be shorter)
     chunk_sha256: list[str]  # sha256 of each chunk's data, header excluded
-    metrics: dict[str, float] = field(default_factory=dict)
+    metrics: dict[str, float | None] = field(default_factory=dict)  # claims of the sender; null: not finite
     codec: str = "safetensors"
     signature: str = ""  # Ed25519 over signing_bytes(), base64; "" = unsigned (see fedwire/signing.py)
     protocol: int = PROTOCOL_VERSION
@@ -269,13 +293,13 @@ class TransferManifest(_Message):
             sender=f.device_id("sender"),
             round=f.integer("round"),
             model_version=f.integer("model_version"),
-            num_samples=f.integer("num_samples"),
+            num_samples=f.integer("num_samples", maximum=MAX_NUM_SAMPLES),
             tensors=[TensorSpec.from_fields(item) for item in f.items("tensors")],
             payload_bytes=f.integer("payload_bytes", minimum=1),
             payload_sha256=f.text("payload_sha256", pattern=_SHA256_HEX),
             chunk_size=f.integer("chunk_size", minimum=1),
             chunk_sha256=f.each("chunk_sha256", _matching(_SHA256_HEX)),
-            metrics=f.float_map("metrics", {}),
+            metrics=f.float_map("metrics", {}, nullable=True),
             codec=f.text("codec", default="safetensors", choices=CODECS),
             signature=f.text("signature", default="", pattern=_SIGNATURE_B64),
             base_version=f.integer("base_version", nullable=True) if "base_version" in f._obj else None,
@@ -286,6 +310,8 @@ class TransferManifest(_Message):
 
     def to_dict(self) -> dict[str, Any]:
         obj = dataclasses.asdict(self)
+        # A metric that is not finite (a diverged train loss) travels as null (PROTOCOL.md section 4).
+        obj["metrics"] = {k: None if _is_real(v) and not _fits_float(v) else v for k, v in obj["metrics"].items()}
         if obj["base_version"] is None:
             del obj["base_version"]
         if not obj["model_sha256"]:

@@ -447,7 +447,7 @@ def test_measured_batchnorm_statistics_over_a_real_broker(mosquitto_broker, orl_
     """bn_statistics: measured, with int8-delta downloads. After each round's averaging the devices measure BatchNorm
     statistics on the averaged weights; the round's model carries their n_k-weighted mean, and what a device
     rebuilds from the delta and then the patch is bit for bit the aggregator's checkpoint."""
-    from aggregator.fedavg import fedavg
+    from aggregator.strategies.fedavg import fedavg
     from model_zoo.checkpoint import running_statistics
     from model_zoo.train import measure_batchnorm_statistics
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from aggregator.config import AggregatorConfig
-from aggregator.fedavg import WeightedSum
+from aggregator.strategies import WeightedSum
 from aggregator.sharded import (
     ShardReducer,
     ShardTopics,

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from aggregator.fedavg import WeightedSum, fedavg
-from aggregator.strategy import FedAvg
+from aggregator.strategies import FedAvg, WeightedSum, build_strategy
+from aggregator.strategies.fedavg import fedavg
 
 
 def _updates(rng, sizes, shapes):
@@ -64,3 +64,13 @@ def test_strategy_restarts_its_sum_each_round():
     np.testing.assert_array_equal(strategy.aggregate()["w"], np.ones(3, np.float32))
     strategy.begin_round({})
     assert strategy.num_updates == 0
+
+
+def test_fedavg_without_options_stays_exact():
+    updates = [({"w": np.array([1.0, 3.0], np.float32)}, 1), ({"w": np.array([3.0, 1.0], np.float32)}, 3)]
+    strategy = build_strategy("fedavg", {}, None, 0.2)
+    strategy.begin_round({"w": np.zeros(2, np.float32)})
+    for tensors, n in updates:
+        strategy.accumulate(tensors, n)
+    np.testing.assert_array_equal(strategy.aggregate()["w"], [2.5, 1.5])
+    assert build_strategy("trimmed_mean", {}, None, 0.1).name == "trimmed_mean"
