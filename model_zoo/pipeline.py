@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from . import align
-from .faceapi import FaceApiModels, detect_faces, load_faceapi_models
+from .faceapi import FaceApiModels, FaceDetection, detect_faces, load_faceapi_models
 from .faceapi import landmarks as faceapi_landmarks
 
 EMBEDDERS = ("faceapi",)
@@ -43,6 +43,14 @@ def crop_box(box: tuple[float, float, float, float], height: int, width: int) ->
     x, y, w, h = (int(np.floor(v)) for v in box)
     x0, y0 = max(x, 0), max(y, 0)
     return x0, y0, min(x + w, width), min(y + h, height)
+
+
+def whole_image_box(image: np.ndarray) -> tuple[float, float, float, float]:
+    """The face box of an image the detector finds no face in: the whole image. Detectors miss faces that fill
+    the image (tight crops), and the landmark net still places them; every "best face, else the whole image"
+    route (training, evaluation, distillation, unlock enrolment) falls back to this box."""
+    height, width = image.shape[:2]
+    return 0.0, 0.0, float(width), float(height)
 
 
 def _as_image_batch(images: np.ndarray) -> np.ndarray:
@@ -96,18 +104,31 @@ class FacePipeline:
 
     # --- routes ---
 
+    def locate(self, frame: np.ndarray) -> tuple[list[FaceDetection], np.ndarray]:
+        """Detections, best score first, and their [K, 68, 2] frame-pixel landmarks (no alignment, no embedding)."""
+        detections = detect_faces(self.models.detector, frame, self.detector_input_size, self.score_threshold)
+        detections = sorted(detections, key=lambda d: -d.score)
+        if not detections:
+            return [], np.empty((0, 68, 2))
+        return detections, self.landmarks_in_boxes(frame, [d.box for d in detections])
+
     def detect(self, frame_rgb: np.ndarray) -> list[Face]:
         """Every face in a uint8 RGB frame, best score first, each aligned and described."""
         frame = _as_image_batch(frame_rgb[None])[0]
-        detections = detect_faces(self.models.detector, frame, self.detector_input_size, self.score_threshold)
+        detections, landmarks = self.locate(frame)
         if not detections:
             return []
-        detections = sorted(detections, key=lambda d: -d.score)
-        landmarks = self.landmarks_in_boxes(frame, [d.box for d in detections])
         chips = np.stack([self.chip_from_landmarks(frame, points) for points in landmarks])
         embeddings = self.embed_chips(chips)
         return [Face(d.box, d.score, points, chip, emb)
                 for d, points, chip, emb in zip(detections, landmarks, chips, embeddings)]
+
+    def primary_landmarks(self, image: np.ndarray) -> np.ndarray:
+        """[68, 2] landmarks of the best-scoring face of an image, else of the whole image (whole_image_box)."""
+        detections, landmarks = self.locate(image)
+        if detections:
+            return landmarks[0]
+        return self.landmarks_in_boxes(image, [whole_image_box(image)])[0]
 
     @staticmethod
     def chip_from_landmarks(frame: np.ndarray, landmarks68: np.ndarray) -> np.ndarray:
@@ -126,23 +147,21 @@ class FacePipeline:
         """Raw descriptors [N, 128] of ArcFace-aligned crops (e.g. 112x112), re-framed to the dlib chip."""
         return self.embed_chips(self.reframe_aligned_crops(images))
 
-    def embed_frames(self, images: np.ndarray) -> np.ndarray:
-        """Raw descriptors [N, 128] of the best-scoring face of each image.
+    @staticmethod
+    def arcface_crop(frame: np.ndarray, landmarks68: np.ndarray) -> np.ndarray:
+        """The 112x112 ArcFace-aligned crop every backbone (MobileFaceNet, faceapi-resnet) and export expects."""
+        return align.warp(frame, align.arcface_transform(landmarks68), align.ARCFACE_SIZE)
 
-        An image without a detection is taken as the face box itself: the detector misses faces that
-        fill the whole image (tight crops), and the landmark net still places them.
-        """
+    def arcface_crops(self, images: np.ndarray) -> np.ndarray:
+        """uint8 [N, 112, 112, 3] ArcFace-aligned crops of the best face of each image (primary_landmarks)."""
         images = _as_image_batch(images)
-        height, width = images.shape[1:3]
-        chips = []
-        for image in images:
-            faces = self.detect(image)
-            if faces:
-                chips.append(faces[0].chip)
-            else:
-                points = self.landmarks_in_boxes(image, [(0.0, 0.0, float(width), float(height))])[0]
-                chips.append(self.chip_from_landmarks(image, points))
-        return self.embed_chips(np.stack(chips))
+        return np.stack([self.arcface_crop(image, self.primary_landmarks(image)) for image in images])
+
+    def embed_frames(self, images: np.ndarray) -> np.ndarray:
+        """Raw descriptors [N, 128] of the best-scoring face of each image (primary_landmarks)."""
+        images = _as_image_batch(images)
+        return self.embed_chips(np.stack([self.chip_from_landmarks(image, self.primary_landmarks(image))
+                                          for image in images]))
 
     def embed_images(self, images: np.ndarray, aligned: bool | Literal["auto"] = "auto") -> np.ndarray:
         """Raw descriptors [N, 128]. aligned="auto" treats 112x112 images as ArcFace-aligned crops."""

@@ -18,7 +18,7 @@ from model_zoo import align
 from model_zoo.exported import sha256_file
 from model_zoo.faceapi import detect_faces
 from model_zoo.faceapi.loader import default_models_dir
-from model_zoo.pipeline import FacePipeline
+from model_zoo.pipeline import FacePipeline, whole_image_box
 
 
 PRETRAINED = "faceapi"  # --model value for the pretrained face-api descriptor (faceapi-resnet backbone)
@@ -79,20 +79,18 @@ class FaceAnalyzer:
         return self._describe(frame_rgb, [d.box for d in detections], [d.score for d in detections], times), times
 
     def analyze_photo(self, image_rgb: np.ndarray) -> AnalyzedFace:
-        """The best face of a labelled photo; a tight crop the detector misses is taken whole as the face box
-        (as FacePipeline.embed_frames does)."""
+        """The best face of a labelled photo, else the whole photo as the face box (pipeline.whole_image_box)."""
         faces, times = self.analyze(image_rgb)
         if faces:
             return faces[0]
-        height, width = image_rgb.shape[:2]
-        return self._describe(image_rgb, [(0.0, 0.0, float(width), float(height))], [0.0], times)[0]
+        return self._describe(image_rgb, [whole_image_box(image_rgb)], [0.0], times)[0]
 
     def _describe(self, frame, boxes, scores, times: StageTimes) -> list[AnalyzedFace]:
         start = time.perf_counter()
         landmarks = self.pipeline.landmarks_in_boxes(frame, boxes)
         times.ms["landmarks"] = _ms_since(start)
         start = time.perf_counter()
-        chips = np.stack([align.warp(frame, align.arcface_transform(points), align.ARCFACE_SIZE) for points in landmarks])
+        chips = np.stack([FacePipeline.arcface_crop(frame, points) for points in landmarks])
         times.ms["align"] = _ms_since(start)
         start = time.perf_counter()
         embeddings = self.embedder.embed(chips)
