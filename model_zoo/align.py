@@ -21,6 +21,8 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
+from .vision import facemesh
+
 ARCFACE_SIZE = 112
 ARCFACE_112 = np.array(
     [[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366], [41.5493, 92.3655], [70.7299, 92.2041]],
@@ -82,6 +84,28 @@ def five_points_from_68(landmarks68: np.ndarray) -> np.ndarray:
     ])
 
 
+def five_points_from_mesh(mesh: np.ndarray) -> np.ndarray:
+    """Face Mesh [468, 2|3] -> [5, 2] in ArcFace order: eye centres (mean of each eye's corners and lid middles,
+    image left first), nose tip, mouth corners."""
+    points = np.asarray(mesh, dtype=np.float64)
+    if points.shape[0] != facemesh.POINTS or points.ndim != 2:
+        raise ValueError(f"expected [{facemesh.POINTS}, 2|3] mesh landmarks, got shape {points.shape}")
+    points = points[:, :2]
+    return np.stack([
+        points[list(facemesh.RIGHT_EYE_CONTOUR)].mean(axis=0),
+        points[list(facemesh.LEFT_EYE_CONTOUR)].mean(axis=0),
+        points[facemesh.NOSE_TIP],
+        points[facemesh.MOUTH_CORNERS[0]],
+        points[facemesh.MOUTH_CORNERS[1]],
+    ])
+
+
+def five_points(landmarks: np.ndarray) -> np.ndarray:
+    """Either landmark set (68-point [68, 2] or mesh [468, 2|3]) -> the [5, 2] ArcFace-order points."""
+    landmarks = np.asarray(landmarks)
+    return five_points_from_mesh(landmarks) if len(landmarks) == facemesh.POINTS else five_points_from_68(landmarks)
+
+
 def dlib_chip_5points(size: int = DLIB_CHIP_SIZE, padding: float = DLIB_CHIP_PADDING) -> np.ndarray:
     """The dlib chip geometry as a 5-point template, reduced from its mean shape like real landmarks."""
     return five_points_from_68(dlib_mean_shape68(size, padding))
@@ -124,22 +148,22 @@ def warp(image: np.ndarray, matrix: np.ndarray, size: int,
                           flags=cv2.INTER_LINEAR, borderMode=border)
 
 
-def dlib_chip_transform(landmarks68: np.ndarray, size: int = DLIB_CHIP_SIZE,
+def dlib_chip_transform(landmarks: np.ndarray, size: int = DLIB_CHIP_SIZE,
                         padding: float = DLIB_CHIP_PADDING) -> np.ndarray:
-    """Image -> dlib chip similarity, fitted on the same 68-landmark subset as dlib's get_face_chip_details."""
-    points = np.asarray(landmarks68, dtype=np.float64)
+    """Image -> dlib chip similarity: from 68 landmarks on the same subset as dlib's get_face_chip_details; from
+    the mesh (no 68-point correspondence) on its 5 points against the chip's 5-point template."""
+    points = np.asarray(landmarks, dtype=np.float64)
+    if len(points) == facemesh.POINTS:
+        return estimate_similarity(five_points_from_mesh(points), dlib_chip_5points(size, padding))
     if points.shape != (68, 2):
-        raise ValueError(f"expected [68, 2] landmarks, got shape {points.shape}")
+        raise ValueError(f"expected [68, 2] or [468, 2|3] landmarks, got shape {points.shape}")
     return estimate_similarity(points[DLIB_CHIP_INDICES], dlib_mean_shape68(size, padding)[DLIB_CHIP_INDICES])
 
 
-def arcface_transform(landmarks68: np.ndarray) -> np.ndarray:
-    """Image -> 112x112 ArcFace crop similarity, fitted on the 5 points reduced from the 68 landmarks: the input
-    every backbone (MobileFaceNet, faceapi-resnet) and every export of one expects."""
-    points = np.asarray(landmarks68, dtype=np.float64)
-    if points.shape != (68, 2):
-        raise ValueError(f"expected [68, 2] landmarks, got shape {points.shape}")
-    return estimate_similarity(five_points_from_68(points), ARCFACE_112)
+def arcface_transform(landmarks: np.ndarray) -> np.ndarray:
+    """Image -> 112x112 ArcFace crop similarity, fitted on the 5 points of either landmark set: the input every
+    backbone (MobileFaceNet, faceapi-resnet) and every export of one expects."""
+    return estimate_similarity(five_points(landmarks), ARCFACE_112)
 
 
 def arcface_to_dlib_transform(arcface_size: int = ARCFACE_SIZE, chip_size: int = DLIB_CHIP_SIZE,

@@ -44,9 +44,9 @@ def rejection(faces: list[AnalyzedFace], gates: QualityGates) -> str | None:
         return "face too small"
     if sharpness(face.chip) < gates.min_sharpness:
         return "blurred"
-    if abs(yaw_ratio(face.landmarks68)) > gates.max_yaw or abs(roll_degrees(face.landmarks68)) > gates.max_roll_deg:
+    if abs(yaw_ratio(face.landmarks)) > gates.max_yaw or abs(roll_degrees(face.landmarks)) > gates.max_roll_deg:
         return "not frontal"
-    if mean_eye_aspect_ratio(face.landmarks68) < gates.min_ear:
+    if mean_eye_aspect_ratio(face.landmarks) < gates.min_ear:
         return "eyes closed"
     return None
 

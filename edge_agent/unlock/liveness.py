@@ -1,4 +1,4 @@
-"""Liveness challenges on the 68 landmarks of the candidate face: a blink, or a head turn. Pure, no I/O.
+"""Liveness challenges on the landmarks (68 points or mesh) of the candidate face: a blink, or a head turn. Pure.
 
 Each challenge watches one face over time (observe(t, landmarks)) and, once passed, stays passed until
 reset(): the unlock session resets it when an attempt ends, when the device relocks, and on any frame whose
@@ -27,7 +27,7 @@ LIVENESS_MODES: tuple[str, ...] = ("off", "blink", "motion")
 class LivenessChallenge(Protocol):
     mode: str
 
-    def observe(self, t: float, landmarks68: np.ndarray | None) -> bool:
+    def observe(self, t: float, landmarks: np.ndarray | None) -> bool:
         """Feed the candidate face's landmarks at time t (None: no face); True once the challenge is passed."""
 
     def reset(self) -> None: ...
@@ -47,7 +47,7 @@ class NoChallenge:
     passed = True
     status = "liveness off"
 
-    def observe(self, t: float, landmarks68: np.ndarray | None) -> bool:
+    def observe(self, t: float, landmarks: np.ndarray | None) -> bool:
         return True
 
     def reset(self) -> None:
@@ -97,10 +97,10 @@ class BlinkChallenge:
             return "blink seen"
         return "eyes closed" if self._closed_since is not None else "waiting for a blink"
 
-    def observe(self, t: float, landmarks68: np.ndarray | None) -> bool:
-        if landmarks68 is None or self._passed:
+    def observe(self, t: float, landmarks: np.ndarray | None) -> bool:
+        if landmarks is None or self._passed:
             return self._passed
-        ear = mean_eye_aspect_ratio(landmarks68)
+        ear = mean_eye_aspect_ratio(landmarks)
         self.last_ear = ear
         s = self.settings
         if self._closed_since is not None and t - self._closed_since > s.max_closed_s:
@@ -160,10 +160,10 @@ class MotionChallenge:
     def status(self) -> str:
         return "head turn seen" if self._passed else "turn your head left and right"
 
-    def observe(self, t: float, landmarks68: np.ndarray | None) -> bool:
-        if landmarks68 is None or self._passed:
+    def observe(self, t: float, landmarks: np.ndarray | None) -> bool:
+        if landmarks is None or self._passed:
             return self._passed
-        self._history.append((t, yaw_ratio(landmarks68)))
+        self._history.append((t, yaw_ratio(landmarks)))
         while self._history[0][0] < t - self.settings.window_s:
             self._history.popleft()
         yaws = np.array([y for _, y in self._history])

@@ -79,13 +79,13 @@ class UnlockSession:
             similarity = self.templates @ face.embedding
             best = int(np.argmax(similarity))
             records.append(FaceRecord([round(v, 1) for v in face.box], self.names[best], float(similarity[best]),
-                                      mean_eye_aspect_ratio(face.landmarks68)))
+                                      mean_eye_aspect_ratio(face.landmarks)))
         verdict = frame_verdict([r.score for r in records], self.rules)
         candidate = max(range(len(faces)), key=lambda i: records[i].score) if faces else None
         # The challenge must be passed by the face that matches: a stranger's blink followed by the owner's
         # photo must not count, so any frame with faces but no match starts the challenge again.
         if verdict is Verdict.MATCH:
-            live = self.challenge.observe(frame.time_s, faces[candidate].landmarks68)
+            live = self.challenge.observe(frame.time_s, faces[candidate].landmarks)
         else:
             if verdict is not Verdict.NO_FACE:
                 self.challenge.reset()
