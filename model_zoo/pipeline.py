@@ -30,13 +30,11 @@ import torch
 from . import align
 from .faceapi import FaceApiModels, detect_faces, load_faceapi_models
 from .faceapi import landmarks as faceapi_landmarks
-from .vision import Detection, facemesh
+from .vision import DETECTORS, LANDMARK_MODELS, Detection, facemesh
 from .vision.blazeface import CropAwareBlazeFace
 
 EMBEDDERS = ("faceapi",)
 DESCRIPTOR_DIM = 128
-DETECTORS = ("tiny", "blazeface")
-LANDMARK_MODELS = ("68", "mesh")
 
 
 @dataclass

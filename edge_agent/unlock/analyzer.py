@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import cv2
 import numpy as np
 
 from edge_agent.backends import Embedder, TorchEmbedder, load_embedder
@@ -83,6 +84,26 @@ class FaceAnalyzer:
         if faces:
             return faces[0]
         return self._describe(image_rgb, [Detection(0.0, whole_image_box(image_rgb))], times)[0]
+
+    def analyze_aligned(self, crop_rgb: np.ndarray) -> tuple[list[AnalyzedFace], StageTimes]:
+        """A photo that is already an ArcFace-aligned square crop (--aligned): no detection, the crop resized to
+        the embedder's input; landmarks of the whole crop, for the quality gates and liveness."""
+        times = StageTimes()
+        height, width = crop_rgb.shape[:2]
+        if height != width:
+            raise ValueError(f"an aligned crop must be square, got {width}x{height}")
+        whole = Detection(0.0, whole_image_box(crop_rgb))
+        start = time.perf_counter()
+        landmarks = self.pipeline.landmarker.locate(crop_rgb, [whole])
+        times.ms["landmarks"] = _ms_since(start)
+        start = time.perf_counter()
+        size = align.ARCFACE_SIZE
+        chip = crop_rgb if height == size else cv2.resize(crop_rgb, (size, size), interpolation=cv2.INTER_AREA)
+        times.ms["align"] = _ms_since(start)
+        start = time.perf_counter()
+        embedding = self.embedder.embed(chip[None])[0]
+        times.ms["embed"] = _ms_since(start)
+        return [AnalyzedFace(whole.box, whole.score, landmarks[0], np.ascontiguousarray(chip), embedding)], times
 
     def _describe(self, frame, detections: list[Detection], times: StageTimes) -> list[AnalyzedFace]:
         start = time.perf_counter()

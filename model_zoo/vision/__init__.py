@@ -13,6 +13,13 @@ from pathlib import Path
 import numpy as np
 
 ENV_VAR = "FACEFED_MEDIAPIPE_DIR"
+DETECTORS = ("blazeface", "tiny")  # model_zoo.pipeline's face detectors
+LANDMARK_MODELS = ("mesh", "68")  # and landmark nets
+# What enroll, unlock, calibrate, evaluate and the device profiles run unless told otherwise: the pair that
+# bench/vision_bench.py measured faster at no loss of accuracy (BENCHMARKS.md, issue 17). The library's
+# FacePipeline keeps the face-api port (tiny, 68) as its default, the reference the port was checked against.
+DEFAULT_DETECTOR = "blazeface"
+DEFAULT_LANDMARKS = "mesh"
 
 
 @dataclass(frozen=True)
