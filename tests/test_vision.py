@@ -175,3 +175,58 @@ def test_pipeline_rejects_unknown_backends(pipelines) -> None:
     with pytest.raises(ValueError, match="468"):
         align.five_points_from_mesh(np.zeros((100, 3)))
     assert isinstance(Detection(1.0, (0, 0, 1, 1)).keypoints, type(None))
+
+
+# --- enroll and unlock on the default route, from the command line ---
+
+@pytest.fixture(scope="module")
+def ruffalo_store(pipelines, tmp_path_factory) -> tuple[Path, Path]:
+    """(store, photos): the owner enrolled from five tight celeb-dev crops and one blank image, as they are."""
+    import shutil
+
+    import cv2
+
+    root = _dataset("celeb-dev")
+    photos = tmp_path_factory.mktemp("crops")
+    for name in ("6265", "6270", "6271", "6277", "6280"):
+        shutil.copy(root / "Mark_Ruffalo" / f"{name}.jpg", photos / f"{name}.jpg")
+    cv2.imwrite(str(photos / "zz-blank.png"), np.full((112, 112, 3), 128, np.uint8))
+    return tmp_path_factory.mktemp("store"), photos
+
+
+@pytest.mark.shared_data
+def test_enrolment_from_tight_crops_succeeds_and_names_each_rejected_image(ruffalo_store, capsys) -> None:
+    from edge_agent.cli import main
+
+    store, photos = ruffalo_store
+
+    assert main(["enroll", "--name", "owner", "--source", str(photos), "--store", str(store)]) == 0
+
+    out = capsys.readouterr().out
+    assert "rejected zz-blank.png: no face" in out
+    assert "enrolled owner: 5 template(s) from 6 frame(s)" in out
+
+
+@pytest.mark.shared_data
+def test_unlock_prints_why_it_waits_and_the_latency_split(ruffalo_store, tmp_path, capsys) -> None:
+    import shutil
+
+    from edge_agent.cli import main
+
+    store, photos = ruffalo_store
+    main(["enroll", "--name", "owner", "--source", str(photos), "--store", str(store)])
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    stranger = _dataset("celeb-dev") / "Hugh_Laurie" / "3358.jpg"
+    for i, source in enumerate([photos / "zz-blank.png", stranger] + sorted(photos.glob("*.jpg"))[:3]):
+        shutil.copy(source, frames / f"{i}{source.suffix}")
+    capsys.readouterr()
+
+    assert main(["unlock", "--source", str(frames), "--store", str(store), "--no-window"]) == 0
+
+    out = capsys.readouterr().out
+    assert "frame 0 t=0.0s: no face |" in out
+    assert "frame 1 t=0.1s: no match: best owner" in out
+    assert "frame 2 t=0.2s: waiting for a blink (owner" in out
+    assert "unlocked 0 time(s)" in out
+    assert "median frame" in out and "detect" in out and "embed" in out and "(blazeface detector, mesh landmarks)" in out
