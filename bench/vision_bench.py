@@ -10,8 +10,8 @@ Run from the repository root:  python -m bench.vision_bench [--celeb-per-person 
   median frame times.
 - Detection recall: an image counts when the detector returns a face (celeb-dev tight 112x112 aligned crops, ORL
   92x112 crops, Yale full frames); for scenes, when a detection's box holds the centre of the pasted face. Scenes:
-  640x480 frames (a Yale frame scaled up and blurred as the background) with one celeb-dev or ORL face pasted at
-  40-90 px wide at a random place. Tiny runs at unlock's input size (320); BlazeFace as unlock runs it (short
+  640x480 frames (smooth colour blobs and noise, no face) with one celeb-dev or ORL face pasted at 40-90 px wide
+  at a random place. Tiny runs at unlock's input size (320); BlazeFace as unlock runs it (short
   range, padded retry, full range).
 - Verification EER through each route, the unlock path (FaceAnalyzer.analyze_photo: detect, landmarks, ArcFace
   alignment, int8 embedding; a photo without a detection taken whole), on celeb-dev (per-person spread) and ORL,
@@ -73,14 +73,15 @@ def load_sets(root: Path, per_person: int) -> dict[str, tuple[list[np.ndarray], 
 
 
 def make_scenes(sets: dict, count: int, seed: int = 0) -> list[tuple[np.ndarray, tuple[float, float]]]:
-    """640x480 frames, each with one small face (40-90 px wide) pasted on a blurred, scaled-up Yale background;
-    returns (frame, centre of the pasted face)."""
+    """640x480 frames, each with one small face (40-90 px wide) pasted on a face-free background (smooth colour
+    blobs plus fine noise: a room out of focus); returns (frame, centre of the pasted face)."""
     rng = np.random.default_rng(seed)
     faces = sets["celeb-dev"][0] + sets["ORL"][0]
-    backgrounds = sets["Yale"][0]
     scenes = []
     for _ in range(count):
-        background = cv2.GaussianBlur(cv2.resize(backgrounds[rng.integers(len(backgrounds))], (640, 480)), (0, 0), 12)
+        blobs = cv2.resize(rng.integers(30, 220, size=(6, 8, 3)).astype(np.uint8), (640, 480),
+                           interpolation=cv2.INTER_CUBIC)
+        background = np.clip(blobs + rng.normal(0, 6, blobs.shape), 0, 255).astype(np.uint8)
         face = faces[rng.integers(len(faces))]
         width = int(rng.integers(40, 91))
         height = int(round(width * face.shape[0] / face.shape[1]))

@@ -16,7 +16,7 @@ from model_zoo.faceapi import default_models_dir as faceapi_dir
 from model_zoo.pipeline import FacePipeline
 from model_zoo.vision import Detection, default_models_dir
 from model_zoo.vision.blazeface import (FULL_RANGE, SHORT_RANGE, anchor_centres, decode, letterbox,
-                                        non_max_suppression)
+                                        non_max_suppression, tiles)
 
 YALE_FRAMES = ("subject01.normal", "subject05.glasses", "subject09.centerlight", "subject13.happy")
 # BlazeFace's eye keypoints against the 68-point eye centres (mean of six contour points), as a fraction of the
@@ -73,6 +73,13 @@ def test_letterbox_keeps_the_aspect_ratio_and_centres_the_frame() -> None:
 
     assert batch.shape == (128, 128, 3) and scale == pytest.approx(1.28) and (pad_x, pad_y) == (0.0, 32.0)
     assert batch[0, 0, 0] == -1.0 and batch[64, 64, 0] == 1.0
+
+
+def test_tiles_cover_the_frame_with_half_a_tile_of_overlap() -> None:
+    corners = tiles(480, 640, 240)
+
+    assert {x for x, _ in corners} == {0, 100, 200, 300, 400} and {y for _, y in corners} == {0, 120, 240}
+    assert tiles(100, 100, 128) == [(0, 0)]
 
 
 # --- the real models ---
@@ -164,6 +171,37 @@ def test_blazeface_finds_every_tight_celeb_dev_crop(pipelines) -> None:
     found = [vision.detector.detect(crop) for crop in crops]
 
     assert all(len(faces) >= 1 for faces in found)
+
+
+@pytest.mark.shared_data
+def test_blazeface_finds_a_small_face_in_a_large_frame(pipelines) -> None:
+    import cv2
+
+    _, vision = pipelines
+    face = np.ascontiguousarray(to_rgb(read_image(_dataset("orl") / "s5" / "1.pgm")))
+    rng = np.random.default_rng(0)
+    frame = cv2.resize(rng.integers(30, 220, size=(6, 8, 3)).astype(np.uint8), (640, 480),
+                       interpolation=cv2.INTER_CUBIC)
+    frame[300:361, 450:500] = cv2.resize(face, (50, 61), interpolation=cv2.INTER_AREA)  # 50 px wide at 640
+
+    found = vision.detector.detect(frame)
+
+    assert any(d.box[0] <= 475 <= d.box[0] + d.box[2] and d.box[1] <= 330 <= d.box[1] + d.box[3] for d in found)
+
+
+@pytest.mark.shared_data
+def test_mesh_alignment_leaves_an_aligned_crop_nearly_as_it_is(pipelines) -> None:
+    _, vision = pipelines
+    root = _dataset("celeb-dev")
+    crops = [np.ascontiguousarray(to_rgb(read_image(sorted(person.glob("*.jpg"))[-1])))
+             for person in sorted(root.iterdir()) if person.is_dir()][6:]  # people outside MESH_ARCFACE_112's fit
+
+    matrices = np.stack([align.arcface_transform(vision.primary_landmarks(crop)) for crop in crops])
+
+    scales = np.sqrt(np.abs(np.linalg.det(matrices[:, :, :2])))
+    assert np.abs(np.median(scales) - 1.0) < 0.05
+    corners = np.stack([align.apply_transform(m, [[0, 0], [111, 111]]) for m in matrices])
+    assert np.abs(np.median(corners - [[0, 0], [111, 111]], axis=0)).max() < 3.0  # pixels
 
 
 def test_pipeline_rejects_unknown_backends(pipelines) -> None:
