@@ -49,7 +49,11 @@ class TFLiteModel:
                                     "face_landmark.tflite")
         if threads < 1:
             raise ValueError(f"threads must be >= 1, got {threads}")
-        from ai_edge_litert.interpreter import Interpreter
+        try:
+            from ai_edge_litert.interpreter import Interpreter
+        except ImportError as exc:
+            raise ImportError("BlazeFace and Face Mesh run on the TFLite interpreter: pip install ai-edge-litert, "
+                              "or choose the face-api port (--detector tiny --landmarks 68)") from exc
 
         self.interpreter = Interpreter(model_path=str(path), num_threads=threads)
         self.interpreter.allocate_tensors()
