@@ -1,11 +1,11 @@
 """The one face pipeline: detect -> landmarks -> similarity alignment to the embedder's chip -> descriptor.
 
 Detectors (`detector=`): "tiny", the ported face-api TinyFaceDetector (torch), or "blazeface", MediaPipe's
-BlazeFace through TFLite (model_zoo.vision: short range, retried padded and at full range where it finds
-nothing). Landmarks (`landmarks=`): "68", face-api's 68-point net (torch) on each box crop, or "mesh",
+BlazeFace through TFLite (model_zoo.vision: short range, retried padded, at full range and on tiles where it
+finds nothing). Landmarks (`landmarks=`): "68", face-api's 68-point net (torch) on each box crop, or "mesh",
 MediaPipe's Face Mesh (468 points, TFLite) on the rotated crop around each box. Both sit behind the same two
-calls (FaceDetector.detect, LandmarkModel.locate) and any pairing works; alignment takes either landmark set
-(align.five_points). The embedder is the face-api descriptor here; unlock's embedders take the ArcFace crop.
+calls (FaceDetector.detect, LandmarkModel.locate), so the mixed pairings run too, but only tiny + 68 and
+blazeface + mesh are measured (BENCHMARKS.md); alignment takes either landmark set (align.five_points). The embedder is the face-api descriptor here; unlock's embedders take the ArcFace crop.
 
 Two routes to a descriptor:
 - full frames (`detect`): detector boxes, landmarks mapped back to the frame, and the frame warped into the

@@ -1,9 +1,8 @@
 """Per frame: detect -> landmarks -> ArcFace alignment -> embedding, each stage timed.
 
-Detection and landmarks are the shared FacePipeline's (tiny detector or BlazeFace, 68 points or Face Mesh:
---detector, --landmarks); the embedder is the
-device's model behind edge_agent.backends' one interface (torch, ONNX Runtime or TFLite), fed 112x112
-ArcFace-aligned crops, the input contract of every backbone and export.
+Detection and landmarks are the shared FacePipeline's (BlazeFace or the tiny detector, Face Mesh or 68 points:
+--detector, --landmarks); the embedder is the device's model behind edge_agent.backends' one interface (torch,
+ONNX Runtime or TFLite), fed 112x112 ArcFace-aligned crops, the input contract of every backbone and export.
 """
 from __future__ import annotations
 
