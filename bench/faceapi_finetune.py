@@ -54,7 +54,6 @@ from aggregator.strategies import WeightedSum
 from facefed.simulate import SimulationConfig, prepare_partitions, run_simulation
 from fedwire.codec import encode_tensors
 from fedwire.messages import TrainSettings
-from model_zoo import align
 from model_zoo.backbones import build_backbone
 from model_zoo.checkpoint import load_checkpoint, load_shared_tensors, save_checkpoint, shared_tensors
 from model_zoo.data import FaceDataset, load_dataset, save_folders, shared_datasets_root, to_model_input
@@ -218,21 +217,13 @@ def checkpoint_versions(state_dir: Path) -> list[dict]:
 # --- ORL: landmarks once, two kinds of input ---
 
 def frame_landmarks(pipeline: FacePipeline, images: np.ndarray) -> np.ndarray:
-    """[N, 68, 2] landmarks of the best face of each image; FacePipeline.embed_frames' fallback to the whole
-    image as the face box where the detector finds none (tight crops)."""
-    height, width = images.shape[1:3]
-    points = []
-    for image in images:
-        faces = pipeline.detect(image)
-        points.append(faces[0].landmarks68 if faces else
-                      pipeline.landmarks_in_boxes(image, [(0.0, 0.0, float(width), float(height))])[0])
-    return np.stack(points)
+    """[N, 68, 2] landmarks of the best face of each image (FacePipeline.primary_landmarks)."""
+    return np.stack([pipeline.primary_landmarks(image) for image in images])
 
 
 def arcface_crops(images: np.ndarray, landmarks: np.ndarray) -> np.ndarray:
     """112x112 crops aligned to the ArcFace 5-point template, the input the backbones expect."""
-    return np.stack([align.warp(image, align.arcface_transform(points), align.ARCFACE_SIZE)
-                     for image, points in zip(images, landmarks)])
+    return np.stack([FacePipeline.arcface_crop(image, points) for image, points in zip(images, landmarks)])
 
 
 # --- int8 trunk through ONNX Runtime ---

@@ -1,6 +1,7 @@
 """Face unlock: FAR and FRR at the calibrated threshold on held-out people, and per-frame latency on one core.
 
 Run from the repository root:  python -m bench.unlock_bench [--celeb-per-person 40] [--target-far 1e-3]
+                               [--detector tiny|blazeface] [--landmarks 68|mesh]
 
 Model: the int8 ONNX export (model_zoo.export, onnx-int8) of the pretrained face-api descriptor (faceapi-resnet),
 the model a device runs before the federation changes it; its int8 calibration images are celeb-dev images of the
@@ -44,6 +45,8 @@ from model_zoo.backbones import build_backbone
 from model_zoo.data import IMAGE_EXTENSIONS, read_gif, read_image, shared_datasets_root, to_rgb
 from model_zoo.export import export_model
 from model_zoo.metrics import pair_scores
+from model_zoo.pipeline import FacePipeline
+from model_zoo.vision import DETECTORS, LANDMARK_MODELS
 
 HELD_OUT_SEED = 1  # enrolment draws on the held-out people, independent of calibrate's (seed 0)
 YALE_CONDITIONS = ("normal", "happy", "sad", "surprised", "noglasses", "glasses", "sleepy", "wink")
@@ -112,6 +115,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--celeb-per-person", type=int, default=40, help="celeb-dev images per person (spread)")
     parser.add_argument("--target-far", type=float, default=1e-3)
+    parser.add_argument("--detector", choices=DETECTORS, default="tiny", help="face detector (default tiny)")
+    parser.add_argument("--landmarks", choices=LANDMARK_MODELS, default="68", help="landmark net (default 68)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     datasets = shared_datasets_root()
@@ -121,7 +126,7 @@ def main() -> None:
         int8_faces = np.stack([to_rgb(read_image(path)) for _, path in calibration["celeb"]])
         exported = export_model(build_backbone("faceapi-resnet"), "onnx-int8", tmp, int8_faces, model_version=0)
         embedder, ref = load_model(exported.model_path, threads=1)
-        analyzer = FaceAnalyzer(embedder, ref)
+        analyzer = FaceAnalyzer(embedder, ref, FacePipeline(detector=args.detector, landmarks=args.landmarks))
         cal = embed_sets(analyzer, calibration)
         held = embed_sets(analyzer, held_out)
         calibrated, _, _ = calibrate_embeddings(cal, args.target_far)
@@ -142,7 +147,8 @@ def main() -> None:
                 f"{false_rejects / genuines:.3f} ({false_rejects}) |")
 
     print(f"\nmachine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} thread, "
-          f"python {platform.python_version()}, torch {torch.__version__}; {elapsed:.0f} s\n")
+          f"python {platform.python_version()}, torch {torch.__version__}; {elapsed:.0f} s; "
+          f"{args.detector} detector, {args.landmarks} landmarks\n")
     print(f"Calibration people: {len(cal.identities)} ({len(cal.labels)} images); threshold {threshold:.4f} for "
           f"FAR {args.target_far:g} on template trials (measured {calibrated.far:.2e}: {calibrated.false_accepts} of "
           f"{calibrated.impostor_trials:,} impostor trials; FRR {calibrated.frr:.3f}: {calibrated.false_rejects} of "

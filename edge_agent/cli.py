@@ -9,6 +9,7 @@ from pathlib import Path
 
 from edge_agent.unlock.calibration import ENROL_IMAGES
 from fedwire.config import ConfigError
+from model_zoo.vision import DEFAULT_DETECTOR, DEFAULT_LANDMARKS, DETECTORS, LANDMARK_MODELS
 
 EXAMPLE_CONFIG = """\
 # agent.yaml: device_id, data and state_dir are required.
@@ -75,6 +76,15 @@ def _add_unlock_parsers(sub) -> None:
         parser.add_argument("--store", type=Path, help="template folder (default: unlock.store in --config, "
                             "else <state_dir>/unlock); created 0700, files 0600")
         parser.add_argument("--threads", type=int, default=1, help="CPU threads for the nets (default 1)")
+        vision(parser)
+
+    def vision(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--detector", choices=DETECTORS, help="face detector: blazeface (MediaPipe BlazeFace, "
+                            "TFLite) or tiny (the face-api port, torch) (default: the device profile's in --config, "
+                            f"else {DEFAULT_DETECTOR})")
+        parser.add_argument("--landmarks", choices=LANDMARK_MODELS, help="landmarks: mesh (MediaPipe Face Mesh, 468 "
+                            "points, TFLite) or 68 (the face-api port, torch) (default: the device profile's, else "
+                            f"{DEFAULT_LANDMARKS})")
 
     source_help = "camera index (0), video file, rtsp:// URL or folder of images"
     enroll = sub.add_parser(
@@ -87,6 +97,8 @@ def _add_unlock_parsers(sub) -> None:
                         help=f"templates to keep (default {ENROL_IMAGES}, what calibrate assumes)")
     enroll.add_argument("--max-frames", type=int, default=300, help="stop after this many frames (default 300)")
     enroll.add_argument("--fps", type=float, help="frame rate of an image folder (default 10)")
+    enroll.add_argument("--aligned", action="store_true", help="the images are already ArcFace-aligned square crops "
+                        "(such as celeb-dev): take each whole, no face detection")
     common(enroll, "the deployed model, unlock.model in --config, else faceapi")
     unlock = sub.add_parser(
         "unlock", help="run the face-unlock loop on a camera, video, stream or image folder",
@@ -107,6 +119,8 @@ def _add_unlock_parsers(sub) -> None:
     unlock.add_argument("--save", type=Path, help="write the annotated video here (.mp4 or .avi)")
     unlock.add_argument("--json-log", type=Path, help="one JSON object per processed frame (JSON lines)")
     unlock.add_argument("--no-window", action="store_true", help="never open a window")
+    unlock.add_argument("--aligned", action="store_true", help="the frames are already ArcFace-aligned square crops: "
+                        "take each whole, no face detection")
     unlock.add_argument("--fps", type=float, help="frame rate of an image folder (default 10), or an override")
     common(unlock, "the model the templates were made with; after a federated round, the new global model")
     calibrate = sub.add_parser(
@@ -122,6 +136,7 @@ def _add_unlock_parsers(sub) -> None:
     calibrate.add_argument("--plot", type=Path, help="ROC/DET PNG (default: unlock-calibration.png by --config)")
     calibrate.add_argument("--json", type=Path, help="also write the figures as JSON")
     calibrate.add_argument("--threads", type=int, default=1, help="CPU threads for the nets (default 1)")
+    vision(calibrate)
 
 
 def main(argv: list[str] | None = None) -> int:

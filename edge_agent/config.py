@@ -17,6 +17,7 @@ from fedwire.config import ConfigError, TlsConfig, merge_dicts, parse_config, re
 from fedwire.mqtt import parse_broker_url
 from fedwire.topics import Topics, validate_device_id
 from firmware_configs import profile_path
+from model_zoo.vision import DEFAULT_DETECTOR, DEFAULT_LANDMARKS
 
 DEFAULT_BROKER = "mqtt://127.0.0.1:1883"
 
@@ -61,6 +62,8 @@ class DeviceProfile:
     torch: str = "torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"
     camera: CameraSettings = field(default_factory=CameraSettings)
     train_window: TrainWindow = field(default_factory=TrainWindow)
+    detector: Literal["blazeface", "tiny"] = DEFAULT_DETECTOR  # face unlock's face detector (model_zoo.vision)
+    landmarks: Literal["mesh", "68"] = DEFAULT_LANDMARKS  # and landmark net
 
     def check(self) -> None:
         require(1 <= self.threads <= 256, "threads", "must be in [1, 256]")
@@ -149,6 +152,21 @@ class AgentConfig:
 def load_agent_config(path: str | Path, overrides: dict | None = None) -> AgentConfig:
     path = Path(path)
     raw = merge_dicts(read_yaml(path), overrides or {})
+    return parse_config(AgentConfig, {**raw, "device": _device_section(raw, path)}, source=str(path),
+                        base_dir=path.parent)
+
+
+def load_device_profile(path: str | Path) -> DeviceProfile:
+    """The device profile agent.yaml names (default x86-dev), with its `device:` overrides, validated alone:
+    enroll, unlock and calibrate take the face detector and landmark net from it."""
+    path = Path(path)
+    try:
+        return parse_config(DeviceProfile, _device_section(read_yaml(path), path))
+    except ConfigError as exc:
+        raise ConfigError(f"device.{exc.field}", exc.reason, str(path)) from None
+
+
+def _device_section(raw: dict, path: Path) -> dict:
     profile_name = raw.get("profile", "x86-dev")
     if not isinstance(profile_name, str):
         raise ConfigError("profile", f"expected a profile name or YAML path, got {profile_name!r}", str(path))
@@ -156,8 +174,7 @@ def load_agent_config(path: str | Path, overrides: dict | None = None) -> AgentC
         profile_file = profile_path(profile_name)
     except FileNotFoundError as exc:
         raise ConfigError("profile", str(exc), str(path)) from None
-    device = merge_dicts(read_yaml(profile_file), raw.get("device") or {})
-    return parse_config(AgentConfig, {**raw, "device": device}, source=str(path), base_dir=path.parent)
+    return merge_dicts(read_yaml(profile_file), raw.get("device") or {})
 
 
 def load_unlock_settings(path: str | Path) -> tuple[UnlockSettings, Path | None]:

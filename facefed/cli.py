@@ -9,6 +9,8 @@ import os
 import sys
 from pathlib import Path
 
+from model_zoo.vision import DEFAULT_DETECTOR, DEFAULT_LANDMARKS, DETECTORS, LANDMARK_MODELS
+
 # Fine-tuning a pretrained embedder needs small steps and a small margin, or it forgets more than it learns
 # from a few identities (bench/faceapi_finetune.py).
 SIM_DEFAULTS = {"mobilefacenet": {"local_epochs": 2, "lr": 0.05, "margin": 0.5},
@@ -91,6 +93,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="faceapi only: are the images ArcFace-aligned crops? auto: yes for folder-per-identity "
                     "datasets, no for ORL/Yale (then faces are detected and aligned by landmarks)")
     ev.add_argument("--data", required=True, type=Path, help="labelled faces: ORL, Yale or folder-per-identity")
+    ev.add_argument("--detector", choices=DETECTORS, default=DEFAULT_DETECTOR,
+                    help="faceapi on frames (not --aligned yes): blazeface (MediaPipe, TFLite) or tiny (the face-api "
+                    f"port) (default {DEFAULT_DETECTOR})")
+    ev.add_argument("--landmarks", choices=LANDMARK_MODELS, default=DEFAULT_LANDMARKS,
+                    help="faceapi on frames: mesh (MediaPipe Face Mesh, 468 points) or 68 "
+                    f"(default {DEFAULT_LANDMARKS})")
     ev.add_argument("--json", type=Path, help="write the report here")
     ev.add_argument("--roc", type=Path, help="write a ROC curve PNG here")
 
@@ -298,7 +306,8 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     try:
         dataset = load_dataset(args.data)
-        embeddings = _embed_for_evaluation(args.model, dataset, args.aligned, detect_layout(args.data))
+        embeddings = _embed_for_evaluation(args.model, dataset, args.aligned, detect_layout(args.data),
+                                           args.detector, args.landmarks)
     except (ValueError, FileNotFoundError, ImportError) as exc:
         print(f"facefed evaluate: {exc}", file=sys.stderr)
         return 2
@@ -317,7 +326,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _embed_for_evaluation(model: str, dataset, aligned: str, layout: str):
+def _embed_for_evaluation(model: str, dataset, aligned: str, layout: str, detector: str = DEFAULT_DETECTOR,
+                          landmarks: str = DEFAULT_LANDMARKS):
     """Embeddings of every image: a FaceFed checkpoint, or the pretrained face-api descriptor."""
     if model == "faceapi":
         import torch
@@ -328,7 +338,7 @@ def _embed_for_evaluation(model: str, dataset, aligned: str, layout: str):
         if aligned == "auto":
             # Folder datasets of 112x112 faces (celeb-dev) are ArcFace-aligned crops; ORL and Yale are not.
             aligned = "yes" if layout == "folders" else "no"
-        pipeline = FacePipeline(detector_input_size=128)
+        pipeline = FacePipeline(detector_input_size=128, detector=detector, landmarks=landmarks)
         return pipeline.embed_images(dataset.images, aligned=aligned == "yes")
     from edge_agent.backends import load_embedder
 

@@ -21,10 +21,21 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
+from .vision import facemesh
+
 ARCFACE_SIZE = 112
 ARCFACE_112 = np.array(
     [[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366], [41.5493, 92.3655], [70.7299, 92.2041]],
     dtype=np.float64,
+)
+
+# Where the mesh's five points (five_points_from_mesh) fall on faces aligned to ARCFACE_112: the median over 554
+# celeb-dev crops of its first six people in name order (every 5th image; bench/vision_bench.py scores EER on all
+# twelve, bench/unlock_bench.py calibrates on these six), BlazeFace + Face Mesh on the crops as they are. The mesh's
+# nose tip sits 5.6 px below ARCFACE_112's and its mouth corners 2.8 px above: fitting the mesh's points onto
+# ARCFACE_112 itself would shrink every face vertically (measured: celeb-dev EER 5.6 % against 2.9 %, smoke run).
+MESH_ARCFACE_112 = np.array(
+    [[37.77, 53.08], [73.9, 52.9], [55.66, 77.35], [40.87, 89.67], [71.29, 89.48]], dtype=np.float64,
 )
 
 DLIB_CHIP_SIZE = 150
@@ -82,6 +93,28 @@ def five_points_from_68(landmarks68: np.ndarray) -> np.ndarray:
     ])
 
 
+def five_points_from_mesh(mesh: np.ndarray) -> np.ndarray:
+    """Face Mesh [468, 2|3] -> [5, 2] in ArcFace order: eye centres (mean of each eye's corners and lid middles,
+    image left first), nose tip, mouth corners."""
+    points = np.asarray(mesh, dtype=np.float64)
+    if points.shape[0] != facemesh.POINTS or points.ndim != 2:
+        raise ValueError(f"expected [{facemesh.POINTS}, 2|3] mesh landmarks, got shape {points.shape}")
+    points = points[:, :2]
+    return np.stack([
+        points[list(facemesh.RIGHT_EYE_CONTOUR)].mean(axis=0),
+        points[list(facemesh.LEFT_EYE_CONTOUR)].mean(axis=0),
+        points[facemesh.NOSE_TIP],
+        points[facemesh.MOUTH_CORNERS[0]],
+        points[facemesh.MOUTH_CORNERS[1]],
+    ])
+
+
+def five_points(landmarks: np.ndarray) -> np.ndarray:
+    """Either landmark set (68-point [68, 2] or mesh [468, 2|3]) -> the [5, 2] ArcFace-order points."""
+    landmarks = np.asarray(landmarks)
+    return five_points_from_mesh(landmarks) if len(landmarks) == facemesh.POINTS else five_points_from_68(landmarks)
+
+
 def dlib_chip_5points(size: int = DLIB_CHIP_SIZE, padding: float = DLIB_CHIP_PADDING) -> np.ndarray:
     """The dlib chip geometry as a 5-point template, reduced from its mean shape like real landmarks."""
     return five_points_from_68(dlib_mean_shape68(size, padding))
@@ -124,22 +157,25 @@ def warp(image: np.ndarray, matrix: np.ndarray, size: int,
                           flags=cv2.INTER_LINEAR, borderMode=border)
 
 
-def dlib_chip_transform(landmarks68: np.ndarray, size: int = DLIB_CHIP_SIZE,
+def dlib_chip_transform(landmarks: np.ndarray, size: int = DLIB_CHIP_SIZE,
                         padding: float = DLIB_CHIP_PADDING) -> np.ndarray:
-    """Image -> dlib chip similarity, fitted on the same 68-landmark subset as dlib's get_face_chip_details."""
-    points = np.asarray(landmarks68, dtype=np.float64)
+    """Image -> dlib chip similarity: from 68 landmarks on the same subset as dlib's get_face_chip_details; from
+    the mesh (no 68-point correspondence) on its 5 points against the chip's 5-point template."""
+    points = np.asarray(landmarks, dtype=np.float64)
+    if len(points) == facemesh.POINTS:  # through the ArcFace frame, where the mesh's own template is measured
+        chip_template = apply_transform(arcface_to_dlib_transform(chip_size=size, padding=padding), MESH_ARCFACE_112)
+        return estimate_similarity(five_points_from_mesh(points), chip_template)
     if points.shape != (68, 2):
-        raise ValueError(f"expected [68, 2] landmarks, got shape {points.shape}")
+        raise ValueError(f"expected [68, 2] or [468, 2|3] landmarks, got shape {points.shape}")
     return estimate_similarity(points[DLIB_CHIP_INDICES], dlib_mean_shape68(size, padding)[DLIB_CHIP_INDICES])
 
 
-def arcface_transform(landmarks68: np.ndarray) -> np.ndarray:
-    """Image -> 112x112 ArcFace crop similarity, fitted on the 5 points reduced from the 68 landmarks: the input
-    every backbone (MobileFaceNet, faceapi-resnet) and every export of one expects."""
-    points = np.asarray(landmarks68, dtype=np.float64)
-    if points.shape != (68, 2):
-        raise ValueError(f"expected [68, 2] landmarks, got shape {points.shape}")
-    return estimate_similarity(five_points_from_68(points), ARCFACE_112)
+def arcface_transform(landmarks: np.ndarray) -> np.ndarray:
+    """Image -> 112x112 ArcFace crop similarity, fitted on the 5 points of either landmark set (the mesh's onto
+    MESH_ARCFACE_112): the input every backbone (MobileFaceNet, faceapi-resnet) and every export of one expects."""
+    landmarks = np.asarray(landmarks)
+    template = MESH_ARCFACE_112 if len(landmarks) == facemesh.POINTS else ARCFACE_112
+    return estimate_similarity(five_points(landmarks), template)
 
 
 def arcface_to_dlib_transform(arcface_size: int = ARCFACE_SIZE, chip_size: int = DLIB_CHIP_SIZE,

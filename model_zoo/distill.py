@@ -50,20 +50,12 @@ TEACHER_NAME = "faceapi-resnet (face-api descriptor via FacePipeline.embed_align
 # --- inputs: ArcFace crops ---
 
 def arcface_crops(images: np.ndarray, pipeline=None) -> np.ndarray:
-    """uint8 [N, 112, 112, 3] ArcFace-aligned crops of face frames: the best detection's 68 landmarks, or, where
-    the detector finds no face (tight crops fill the image), the landmark net on the whole image."""
+    """uint8 [N, 112, 112, 3] ArcFace-aligned crops of face frames (FacePipeline.arcface_crops: the best
+    detection's landmarks, else the whole image's)."""
     from .pipeline import FacePipeline
 
     pipeline = pipeline if pipeline is not None else FacePipeline(detector_input_size=128)
-    images = np.asarray(images)
-    height, width = images.shape[1:3]
-    crops = []
-    for image in images:
-        faces = pipeline.detect(image)
-        points = (faces[0].landmarks68 if faces else
-                  pipeline.landmarks_in_boxes(image, [(0.0, 0.0, float(width), float(height))])[0])
-        crops.append(align.warp(image, align.arcface_transform(points), align.ARCFACE_SIZE))
-    return np.stack(crops)
+    return pipeline.arcface_crops(images)
 
 
 # --- the teacher ---

@@ -175,9 +175,9 @@ def test_detect_finds_one_face_with_landmarks_in_its_box(pipeline: FacePipeline,
     face = faces[0]
     x, y, w, h = face.box
     margin = LANDMARK_BOX_MARGIN * np.array([w, h])
-    assert face.landmarks68.shape == (68, 2)
-    assert (face.landmarks68 >= np.array([x, y]) - margin).all()
-    assert (face.landmarks68 <= np.array([x + w, y + h]) + margin).all()
+    assert face.landmarks.shape == (68, 2)
+    assert (face.landmarks >= np.array([x, y]) - margin).all()
+    assert (face.landmarks <= np.array([x + w, y + h]) + margin).all()
     assert face.chip.shape == (150, 150, 3) and face.chip.dtype == np.uint8
     assert face.embedding.shape == (128,) and np.isfinite(face.embedding).all()
 

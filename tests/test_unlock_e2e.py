@@ -19,6 +19,7 @@ from edge_agent.cli import main
 from edge_agent.unlock.commands import PRETRAINED_THRESHOLD
 from model_zoo.data import shared_dataset_dir
 from model_zoo.faceapi.loader import default_models_dir
+from model_zoo.vision import default_models_dir as mediapipe_dir
 
 CELEB = shared_dataset_dir("celeb-dev")
 pytestmark = [
@@ -26,6 +27,8 @@ pytestmark = [
     pytest.mark.skipif(CELEB is None, reason="needs ../shared/datasets/celeb-dev (set FACEFED_DATA_ROOT)"),
     pytest.mark.skipif(not (default_models_dir() / "face_recognition_model.bin").is_file(),
                        reason="needs the face-api weights in ../shared/models/faceapi (set FACEFED_FACEAPI_DIR)"),
+    pytest.mark.skipif(not (mediapipe_dir() / "face_landmark.tflite").is_file(),
+                       reason="needs the MediaPipe models in ../shared/models/mediapipe (set FACEFED_MEDIAPIPE_DIR)"),
 ]
 
 FPS = 10

@@ -20,6 +20,7 @@ from edge_agent.unlock.store import Enrolment, StoreError, TemplateStore
 from fedwire.config import ConfigError
 from model_zoo.data import shared_dataset_dir
 from model_zoo.faceapi.loader import default_models_dir
+from model_zoo.vision import default_models_dir as mediapipe_dir
 
 REF = ModelRef(path=None, sha256="0" * 64, backend="torch")
 
@@ -125,6 +126,8 @@ ORL = shared_dataset_dir("orl")
 
 @pytest.mark.shared_data
 @pytest.mark.skipif(ORL is None, reason="needs ../shared/datasets/orl (set FACEFED_DATA_ROOT)")
+@pytest.mark.skipif(not (mediapipe_dir() / "face_landmark.tflite").is_file(),
+                    reason="needs the MediaPipe models in ../shared/models/mediapipe (set FACEFED_MEDIAPIPE_DIR)")
 @pytest.mark.skipif(not (default_models_dir() / "face_recognition_model.bin").is_file(),
                     reason="needs the face-api weights in ../shared/models/faceapi (set FACEFED_FACEAPI_DIR)")
 def test_calibrate_writes_threshold_plot_and_figures(tmp_path):

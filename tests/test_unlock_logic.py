@@ -217,3 +217,57 @@ def test_enrolment_draws_are_seeded_and_leave_a_genuine_probe():
     assert (int(genuine.sum()), int((~genuine).sum())) == (4 * 2 + 4 * 1, 4 * 11 + 4 * 12)
     with pytest.raises(ValueError, match="more than 5 images"):
         draw_enrolments(np.array([0] * 5 + [1] * 3))
+
+
+# --- the mesh's measures and the reasons shown on the console ---
+
+def face_mesh(opening: float = 3.0, turn_dz: float = 0.0) -> np.ndarray:
+    """468 mesh points with the eyes and face sides placed by hand (the rest at the face centre)."""
+    from model_zoo.vision import facemesh
+
+    points = np.full((468, 3), 50.0)
+    for indices, x0 in ((facemesh.RIGHT_EYE, 25.0), (facemesh.LEFT_EYE, 65.0)):
+        points[list(indices), :2] = eye(10.0, opening, x0, 40.0)
+    left, right = facemesh.FACE_SIDES
+    points[left] = (10.0, 50.0, 50.0 - turn_dz / 2)
+    points[right] = (90.0, 50.0, 50.0 + turn_dz / 2)
+    return points
+
+
+def test_mesh_eye_openness_and_turn_by_hand():
+    assert mean_eye_aspect_ratio(face_mesh(opening=2.0)) == pytest.approx(0.2)
+    assert yaw_ratio(face_mesh()) == pytest.approx(0.0)
+    # The side at image right 48 deeper over 80 wide: sin(yaw) = 48 / hypot(80, 48), the nose towards image right.
+    assert yaw_ratio(face_mesh(turn_dz=48.0)) == pytest.approx(48.0 / np.hypot(80.0, 48.0))
+    assert roll_degrees(face_mesh()) == pytest.approx(0.0, abs=1e-9)
+    with pytest.raises(ValueError, match="depth"):
+        yaw_ratio(face_mesh()[:, :2])
+
+
+def test_challenges_are_tuned_per_landmark_set():
+    assert make_challenge("blink", "mesh").settings.closed_ratio > make_challenge("blink", "68").settings.closed_ratio
+    assert make_challenge("motion", "mesh").settings.min_turn < make_challenge("motion", "68").settings.min_turn
+    with pytest.raises(ValueError, match="mesh"):
+        make_challenge("blink", "98")
+
+
+def test_frame_reasons_say_why_unlock_waits_or_refuses():
+    from edge_agent.unlock.decision import Decision
+    from edge_agent.unlock.session import FaceRecord, frame_reason
+
+    rules = DecisionRules(threshold=0.9, k=3, lockout_failures=5)
+    owner = FaceRecord([0, 0, 10, 10], "owner", 0.95, 0.3)
+    stranger = FaceRecord([0, 0, 10, 10], "owner", 0.42, 0.3)
+    locked = Decision(LockState.LOCKED, None, 1, 0, None)
+    blink, off = BlinkChallenge(), NoChallenge()
+
+    assert frame_reason(Verdict.NO_FACE, locked, None, 0, rules, blink) == "no face"
+    assert frame_reason(Verdict.AMBIGUOUS, locked, owner, 2, rules, blink).startswith("several faces (2)")
+    assert frame_reason(Verdict.NO_MATCH, locked, stranger, 1, rules, blink) == \
+        "no match: best owner 0.420 < threshold 0.900"
+    assert frame_reason(Verdict.MATCH, locked, owner, 1, rules, blink) == "waiting for a blink (owner 0.950)"
+    assert frame_reason(Verdict.MATCH, locked, owner, 1, rules, off) == "matching: 1 of 3 frames needed"
+    assert frame_reason(Verdict.MATCH, Decision(LockState.UNLOCKED, Event.UNLOCKED, 3, 0, None), owner, 1, rules,
+                        off) == "unlocked: owner 0.950"
+    assert frame_reason(Verdict.MATCH, Decision(LockState.LOCKED_OUT, None, 0, 5, 40.0), owner, 1, rules,
+                        off).startswith("locked out")

@@ -1,8 +1,8 @@
-"""Per frame: detect -> 68 landmarks -> ArcFace alignment -> embedding, each stage timed.
+"""Per frame: detect -> landmarks -> ArcFace alignment -> embedding, each stage timed.
 
-Detection and landmarks are the shared FacePipeline's (the ported face-api nets); the embedder is the
-device's model behind edge_agent.backends' one interface (torch, ONNX Runtime or TFLite), fed 112x112
-ArcFace-aligned crops, the input contract of every backbone and export.
+Detection and landmarks are the shared FacePipeline's (BlazeFace or the tiny detector, Face Mesh or 68 points:
+--detector, --landmarks); the embedder is the device's model behind edge_agent.backends' one interface (torch,
+ONNX Runtime or TFLite), fed 112x112 ArcFace-aligned crops, the input contract of every backbone and export.
 """
 from __future__ import annotations
 
@@ -11,14 +11,15 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import cv2
 import numpy as np
 
 from edge_agent.backends import Embedder, TorchEmbedder, load_embedder
 from model_zoo import align
 from model_zoo.exported import sha256_file
-from model_zoo.faceapi import detect_faces
 from model_zoo.faceapi.loader import default_models_dir
-from model_zoo.pipeline import FacePipeline
+from model_zoo.pipeline import FacePipeline, whole_image_box
+from model_zoo.vision import Detection
 
 
 PRETRAINED = "faceapi"  # --model value for the pretrained face-api descriptor (faceapi-resnet backbone)
@@ -44,7 +45,7 @@ class ModelRef:
 class AnalyzedFace:
     box: tuple[float, float, float, float]  # x, y, width, height in frame pixels
     detector_score: float
-    landmarks68: np.ndarray  # float64 [68, 2] frame pixels
+    landmarks: np.ndarray  # float64 frame pixels: [68, 2] or mesh [468, 3]
     chip: np.ndarray  # uint8 [112, 112, 3] RGB, ArcFace-aligned
     embedding: np.ndarray  # float32 [D], L2-normalised
 
@@ -70,35 +71,51 @@ class FaceAnalyzer:
         """Every face in the frame (at most MAX_FACES, best detector score first), with stage times."""
         times = StageTimes()
         start = time.perf_counter()
-        detections = detect_faces(self.pipeline.models.detector, frame_rgb, self.pipeline.detector_input_size,
-                                  self.pipeline.score_threshold)
-        detections = sorted(detections, key=lambda d: -d.score)[:MAX_FACES]
+        detections = self.pipeline.detector.detect(frame_rgb)[:MAX_FACES]
         times.ms["detect"] = _ms_since(start)
         if not detections:
             return [], times
-        return self._describe(frame_rgb, [d.box for d in detections], [d.score for d in detections], times), times
+        return self._describe(frame_rgb, detections, times), times
 
     def analyze_photo(self, image_rgb: np.ndarray) -> AnalyzedFace:
-        """The best face of a labelled photo; a tight crop the detector misses is taken whole as the face box
-        (as FacePipeline.embed_frames does)."""
+        """The best face of a labelled photo, else the whole photo as the face box (pipeline.whole_image_box)."""
         faces, times = self.analyze(image_rgb)
         if faces:
             return faces[0]
-        height, width = image_rgb.shape[:2]
-        return self._describe(image_rgb, [(0.0, 0.0, float(width), float(height))], [0.0], times)[0]
+        return self._describe(image_rgb, [Detection(0.0, whole_image_box(image_rgb))], times)[0]
 
-    def _describe(self, frame, boxes, scores, times: StageTimes) -> list[AnalyzedFace]:
+    def analyze_aligned(self, crop_rgb: np.ndarray) -> tuple[list[AnalyzedFace], StageTimes]:
+        """A photo that is already an ArcFace-aligned square crop (--aligned): no detection, the crop resized to
+        the embedder's input; landmarks of the whole crop, for the quality gates and liveness."""
+        times = StageTimes()
+        height, width = crop_rgb.shape[:2]
+        if height != width:
+            raise ValueError(f"an aligned crop must be square, got {width}x{height}")
+        whole = Detection(0.0, whole_image_box(crop_rgb))
         start = time.perf_counter()
-        landmarks = self.pipeline.landmarks_in_boxes(frame, boxes)
+        landmarks = self.pipeline.landmarker.locate(crop_rgb, [whole])
         times.ms["landmarks"] = _ms_since(start)
         start = time.perf_counter()
-        chips = np.stack([align.warp(frame, align.arcface_transform(points), align.ARCFACE_SIZE) for points in landmarks])
+        size = align.ARCFACE_SIZE
+        chip = crop_rgb if height == size else cv2.resize(crop_rgb, (size, size), interpolation=cv2.INTER_AREA)
+        times.ms["align"] = _ms_since(start)
+        start = time.perf_counter()
+        embedding = self.embedder.embed(chip[None])[0]
+        times.ms["embed"] = _ms_since(start)
+        return [AnalyzedFace(whole.box, whole.score, landmarks[0], np.ascontiguousarray(chip), embedding)], times
+
+    def _describe(self, frame, detections: list[Detection], times: StageTimes) -> list[AnalyzedFace]:
+        start = time.perf_counter()
+        landmarks = self.pipeline.landmarker.locate(frame, detections)
+        times.ms["landmarks"] = _ms_since(start)
+        start = time.perf_counter()
+        chips = np.stack([FacePipeline.arcface_crop(frame, points) for points in landmarks])
         times.ms["align"] = _ms_since(start)
         start = time.perf_counter()
         embeddings = self.embedder.embed(chips)
         times.ms["embed"] = _ms_since(start)
-        return [AnalyzedFace(tuple(map(float, box)), float(score), points, chip, emb)
-                for box, score, points, chip, emb in zip(boxes, scores, landmarks, chips, embeddings)]
+        return [AnalyzedFace(tuple(map(float, d.box)), float(d.score), points, chip, emb)
+                for d, points, chip, emb in zip(detections, landmarks, chips, embeddings)]
 
 
 def _ms_since(start: float) -> float:

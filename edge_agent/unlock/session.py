@@ -6,13 +6,14 @@ import json
 import logging
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from .analyzer import FaceAnalyzer
-from .decision import (CHALLENGE_RESET_EVENTS, DecisionRules, LockState, UnlockStateMachine, Verdict,
+from .decision import (CHALLENGE_RESET_EVENTS, Decision, DecisionRules, LockState, UnlockStateMachine, Verdict,
                        frame_verdict)
 from .geometry import mean_eye_aspect_ratio
 from .liveness import LivenessChallenge
@@ -48,14 +49,35 @@ class FrameRecord:
     event: str | None  # unlocked, relocked, attempt_failed, locked_out, lockout_ended
     ms: float  # processing time of this frame
     stage_ms: dict[str, float] = field(default_factory=dict)  # detect, landmarks, align, embed, decide
+    reason: str = ""  # why the device is locked, waiting or unlocked after this frame, in words (frame_reason)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"))
 
 
+def frame_reason(verdict: Verdict, decision: Decision, best: FaceRecord | None, faces: int, rules: DecisionRules,
+                 challenge: LivenessChallenge) -> str:
+    """Why unlock is where it is after a frame: unlocked, locked out, no face, several faces, no match (with the
+    score), waiting for the liveness challenge, or still counting matching frames. Pure."""
+    if decision.state is LockState.LOCKED_OUT:
+        return f"locked out after {rules.lockout_failures} failed attempts"
+    if decision.state is LockState.UNLOCKED:
+        return "unlocked" + (f": {best.name} {best.score:.3f}" if verdict is Verdict.MATCH and best else "")
+    if verdict is Verdict.NO_FACE:
+        return "no face"
+    if verdict is Verdict.AMBIGUOUS:
+        return f"several faces ({faces}), none clearly the owner"
+    if verdict is Verdict.NO_MATCH:
+        return f"no match: best {best.name} {best.score:.3f} < threshold {rules.threshold:.3f}"
+    if not challenge.passed:
+        return f"{challenge.status} ({best.name} {best.score:.3f})"
+    return f"matching: {decision.matches_in_window} of {rules.k} frames needed"
+
+
 class UnlockSession:
     def __init__(self, analyzer: FaceAnalyzer, enrolments: list[Enrolment], rules: DecisionRules,
-                 challenge: LivenessChallenge) -> None:
+                 challenge: LivenessChallenge, aligned: bool = False) -> None:
+        """aligned: the frames are ArcFace-aligned crops (FaceAnalyzer.analyze_aligned), not camera frames."""
         if not enrolments:
             raise ValueError("no enrolled owner to unlock for")
         for enrolment in enrolments:
@@ -70,22 +92,23 @@ class UnlockSession:
         self.rules = rules
         self.challenge = challenge
         self.machine = UnlockStateMachine(rules)
+        self.aligned = aligned
 
     def process(self, frame: Frame) -> tuple[FrameRecord, list[FaceLabel]]:
-        faces, times = self.analyzer.analyze(frame.rgb)
+        faces, times = self.analyzer.analyze_aligned(frame.rgb) if self.aligned else self.analyzer.analyze(frame.rgb)
         start = time.perf_counter()
         records = []
         for face in faces:
             similarity = self.templates @ face.embedding
             best = int(np.argmax(similarity))
             records.append(FaceRecord([round(v, 1) for v in face.box], self.names[best], float(similarity[best]),
-                                      mean_eye_aspect_ratio(face.landmarks68)))
+                                      mean_eye_aspect_ratio(face.landmarks)))
         verdict = frame_verdict([r.score for r in records], self.rules)
         candidate = max(range(len(faces)), key=lambda i: records[i].score) if faces else None
         # The challenge must be passed by the face that matches: a stranger's blink followed by the owner's
         # photo must not count, so any frame with faces but no match starts the challenge again.
         if verdict is Verdict.MATCH:
-            live = self.challenge.observe(frame.time_s, faces[candidate].landmarks68)
+            live = self.challenge.observe(frame.time_s, faces[candidate].landmarks)
         else:
             if verdict is not Verdict.NO_FACE:
                 self.challenge.reset()
@@ -102,7 +125,8 @@ class UnlockSession:
             state="unlocked" if decision.state is LockState.UNLOCKED else "locked",
             lockout=decision.state is LockState.LOCKED_OUT,
             event=None if decision.event is None else decision.event.value,
-            ms=round(sum(stage_ms.values()), 2), stage_ms={k: round(v, 2) for k, v in stage_ms.items()})
+            ms=round(sum(stage_ms.values()), 2), stage_ms={k: round(v, 2) for k, v in stage_ms.items()},
+            reason=frame_reason(verdict, decision, best, len(faces), self.rules, self.challenge))
         if decision.event is not None:
             log.info("frame %d t=%.2fs: %s (%s score %s, %d/%d matching frames, %s, %d failed attempt(s))",
                      frame.index, frame.time_s, decision.event.value, record.name or "no face",
@@ -117,10 +141,19 @@ class UnlockSummary:
     frames: int
     events: list[tuple[int, float, str]]  # (frame, t, event)
     states: Counter  # frames per state
+    stage_ms: list[dict[str, float]] = field(default_factory=list)  # per frame, for the latency split
+
+    def median_ms(self) -> dict[str, float]:
+        """Median per stage and of the whole frame ("total") over the frames processed."""
+        if not self.stage_ms:
+            return {}
+        stages = {k: float(np.median([ms[k] for ms in self.stage_ms])) for k in self.stage_ms[0]}
+        return {**stages, "total": float(np.median([sum(ms.values()) for ms in self.stage_ms]))}
 
 
 def run_unlock(session: UnlockSession, source: FrameSource, save: Path | None = None, json_log: Path | None = None,
-               show_window: bool = True) -> UnlockSummary:
+               show_window: bool = True, on_frame: Callable[[FrameRecord], None] | None = None) -> UnlockSummary:
+    """on_frame: called with every frame's record (the command prints the reason when it changes)."""
     video = VideoOut(save, source.info.fps) if save else None
     window = Window() if show_window else None
     log_file = json_log.open("w", encoding="utf-8") if json_log else None
@@ -130,6 +163,9 @@ def run_unlock(session: UnlockSession, source: FrameSource, save: Path | None = 
             record, labels = session.process(frame)
             summary.frames += 1
             summary.states[record.state] += 1
+            summary.stage_ms.append(record.stage_ms)
+            if on_frame:
+                on_frame(record)
             if record.event:
                 summary.events.append((record.frame, record.t, record.event))
             if log_file:

@@ -23,6 +23,7 @@ class Frame:
     index: int
     time_s: float
     rgb: np.ndarray  # uint8 [H, W, 3]
+    name: str | None = None  # the image file of a folder source, for messages
 
 
 @dataclass(frozen=True)
@@ -86,7 +87,7 @@ class FolderSource(FrameSource):
 
     def __iter__(self) -> Iterator[Frame]:
         for index, path in enumerate(self.files):
-            yield Frame(index, index / self.info.fps, np.ascontiguousarray(to_rgb(read_image(path))))
+            yield Frame(index, index / self.info.fps, np.ascontiguousarray(to_rgb(read_image(path))), path.name)
 
 
 def open_source(spec: str, fps: float | None = None) -> FrameSource:
