@@ -27,6 +27,7 @@ eval: {data: null, every: 1}      # folder of held-out identities: accuracy per 
 bn_statistics: averaged           # or measured: devices measure BatchNorm statistics on each averaged model
 export: {formats: [], calibration: null}   # e.g. [onnx, onnx-int8]: state_dir/exports after each round
 shard_workers: 1                  # > 1: `serve` reduces, W `worker`s share the updates (MQTT 5 broker; docs/scale-out.md)
+dashboard: {listen: null}         # e.g. 127.0.0.1:8080 (or serve --dashboard); beyond loopback add token_file or https
 """
 
 
@@ -55,8 +56,35 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--index", required=True, type=int, help="this worker's index, 0 .. shard_workers-1")
     worker.add_argument("--broker", help="override the config's broker URL")
     sub.add_parser("example-config", help="print a commented aggregator.yaml")
+    _add_dashboard_options(serve, sub)
     _add_pki_commands(sub)
     return parser
+
+
+def _add_dashboard_options(serve: argparse.ArgumentParser, sub: argparse._SubParsersAction) -> None:
+    listen_help = ("HOST:PORT (or PORT, on 127.0.0.1) for the read-only fleet dashboard; beyond loopback the "
+                   "config's dashboard section must set a token or https with client certificates")
+    serve.add_argument("--dashboard", metavar="HOST:PORT", type=_listen,
+                       help=f"also serve the fleet dashboard from a sibling process: {listen_help}")
+    dashboard = sub.add_parser(
+        "dashboard", help="serve the live fleet dashboard (devices, rounds, model versions) and its JSON API",
+        description="A read-only web page and JSON API (/api/status, /api/devices, /api/rounds) built from what "
+        "the fleet publishes on the broker and from state_dir/rounds.jsonl; it shares nothing else with "
+        "`serve`. See docs/operators.md#fleet-dashboard.")
+    dashboard.add_argument("--config", required=True, help="the same aggregator.yaml as `serve`")
+    dashboard.add_argument("--listen", metavar="HOST:PORT", type=_listen,
+                           help=f"override dashboard.listen: {listen_help}")
+    dashboard.add_argument("--broker", help="override the config's broker URL")
+
+
+def _listen(text: str) -> str:
+    from aggregator.config import parse_listen
+
+    try:
+        parse_listen(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def _add_pki_commands(sub: argparse._SubParsersAction) -> None:
@@ -190,8 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     from aggregator.config import load_aggregator_config
     from aggregator.service import AggregatorService
 
-    overrides = {k: v for k, v in {"broker": args.broker, "rounds": getattr(args, "rounds", None)}.items()
-                 if v is not None}
+    overrides = {k: v for k, v in {"broker": getattr(args, "broker", None), "rounds": getattr(args, "rounds", None),
+                                   "dashboard": _dashboard_override(args)}.items() if v is not None}
     try:
         config = load_aggregator_config(args.config, overrides)
     except ConfigError as exc:
@@ -201,6 +229,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"facefed-aggregator: --index {args.index} is not in [0, shard_workers={config.shard_workers})",
               file=sys.stderr)
         return 2
+    if args.command == "dashboard":
+        from aggregator.dashboard import run_dashboard
+
+        try:
+            run_dashboard(config)
+        except OSError as exc:
+            print(f"facefed-aggregator: {exc}", file=sys.stderr)
+            return 1
+        return 0
+    dashboard = None
+    if getattr(args, "dashboard", None):
+        from aggregator.dashboard import spawn_dashboard
+
+        dashboard = spawn_dashboard(Path(args.config), args.dashboard, ["--broker", args.broker] if args.broker else [])
     try:
         if args.command == "worker":
             from aggregator.sharded import ShardWorker
@@ -218,7 +260,16 @@ def main(argv: list[str] | None = None) -> int:
     except ConnectionError as exc:
         print(f"facefed-aggregator: {exc}", file=sys.stderr)
         return 1
+    finally:
+        if dashboard is not None:
+            dashboard.terminate()
+            dashboard.wait(timeout=10)
     return 0
+
+
+def _dashboard_override(args: argparse.Namespace) -> dict | None:
+    listen = getattr(args, "dashboard", None) or getattr(args, "listen", None)
+    return {"listen": listen} if listen else None
 
 
 if __name__ == "__main__":
