@@ -22,6 +22,9 @@ from fedwire.topics import Topics
 from .pki import AGGREGATOR_IDENTITY, PkiError, ca_files, server_files
 
 DEFAULT_PORT = 8883
+# The fleet dashboard's certificate CN (`facefed-aggregator provision dashboard`): it reads, never publishes
+# beyond what every certificate holder may.
+DASHBOARD_IDENTITY = "dashboard"
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,13 @@ topic write {p}/global/full/manifest
 topic write {p}/global/full/chunk/+
 topic write {p}/ack/+
 topic write {p}/summary
+
+# The read-only fleet dashboard (aggregator/dashboard/): device statuses, every device's acks and the update
+# manifests (sizes and training metrics, no tensors), on top of the public topics above.
+user {DASHBOARD_IDENTITY}
+topic read {p}/status/+
+topic read {p}/ack/+
+topic read {p}/update/+/manifest
 """
 
 

@@ -54,6 +54,7 @@ def dashboard(broker, tmp_path):
     (tmp_path / "state").mkdir()
     board = Dashboard(config, "127.0.0.1:0")
     board.start()
+    _wait_for(lambda: board.state.connected, what="the dashboard's broker connection")  # acks are not retained
     yield board
     board.stop()
 
@@ -176,3 +177,47 @@ def test_rounds_log_tail_waits_for_whole_lines(tmp_path):
     assert tail.read_new() == [{"round": 1}]
     path.write_text('{"round": 0}\n')  # replaced (shorter): read again from the start
     assert tail.read_new() == [{"round": 0}]
+
+
+def test_dashboard_identity_reads_the_fleet_on_the_hardened_broker(hardened_broker, tmp_path):
+    """mosquitto with broker-config's ACL: the `dashboard` certificate sees statuses and every device's acks,
+    and may not publish what only the aggregator does."""
+    from aggregator import pki
+    from fedwire.config import TlsConfig
+    from fedwire.pki_layout import ca_files, client_tls, device_files
+
+    pki.issue_device_cert(hardened_broker.pki, "dashboard")
+    own, ca = device_files(hardened_broker.pki, "dashboard"), ca_files(hardened_broker.pki).cert
+    topics = Topics(hardened_broker.prefix)
+    config = AggregatorConfig(state_dir=tmp_path, broker=hardened_broker.url, topic_prefix=hardened_broker.prefix,
+                              dashboard=DashboardConfig(mqtt_tls=TlsConfig(ca, own.cert, own.key)))
+    # One connection per certificate (the broker makes its CN the client id): try the forgery before the dashboard.
+    forger = MqttLink(hardened_broker.url, "test-dashboard", lambda t, p: None, [],
+                      tls=client_tls(hardened_broker.pki, "dashboard"))
+    forger.connect()
+    try:
+        with pytest.raises(ConnectionError, match="Not authorized"):
+            forger.publish(topics.round, b"forged", retain=True)
+    finally:
+        forger.close()
+    board = Dashboard(config, "127.0.0.1:0")
+    board.start()
+    _wait_for(lambda: board.state.connected, what="the dashboard's broker connection")
+    links = []
+    try:
+        for identity in ("cam-a", pki.AGGREGATOR_IDENTITY):
+            link = MqttLink(hardened_broker.url, f"test-{identity}", lambda t, p: None, [],
+                            tls=client_tls(hardened_broker.pki, identity))
+            link.connect()
+            links.append(link)
+        device, aggregator = links
+        device.publish(topics.status("cam-a"), DeviceStatus("cam-a", "online", None, time.time()).to_json(), retain=True)
+        aggregator.publish(topics.ack("cam-b"), UpdateAck("cam-b", 1, "ef" * 16, False, "late").to_json())
+        status = _wait_for(lambda: len((s := _get(board.url + "api/status"))["devices"]) == 2 and s,
+                           what="cam-a's status and cam-b's ack")
+        devices = {d["device_id"]: d for d in status["devices"]}
+        assert devices["cam-a"]["online"] and devices["cam-b"]["last_refusal"] == "late"
+    finally:
+        for link in links:
+            link.close()
+        board.stop()
