@@ -75,6 +75,8 @@ def _add_dashboard_options(serve: argparse.ArgumentParser, sub: argparse._SubPar
     dashboard.add_argument("--listen", metavar="HOST:PORT", type=_listen,
                            help=f"override dashboard.listen: {listen_help}")
     dashboard.add_argument("--broker", help="override the config's broker URL")
+    dashboard.add_argument("--exit-with-parent", action="store_true",
+                           help="stop once the process that started it exits (`serve --dashboard` starts it so)")
 
 
 def _listen(text: str) -> str:
@@ -233,16 +235,17 @@ def main(argv: list[str] | None = None) -> int:
         from aggregator.dashboard import run_dashboard
 
         try:
-            run_dashboard(config)
+            run_dashboard(config, args.exit_with_parent)
         except OSError as exc:
             print(f"facefed-aggregator: {exc}", file=sys.stderr)
             return 1
         return 0
     dashboard = None
-    if getattr(args, "dashboard", None):
+    if args.command == "serve" and config.dashboard.listen:  # from the config, or --dashboard
         from aggregator.dashboard import spawn_dashboard
 
-        dashboard = spawn_dashboard(Path(args.config), args.dashboard, ["--broker", args.broker] if args.broker else [])
+        dashboard = spawn_dashboard(Path(args.config), config.dashboard.listen,
+                                    ["--broker", args.broker] if args.broker else [])
     try:
         if args.command == "worker":
             from aggregator.sharded import ShardWorker

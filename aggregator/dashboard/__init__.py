@@ -5,6 +5,7 @@ MQTT client and tails state_dir/rounds.jsonl, and serves a live page and a JSON 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import ssl
 import subprocess
@@ -21,6 +22,7 @@ from .feed import DashboardFeeds, FleetFeed, key_fingerprint
 from .state import FleetState
 
 log = logging.getLogger("facefed.dashboard")
+PARENT_POLL_S = 1.0
 
 
 class Dashboard:
@@ -75,15 +77,18 @@ def _public_key_beside(signing_key: Path | None) -> Path | None:
     return public if public.is_file() else None
 
 
-def run_dashboard(config: AggregatorConfig, listen: str | None = None) -> None:
-    """Serve until SIGTERM or Ctrl-C."""
-    dashboard = Dashboard(config, listen)
+def run_dashboard(config: AggregatorConfig, exit_with_parent: bool = False) -> None:
+    """Serve until SIGTERM or Ctrl-C, or (exit_with_parent) once the process that started this one is gone."""
+    dashboard = Dashboard(config)
+    parent = os.getppid()
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     dashboard.start()
     print(f"dashboard: {dashboard.url}", flush=True)
     try:
-        stop.wait()
+        while not stop.wait(PARENT_POLL_S):
+            if exit_with_parent and os.getppid() != parent:  # reparented: serve died without stopping us
+                break
     except KeyboardInterrupt:
         pass
     finally:
@@ -93,7 +98,8 @@ def run_dashboard(config: AggregatorConfig, listen: str | None = None) -> None:
 def spawn_dashboard(config_path: Path, listen: str | None, extra_args: list[str] = ()) -> subprocess.Popen:
     """`facefed-aggregator dashboard` as a child process: its own interpreter, so it never holds the
     round loop's GIL. Its output goes where ours does."""
-    command = [sys.executable, "-m", "aggregator", "dashboard", "--config", str(config_path), *extra_args]
+    command = [sys.executable, "-m", "aggregator", "dashboard", "--config", str(config_path), "--exit-with-parent",
+               *extra_args]
     if listen:
         command += ["--listen", listen]
     return subprocess.Popen(command, stdin=subprocess.DEVNULL)
