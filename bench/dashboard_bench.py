@@ -140,3 +140,151 @@ def send_bad_update(broker: str, prefix: str, device_id: str = "rogue-cam", time
                               manifest, chunks)
     finally:
         link.close()
+
+
+# ---- 1. round time with and without the dashboard open --------------------------------------------------------
+
+def _steady_round_seconds(out: Path) -> list[float]:
+    """`seconds` of rounds 2..R: round 1 also holds the agents' start (imports, data), which the dashboard
+    does not touch and which would drown a few per cent."""
+    import json
+
+    entries = [json.loads(line) for line in (out / "aggregator" / "rounds.jsonl").read_text().splitlines()]
+    return [e["seconds"] for e in entries if e["round"] >= 2]
+
+
+def _federation_run(data: Path, out: Path, rounds: int, with_dashboard: bool,
+                    screenshot: Path | None) -> tuple[list[float], float]:
+    """One federation; with_dashboard: `serve --dashboard` and a browser on the page for the whole run."""
+    from facefed.simulate import run_simulation
+    from fedwire.broker import EmbeddedBroker, free_port
+
+    prefix = f"facefed/bench-{out.name}"
+    with EmbeddedBroker() as broker:
+        port = free_port() if with_dashboard else None
+        cfg = tiny_federation(data, out, broker.url, prefix, rounds, port)
+        start = time.perf_counter()
+        if not with_dashboard:
+            run_simulation(cfg)
+            return _steady_round_seconds(out), time.perf_counter() - start
+        outcome: dict = {}
+        runner = threading.Thread(target=lambda: outcome.update(result=run_simulation(cfg)), daemon=True)
+        runner.start()
+        with Browser() as browser:
+            url = f"http://127.0.0.1:{port}/"
+
+            def loaded() -> bool:
+                browser.driver.get(url)
+                return browser.driver.title.startswith("FaceFed")
+            browser.wait_until(loaded, 60, "the dashboard")
+            if screenshot is not None:
+                send_bad_update(broker.url, prefix)
+                browser.wait_until(lambda: "tensor names differ" in browser.text("#refusals"), 60, "the refusal")
+                browser.wait_until(lambda: len(browser.driver.find_elements("css selector", "#rounds tbody tr")) >= 3,
+                                   300, "two finished rounds")
+                screenshot.parent.mkdir(parents=True, exist_ok=True)
+                browser.driver.save_screenshot(str(screenshot))
+                print(f"screenshot: {screenshot}")
+            runner.join()
+        if "result" not in outcome:
+            raise RuntimeError(f"the federation in {out} failed; see {out / 'logs'}")
+        return _steady_round_seconds(out), time.perf_counter() - start
+
+
+def bench_round_time(pairs: int, rounds: int, screenshot: Path | None) -> None:
+    with tempfile.TemporaryDirectory(prefix="dashboard-bench-") as tmp:
+        root = Path(tmp)
+        data = tiny_orl(root / "orl")
+        ratios = []
+        print(f"\nround time: {pairs} pairs (A = dashboard + open page, B = none), {rounds} rounds each, "
+              f"mean of rounds 2..{rounds}")
+        for i in range(pairs):
+            a, a_wall = _federation_run(data, root / f"a{i}", rounds, True, screenshot if i == 0 else None)
+            b, b_wall = _federation_run(data, root / f"b{i}", rounds, False, None)
+            ratio = statistics.mean(a) / statistics.mean(b)
+            ratios.append(ratio)
+            print(f"  pair {i + 1}: A {statistics.mean(a):.2f} s/round ({' '.join(f'{s:.2f}' for s in a)}; run "
+                  f"{a_wall:.0f} s)   B {statistics.mean(b):.2f} s/round ({' '.join(f'{s:.2f}' for s in b)}; run "
+                  f"{b_wall:.0f} s)   A/B {ratio:.3f}")
+        print(f"  A/B per pair: median {statistics.median(ratios):.3f}, min {min(ratios):.3f}, max {max(ratios):.3f}")
+
+
+# ---- 2. page load with N devices ------------------------------------------------------------------------------
+
+def fleet_of(devices: int, rounds: int = 50):
+    """A FleetState holding `devices` devices, `rounds` finished rounds and an open round with refusals."""
+    from aggregator.dashboard.state import FleetState
+    from fedwire.chunking import build_transfer
+    from fedwire.messages import DeviceStatus, RoundAnnouncement, UpdateAck
+
+    state = FleetState("0123456789abcdef")
+    now = time.time()
+    states = ["online", "training", "uploading", "idle", "offline"]
+    for k in range(devices):
+        state.on_status(DeviceStatus(f"cam-{k:04d}", states[k % 5], rounds, now - k, profile="rpi4",
+                                     model_version=rounds, train_window="open"))
+    state.on_log_entries([{"round": r, "model_version": r, "clients": devices, "rejected": r % 3,
+                           "bytes_up": 4_000_000 * devices, "bytes_down": 4_000_000 * devices, "seconds": 30.0 + r,
+                           "val_accuracy": 0.8 + r / 500, "eer": 0.2 - r / 500, "tar_at_far_1e-3": 0.5 + r / 200}
+                          for r in range(rounds + 1)])
+    manifest, _ = build_transfer("global", "aggregator", rounds, rounds, {"w": np.ones(4, np.float32)})
+    state.on_global_manifest(manifest, None, now)
+    state.on_announcement(RoundAnnouncement(rounds + 1, rounds, "open", "ab" * 16, now + 600, devices, {}), now)
+    for k in range(0, devices, 10):
+        state.on_ack(UpdateAck(f"cam-{k:04d}", rounds + 1, f"{k:032x}", k % 20 != 0, "tensor names differ"), now)
+    return state
+
+
+def bench_page_load(devices: int, loads: int) -> None:
+    from aggregator.dashboard.app import WebServer, build_app
+    from fedwire.broker import free_port
+
+    server = WebServer(build_app(fleet_of(devices)), "127.0.0.1", free_port())
+    server.start()
+    try:
+        with Browser() as browser:
+            url = f"http://127.0.0.1:{server.port}/"
+            times = []
+            for i in range(loads + 1):  # the first load warms the browser's cache of the static files: not counted
+                browser.driver.get(url + f"?load={i}")
+                ms = browser.wait_until(lambda: browser.driver.execute_script(
+                    "return FaceFedDashboard.renderedAt"), 30, "the first render")
+                rows = browser.driver.execute_script("return document.querySelectorAll('#devices tbody tr').length")
+                assert rows == devices, f"{rows} device rows, expected {devices}"
+                if i:
+                    times.append(ms / 1000)
+        size = len(__import__("json").dumps(fleet_of(devices).status()))
+        print(f"\npage load with {devices} devices (/api/status {size / 1e3:.0f} kB), {loads} loads: median "
+              f"{statistics.median(times):.3f} s, min {min(times):.3f} s, max {max(times):.3f} s")
+    finally:
+        server.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.dashboard_bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pairs", type=int, default=3, help="A/B pairs of federations (default 3)")
+    parser.add_argument("--rounds", type=int, default=4, help="rounds per federation (default 4; >= 2)")
+    parser.add_argument("--devices", type=int, default=1000, help="devices in the page-load state (default 1000)")
+    parser.add_argument("--loads", type=int, default=10, help="timed page loads (default 10)")
+    parser.add_argument("--screenshot", type=Path, default=Path("runs/dashboard-bench/dashboard.png"),
+                        help="where the first A run saves the page (default runs/dashboard-bench/dashboard.png)")
+    parser.add_argument("--skip-rounds", action="store_true", help="only the page-load part")
+    args = parser.parse_args(argv)
+    reason = browser_skip_reason()
+    if reason:
+        parser.error(reason)
+    if args.rounds < 2:
+        parser.error("--rounds must be >= 2 (round 1 also holds the agents' start and is left out)")
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; "
+          f"load average {os.getloadavg()[0]:.2f}")
+    started = time.perf_counter()
+    bench_page_load(args.devices, args.loads)
+    if not args.skip_rounds:
+        bench_round_time(args.pairs, args.rounds, args.screenshot)
+    print(f"\nbench took {time.perf_counter() - started:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -221,3 +221,23 @@ def test_dashboard_identity_reads_the_fleet_on_the_hardened_broker(hardened_brok
         for link in links:
             link.close()
         board.stop()
+
+
+def test_round_state_follows_quorum_deadline_reannouncement_and_phase():
+    from aggregator.dashboard.state import FleetState
+
+    state, now = FleetState(), 1000.0
+    state.on_announcement(RoundAnnouncement(4, 3, "open", "ab" * 16, now + 60, 2, {}), now)
+    state.on_ack(UpdateAck("cam-1", 4, "01" * 16, True), now)
+    state.on_ack(UpdateAck("cam-1", 4, "01" * 16, True), now)  # acked again (a resend): counted once
+    assert state.round_view(now)["state"] == "training" and state.round_view(now)["accepted"] == 1
+    assert state.round_view(now + 61)["state"] == "closing"  # deadline passed, summary not in yet
+    # The same round announced again (an aggregator restart): what was accepted stays, the deadline moves.
+    state.on_announcement(RoundAnnouncement(4, 3, "open", "cd" * 16, now + 120, 2, {}), now)
+    assert state.round_view(now + 61)["state"] == "training" and state.round_view(now)["accepted"] == 1
+    state.on_ack(UpdateAck("cam-2", 4, "02" * 16, True), now)
+    assert state.round_view(now)["state"] == "closing"  # quorum reached
+    state.on_announcement(RoundAnnouncement(4, 4, "statistics", "ef" * 16, now + 60, 2, {}), now)
+    view = state.round_view(now)
+    assert (view["state"], view["accepted"], view["model_version"]) == ("statistics", 0, 4)
+    assert len(state.device("cam-1")["events"]) == 1 and state.device("cam-1")["last_contributed"] == 4

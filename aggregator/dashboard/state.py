@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from fedwire.messages import DeviceStatus, RoundAnnouncement, RoundSummary, TransferManifest, UpdateAck
@@ -46,9 +46,10 @@ class DeviceView:
         return self.state not in ("offline", "unknown")
 
     def summary(self) -> dict[str, Any]:
-        view = {k: v for k, v in asdict(self).items() if k not in ("events", "reported_refusals")}
-        view["online"] = self.online
+        """Everything but the upload events (the device page's), as plain values."""
+        view = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "events"}
         view["reported_refusals"] = list(self.reported_refusals)
+        view["online"] = self.online
         return view
 
 
@@ -80,7 +81,6 @@ class FleetState:
         """key_fingerprint: of the aggregator's signing key, shown with every model version signed by it
         ("" when the dashboard has no key: versions then show only whether they were signed)."""
         self._lock = threading.Lock()
-        self._changed = threading.Condition(self._lock)
         self.version = 0  # bumped on every change; the event stream sends a snapshot when it moves
         self.key_fingerprint = key_fingerprint
         self.devices: dict[str, DeviceView] = {}
@@ -93,7 +93,6 @@ class FleetState:
 
     def _bump(self) -> None:
         self.version += 1
-        self._changed.notify_all()
 
     def _device(self, device_id: str) -> DeviceView:
         view = self.devices.get(device_id)
@@ -204,12 +203,6 @@ class FleetState:
             self._bump()
 
     # ---- readers -------------------------------------------------------------------
-
-    def wait_for_change(self, seen: int, timeout: float) -> int:
-        """Block until the version differs from `seen` (or the timeout); returns the version now."""
-        with self._changed:
-            self._changed.wait_for(lambda: self.version != seen, timeout)
-            return self.version
 
     def round_view(self, now: float | None = None) -> dict[str, Any] | None:
         now = time.time() if now is None else now

@@ -119,6 +119,7 @@ window.FaceFedDashboard = (function () {
       drawCharts(status.rounds);
       renderModels(status.models, status.key_fingerprint);
       tickCountdown();
+      if (api.renderedAt === null) api.renderedAt = performance.now();  // first full render, ms after navigation
     });
     setInterval(tickCountdown, 1000);
   }
@@ -146,5 +147,6 @@ window.FaceFedDashboard = (function () {
     follow(() => { if (!pending) { pending = true; load().finally(() => { pending = false; }); } });
   }
 
-  return {fleetPage, devicePage, charts};
+  const api = {fleetPage, devicePage, charts, renderedAt: null};
+  return api;
 })();
