@@ -153,8 +153,43 @@ def _steady_round_seconds(out: Path) -> list[float]:
     return [e["seconds"] for e in entries if e["round"] >= 2]
 
 
+class CpuMeter:
+    """CPU seconds (user + sys) of the dashboard process and of the browser's processes, sampled while they run
+    (the dashboard ends with `serve`, so its last sample is what it used)."""
+
+    def __init__(self, run_folder: Path, browser: Browser) -> None:
+        self.run_folder = str(run_folder)
+        self.browser_root = browser.driver.service.process.pid
+        self.dashboard_s = 0.0
+        self.browser_s = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        import psutil
+
+        while not self._stop.wait(0.5):
+            for proc in psutil.process_iter(["cmdline"]):
+                cmd = proc.info["cmdline"] or []
+                if "dashboard" in cmd and any(self.run_folder in part for part in cmd):
+                    try:
+                        self.dashboard_s = max(self.dashboard_s, sum(proc.cpu_times()[:2]))
+                    except psutil.Error:
+                        pass
+            try:
+                procs = [psutil.Process(self.browser_root)] + psutil.Process(self.browser_root).children(recursive=True)
+                self.browser_s = max(self.browser_s, sum(sum(p.cpu_times()[:2]) for p in procs))
+            except psutil.Error:
+                pass
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 def _federation_run(data: Path, out: Path, rounds: int, with_dashboard: bool,
-                    screenshot: Path | None) -> tuple[list[float], float]:
+                    screenshot: Path | None) -> tuple[list[float], float, CpuMeter | None]:
     """One federation; with_dashboard: `serve --dashboard` and a browser on the page for the whole run."""
     from facefed.simulate import run_simulation
     from fedwire.broker import EmbeddedBroker, free_port
@@ -166,7 +201,7 @@ def _federation_run(data: Path, out: Path, rounds: int, with_dashboard: bool,
         start = time.perf_counter()
         if not with_dashboard:
             run_simulation(cfg)
-            return _steady_round_seconds(out), time.perf_counter() - start
+            return _steady_round_seconds(out), time.perf_counter() - start, None
         outcome: dict = {}
         runner = threading.Thread(target=lambda: outcome.update(result=run_simulation(cfg)), daemon=True)
         runner.start()
@@ -177,6 +212,7 @@ def _federation_run(data: Path, out: Path, rounds: int, with_dashboard: bool,
                 browser.driver.get(url)
                 return browser.driver.title.startswith("FaceFed")
             browser.wait_until(loaded, 60, "the dashboard")
+            meter = CpuMeter(out, browser)
             if screenshot is not None:
                 send_bad_update(broker.url, prefix)
                 browser.wait_until(lambda: "tensor names differ" in browser.text("#refusals"), 60, "the refusal")
@@ -186,27 +222,31 @@ def _federation_run(data: Path, out: Path, rounds: int, with_dashboard: bool,
                 browser.driver.save_screenshot(str(screenshot))
                 print(f"screenshot: {screenshot}")
             runner.join()
+            meter.stop()
         if "result" not in outcome:
             raise RuntimeError(f"the federation in {out} failed; see {out / 'logs'}")
-        return _steady_round_seconds(out), time.perf_counter() - start
+        return _steady_round_seconds(out), time.perf_counter() - start, meter
 
 
 def bench_round_time(pairs: int, rounds: int, screenshot: Path | None) -> None:
     with tempfile.TemporaryDirectory(prefix="dashboard-bench-") as tmp:
         root = Path(tmp)
         data = tiny_orl(root / "orl")
-        ratios = []
+        ratios, shares = [], []
         print(f"\nround time: {pairs} pairs (A = dashboard + open page, B = none), {rounds} rounds each, "
               f"mean of rounds 2..{rounds}")
         for i in range(pairs):
-            a, a_wall = _federation_run(data, root / f"a{i}", rounds, True, screenshot if i == 0 else None)
-            b, b_wall = _federation_run(data, root / f"b{i}", rounds, False, None)
+            a, a_wall, meter = _federation_run(data, root / f"a{i}", rounds, True, screenshot if i == 0 else None)
+            b, b_wall, _ = _federation_run(data, root / f"b{i}", rounds, False, None)
             ratio = statistics.mean(a) / statistics.mean(b)
             ratios.append(ratio)
+            shares.append(meter.dashboard_s / a_wall)
             print(f"  pair {i + 1}: A {statistics.mean(a):.2f} s/round ({' '.join(f'{s:.2f}' for s in a)}; run "
                   f"{a_wall:.0f} s)   B {statistics.mean(b):.2f} s/round ({' '.join(f'{s:.2f}' for s in b)}; run "
-                  f"{b_wall:.0f} s)   A/B {ratio:.3f}")
+                  f"{b_wall:.0f} s)   A/B {ratio:.3f}   CPU in A: dashboard {meter.dashboard_s:.1f} s "
+                  f"({100 * shares[-1]:.1f} % of one core over the run), browser {meter.browser_s:.1f} s")
         print(f"  A/B per pair: median {statistics.median(ratios):.3f}, min {min(ratios):.3f}, max {max(ratios):.3f}")
+        print(f"  dashboard process CPU / run wall time: median {100 * statistics.median(shares):.1f} % of one core")
 
 
 # ---- 2. page load with N devices ------------------------------------------------------------------------------

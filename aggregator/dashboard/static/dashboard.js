@@ -44,13 +44,14 @@ window.FaceFedDashboard = (function () {
 
   function drawCharts(rounds) {
     for (const name of Object.keys(SERIES)) {
-      const data = chartData(rounds, name);
+      // Round 0 is the initial model: a starting score, but no duration and no traffic.
+      const data = chartData(name === "quality" ? rounds : rounds.filter((r) => r.round > 0), name);
       if (charts[name]) { charts[name].setData(data); continue; }
       const el = $(`chart-${name}`);
       charts[name] = new uPlot({
         width: Math.max(280, el.clientWidth || 360), height: 200,
         scales: {x: {time: false}},
-        axes: [{label: "round"}, {}],
+        axes: [{label: "round", incrs: [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000]}, {}],
         series: [{label: "round"}, ...SERIES[name].map(([, label, stroke]) => ({label, stroke, width: 2, points: {size: 7}}))],
       }, data, el);
     }
