@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import subprocess
 import sys
 from pathlib import Path
 
@@ -266,7 +267,10 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if dashboard is not None:
             dashboard.terminate()
-            dashboard.wait(timeout=10)
+            try:
+                dashboard.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                dashboard.kill()
     return 0
 
 

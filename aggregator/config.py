@@ -141,6 +141,7 @@ class DashboardConfig:
         require(self.token is None or len(self.token) >= 16, "token", "must be at least 16 characters")
         if self.token_file is not None:
             require(self.token_file.is_file(), "token_file", f"no such file: {self.token_file}")
+            require(len(self.bearer_token() or "") >= 16, "token_file", "must hold a token of at least 16 characters")
         if not is_loopback(host):
             require(self.has_token or (self.https.certfile is not None and self.https.ca_cert is not None), "listen",
                     f"{host} is beyond loopback: set token, token_file or https (certfile, keyfile, ca_cert)")
@@ -150,6 +151,16 @@ class DashboardConfig:
     @property
     def has_token(self) -> bool:
         return self.token is not None or self.token_file is not None
+
+    def bearer_token(self) -> str | None:
+        """The token requests must carry: `token`, else the first line of `token_file`, else None (no token)."""
+        if self.token is not None or self.token_file is None:
+            return self.token
+        try:
+            lines = self.token_file.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError("token_file", f"cannot read {self.token_file}: {exc}") from None
+        return lines[0].strip() if lines else ""
 
 
 @dataclass

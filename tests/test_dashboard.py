@@ -161,9 +161,22 @@ def test_dashboard_config_is_validated_with_the_field(tmp_path):
         load_aggregator_config(_write(tmp_path, "dashboard: {listen: '127.0.0.1:1', token: short}\n"))
     with pytest.raises(ConfigError, match=r"dashboard: needs the broker's address"):
         load_aggregator_config(_write(tmp_path, "embedded_port: 0\ndashboard: {listen: '127.0.0.1:8080'}\n"))
+    (tmp_path / "token").write_text("\n")
+    with pytest.raises(ConfigError, match=r"dashboard\.token_file: must hold a token of at least 16"):
+        load_aggregator_config(_write(tmp_path, "dashboard: {listen: '0.0.0.0:8080', token_file: token}\n"))
     (tmp_path / "token").write_text("a-long-enough-token-123\n")
     config = load_aggregator_config(_write(tmp_path, "dashboard: {listen: '0.0.0.0:8080', token_file: token}\n"))
-    assert config.dashboard.token_file == tmp_path / "token"
+    assert config.dashboard.bearer_token() == "a-long-enough-token-123"
+
+
+def test_serve_refuses_a_dashboard_beyond_loopback_without_a_token(tmp_path, capsys):
+    from aggregator.cli import main
+
+    assert main(["serve", "--config", str(_write(tmp_path, "")), "--dashboard", "0.0.0.0:8080"]) == 2
+    assert "dashboard.listen: 0.0.0.0 is beyond loopback: set token" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["serve", "--config", str(_write(tmp_path, "")), "--dashboard", "no-port"])
+    assert "is not HOST:PORT" in capsys.readouterr().err
 
 
 def test_rounds_log_tail_waits_for_whole_lines(tmp_path):

@@ -41,10 +41,7 @@ class Dashboard:
         self.feeds = DashboardFeeds(self.state, FleetFeed(self.state, config.topics, verify_key), broker,
                                     config.state_dir, protocol=config.protocol,
                                     tls=mqtt_tls.files() if broker.startswith("mqtts://") else None)
-        token = settings.token
-        if token is None and settings.token_file is not None:
-            token = settings.token_file.read_text(encoding="utf-8").strip()
-        self.token = token
+        self.token = token = settings.bearer_token()
         https = settings.https
         self.scheme = "https" if https.certfile else "http"
         ssl_options = {}

@@ -107,8 +107,9 @@ class WebServer:
     def __init__(self, app: Starlette, host: str, port: int, ssl: dict | None = None) -> None:
         import uvicorn
 
+        # Open event streams never end by themselves: give them a second at shutdown, then close them.
         self.config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
-                                     lifespan="off", **(ssl or {}))
+                                     lifespan="off", timeout_graceful_shutdown=1, **(ssl or {}))
         self.server = uvicorn.Server(self.config)
         self._thread = threading.Thread(target=self.server.run, name="dashboard-http", daemon=True)
 
