@@ -50,7 +50,8 @@ window.FaceFedDashboard = (function () {
       const el = $(`chart-${name}`);
       charts[name] = new uPlot({
         width: Math.max(280, el.clientWidth || 360), height: 200,
-        scales: {x: {time: false}},
+        // From zero: scores live in [0, 1]; seconds and bytes of near-equal rounds would otherwise zoom into noise.
+        scales: {x: {time: false}, y: {range: (u, min, max) => [0, name === "quality" ? 1 : Math.max(max * 1.1, 1e-3)]}},
         axes: [{label: "round", incrs: [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000]}, {}],
         series: [{label: "round"}, ...SERIES[name].map(([, label, stroke]) => ({label, stroke, width: 2, points: {size: 7}}))],
       }, data, el);
