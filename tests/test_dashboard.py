@@ -254,3 +254,15 @@ def test_round_state_follows_quorum_deadline_reannouncement_and_phase():
     view = state.round_view(now)
     assert (view["state"], view["accepted"], view["model_version"]) == ("statistics", 0, 4)
     assert len(state.device("cam-1")["events"]) == 1 and state.device("cam-1")["last_contributed"] == 4
+
+
+def test_status_fields_for_the_dashboard_are_optional_and_left_out_when_unset():
+    from fedwire.errors import ProtocolError
+
+    plain = DeviceStatus("cam-1", "idle", 3, 10.0, "ok")
+    assert plain.to_json() == (b'{"detail":"ok","device_id":"cam-1","protocol":1,"round":3,"state":"idle",'
+                               b'"timestamp":10.0}')  # what earlier versions sent, byte for byte
+    full = DeviceStatus("cam-1", "idle", 3, 10.0, "ok", profile="rpi4", model_version=0, train_window="open")
+    assert DeviceStatus.from_json(full.to_json()) == full
+    with pytest.raises(ProtocolError, match="model_version"):
+        DeviceStatus.from_json(full.to_json().replace(b'"model_version":0', b'"model_version":-1'))
