@@ -1,13 +1,17 @@
 """Fleet dashboard (issue 18): what it costs the federation, and how fast the page loads with 1,000 devices.
 
-Run from the repository root:  python -m bench.dashboard_bench [--pairs 3] [--rounds 3] [--devices 1000]
-                                                               [--screenshot runs/dashboard.png]
+Run from the repository root:  python -m bench.dashboard_bench [--same-run-rounds 9] [--pairs 0] [--rounds 4]
+                                      [--devices 1000] [--loads 10] [--screenshot runs/dashboard-bench/dashboard.png]
 
-1. Round time: the same tiny federation (ORL, 3 clients of 2 identities, MobileFaceNet, 1 local epoch,
-   embedded broker) run in pairs, A = `serve --dashboard` with a headless chromium keeping the page open for the
-   whole run, B = no dashboard; A and B alternate (A B A B ...) so drift on a shared machine hits both alike.
-   Figure: mean round seconds (rounds.jsonl `seconds`, rounds 1..R) of each run, and the ratio A/B per pair.
-   During the first A run a bad update is sent and the page is saved as a screenshot.
+1. Round time. The federation: ORL, 3 clients of 2 identities, MobileFaceNet, 1 local epoch, embedded broker.
+   Same run (--same-run-rounds R): one federation with `serve --dashboard`; a headless chromium has the page open
+   during even rounds and about:blank during odd ones. Figure: seconds of round 2k (open) over round 2k + 1
+   (closed), neighbours under the same machine load; the dashboard process runs throughout.
+   Separate runs (--pairs P): A = `serve --dashboard` with the page open in chromium for the whole run, B = no
+   dashboard, alternating A B A B so drift on a shared machine hits both alike. Figure: mean seconds of rounds
+   2..R (rounds.jsonl `seconds`; round 1 also holds the agents' start) per run, the ratio A/B per pair, and the
+   CPU seconds the dashboard process and the browser used in A.
+   Either part sends a bad update and saves a screenshot of the page (--screenshot).
 2. Page load: a dashboard whose state holds N devices and 50 finished rounds (fed straight into FleetState, no
    broker), loaded by headless chromium K times; time from navigation start until the devices table holds N rows
    and the charts are drawn (performance.now() in the page).
@@ -249,6 +253,53 @@ def bench_round_time(pairs: int, rounds: int, screenshot: Path | None) -> None:
         print(f"  dashboard process CPU / run wall time: median {100 * statistics.median(shares):.1f} % of one core")
 
 
+def bench_open_page(rounds: int, screenshot: Path | None) -> None:
+    """One federation with `serve --dashboard`: the page is open in the browser during even rounds and closed
+    (about:blank) during odd ones, so each pair of neighbouring rounds ran under the same machine load.
+    screenshot: a bad update is sent in round 2 and the page saved early in round 4."""
+    import json
+
+    from facefed.simulate import run_simulation
+    from fedwire.broker import EmbeddedBroker, free_port
+
+    with tempfile.TemporaryDirectory(prefix="dashboard-bench-") as tmp, EmbeddedBroker() as broker:
+        root = Path(tmp)
+        port = free_port()
+        cfg = tiny_federation(tiny_orl(root / "orl"), root / "run", broker.url, "facefed/bench-open", rounds, port)
+        outcome: dict = {}
+        runner = threading.Thread(target=lambda: outcome.update(result=run_simulation(cfg)), daemon=True)
+        runner.start()
+        log_path = cfg.out / "aggregator" / "rounds.jsonl"
+        with Browser() as browser:
+            opened = -1
+            while runner.is_alive():
+                lines = log_path.read_text().splitlines() if log_path.exists() else []
+                next_round = len(lines)  # entries 0..r are logged: round r + 1 is open now
+                # From round 1 on the dashboard listens; after the last round it is stopped with `serve`.
+                if next_round != opened and 1 <= next_round <= rounds:
+                    opened = next_round
+                    browser.driver.get(f"http://127.0.0.1:{port}/" if next_round % 2 == 0 else "about:blank")
+                    if screenshot is not None and next_round == 2:
+                        send_bad_update(broker.url, cfg.topic_prefix)
+                    if screenshot is not None and next_round == 4:
+                        browser.wait_until(lambda: "tensor names differ" in browser.text("#devices"), 30,
+                                           "the refused sender")
+                        screenshot.parent.mkdir(parents=True, exist_ok=True)
+                        browser.driver.save_screenshot(str(screenshot))
+                        print(f"screenshot: {screenshot}")
+                time.sleep(0.1)
+        if "result" not in outcome:
+            raise RuntimeError(f"the federation failed; see {cfg.out / 'logs'}")
+        seconds = {e["round"]: e["seconds"] for e in map(json.loads, log_path.read_text().splitlines())}
+    pairs = [(seconds[r], seconds[r + 1]) for r in range(2, rounds, 2)]
+    ratios = [a / b for a, b in pairs]
+    print(f"\nsame run, page open in even rounds: {rounds} rounds, pairs (open, closed) of neighbouring rounds")
+    print("  " + "   ".join(f"r{2 * i + 2}/r{2 * i + 3}: {a:.2f}/{b:.2f} s = {a / b:.3f}" for i, (a, b) in enumerate(pairs)))
+    print(f"  open/closed: median {statistics.median(ratios):.3f}, min {min(ratios):.3f}, max {max(ratios):.3f}; "
+          f"means {statistics.mean(a for a, _ in pairs):.2f} / {statistics.mean(b for _, b in pairs):.2f} s = "
+          f"{statistics.mean(a for a, _ in pairs) / statistics.mean(b for _, b in pairs):.3f}")
+
+
 # ---- 2. page load with N devices ------------------------------------------------------------------------------
 
 def fleet_of(devices: int, rounds: int = 50):
@@ -303,12 +354,15 @@ def bench_page_load(devices: int, loads: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.dashboard_bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pairs", type=int, default=3, help="A/B pairs of federations (default 3)")
+    parser.add_argument("--pairs", type=int, default=0,
+                        help="A/B pairs of separate federations, with and without the dashboard (default 0)")
     parser.add_argument("--rounds", type=int, default=4, help="rounds per federation (default 4; >= 2)")
     parser.add_argument("--devices", type=int, default=1000, help="devices in the page-load state (default 1000)")
     parser.add_argument("--loads", type=int, default=10, help="timed page loads (default 10)")
     parser.add_argument("--screenshot", type=Path, default=Path("runs/dashboard-bench/dashboard.png"),
-                        help="where the first A run saves the page (default runs/dashboard-bench/dashboard.png)")
+                        help="where the page is saved during the run (default runs/dashboard-bench/dashboard.png)")
+    parser.add_argument("--same-run-rounds", type=int, default=9,
+                        help="rounds of the federation whose even rounds have the page open (default 9; 0 = skip)")
     parser.add_argument("--skip-rounds", action="store_true", help="only the page-load part")
     args = parser.parse_args(argv)
     reason = browser_skip_reason()
@@ -321,7 +375,10 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     bench_page_load(args.devices, args.loads)
     if not args.skip_rounds:
-        bench_round_time(args.pairs, args.rounds, args.screenshot)
+        if args.same_run_rounds:
+            bench_open_page(args.same_run_rounds, args.screenshot if args.same_run_rounds >= 4 else None)
+        if args.pairs:
+            bench_round_time(args.pairs, args.rounds, None if args.same_run_rounds >= 4 else args.screenshot)
     print(f"\nbench took {time.perf_counter() - started:.0f} s")
     return 0
 
