@@ -237,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             run_dashboard(config, args.exit_with_parent)
-        except OSError as exc:
+        except (OSError, ValueError) as exc:  # the port is taken; verify_key is not an Ed25519 public key
             print(f"facefed-aggregator: {exc}", file=sys.stderr)
             return 1
         return 0

@@ -32,7 +32,10 @@ class Dashboard:
         settings = config.dashboard
         self.host, port = parse_listen(listen or settings.listen or "127.0.0.1:0")
         verify_path = settings.verify_key or _public_key_beside(config.signing_key)
-        verify_key = load_verify_key(verify_path) if verify_path is not None else None
+        try:
+            verify_key = load_verify_key(verify_path) if verify_path is not None else None
+        except ValueError as exc:
+            raise ValueError(f"dashboard.verify_key {verify_path}: not an Ed25519 public key (PEM): {exc}") from None
         self.state = FleetState(key_fingerprint(verify_key) if verify_key is not None else "")
         broker = config.broker or f"mqtt://127.0.0.1:{config.embedded_port}"
         # Without a certificate of its own it still trusts the broker through the fleet CA.
