@@ -266,3 +266,29 @@ def test_status_fields_for_the_dashboard_are_optional_and_left_out_when_unset():
     assert DeviceStatus.from_json(full.to_json()) == full
     with pytest.raises(ProtocolError, match="model_version"):
         DeviceStatus.from_json(full.to_json().replace(b'"model_version":0', b'"model_version":-1'))
+
+
+def test_model_versions_show_the_signature_check_and_key_fingerprint():
+    import dataclasses
+
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from aggregator.dashboard.feed import FleetFeed, key_fingerprint
+    from aggregator.dashboard.state import FleetState
+    from fedwire.signing import sign
+
+    key = Ed25519PrivateKey.generate()
+    fingerprint = key_fingerprint(key.public_key())
+    state = FleetState(fingerprint)
+    feed = FleetFeed(state, TOPICS, key.public_key())
+    for version in (1, 2):
+        manifest, _ = build_transfer("global", "aggregator", version, version, {"w": np.full(4, version, np.float32)})
+        signed = sign(manifest, key)
+        if version == 2:  # altered after signing: the page must say so
+            signed = dataclasses.replace(signed, round=7)
+        feed.handle(TOPICS.global_manifest, signed.to_json())
+    good, forged = state.status()["models"]
+    assert len(fingerprint) == 16 and (good["signature_valid"], good["key_fingerprint"]) == (True, fingerprint)
+    assert (forged["signed"], forged["signature_valid"], forged["key_fingerprint"]) == (True, False, "")
+    feed.handle(TOPICS.global_manifest, b"\x00garbage")  # dropped with a log line, counted
+    assert feed.dropped == 1 and len(state.status()["models"]) == 2
