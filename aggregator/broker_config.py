@@ -52,6 +52,9 @@ class BrokerLimits:
             raise ValueError(f"max_chunk_bytes {self.max_chunk_bytes} is beyond MQTT's largest packet")
         if min(self.max_queued_messages, self.max_queued_bytes, self.max_inflight_messages) < 1:
             raise ValueError("queue and in-flight limits must be >= 1 (mosquitto's 0 means no limit)")
+# The fleet dashboard's certificate CN (`facefed-aggregator provision dashboard`): it reads, never publishes
+# beyond what every certificate holder may.
+DASHBOARD_IDENTITY = "dashboard"
 
 
 @dataclass(frozen=True)
@@ -93,6 +96,13 @@ topic write {p}/global/full/manifest
 topic write {p}/global/full/chunk/+
 topic write {p}/ack/+
 topic write {p}/summary
+
+# The read-only fleet dashboard (aggregator/dashboard/): device statuses, every device's acks and the update
+# manifests (sizes and training metrics, no tensors), on top of the public topics above.
+user {DASHBOARD_IDENTITY}
+topic read {p}/status/+
+topic read {p}/ack/+
+topic read {p}/update/+/manifest
 """
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import subprocess
 import sys
 from pathlib import Path
 
@@ -41,6 +42,7 @@ revoked_devices: null             # e.g. pki/revoked.txt (`revoke` writes it): t
 # weights; clip_norm bounds the step, the cap the weight. Default cap: the faces an 8 GB device can hold.
 max_samples_per_update: 250000
 weighting: samples                # samples | capped | uniform (PROTOCOL.md 4.2.1)
+dashboard: {listen: null}         # e.g. 127.0.0.1:8080 (or serve --dashboard); beyond loopback add token_file or https
 """
 
 
@@ -69,8 +71,37 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--index", required=True, type=int, help="this worker's index, 0 .. shard_workers-1")
     worker.add_argument("--broker", help="override the config's broker URL")
     sub.add_parser("example-config", help="print a commented aggregator.yaml")
+    _add_dashboard_options(serve, sub)
     _add_pki_commands(sub)
     return parser
+
+
+def _add_dashboard_options(serve: argparse.ArgumentParser, sub: argparse._SubParsersAction) -> None:
+    listen_help = ("HOST:PORT (or PORT, on 127.0.0.1) for the read-only fleet dashboard; beyond loopback the "
+                   "config's dashboard section must set a token or https with client certificates")
+    serve.add_argument("--dashboard", metavar="HOST:PORT", type=_listen,
+                       help=f"also serve the fleet dashboard from a sibling process: {listen_help}")
+    dashboard = sub.add_parser(
+        "dashboard", help="serve the live fleet dashboard (devices, rounds, model versions) and its JSON API",
+        description="A read-only web page and JSON API (/api/status, /api/devices, /api/rounds) built from what "
+        "the fleet publishes on the broker and from state_dir/rounds.jsonl; it shares nothing else with "
+        "`serve`. See docs/operators.md#fleet-dashboard.")
+    dashboard.add_argument("--config", required=True, help="the same aggregator.yaml as `serve`")
+    dashboard.add_argument("--listen", metavar="HOST:PORT", type=_listen,
+                           help=f"override dashboard.listen: {listen_help}")
+    dashboard.add_argument("--broker", help="override the config's broker URL")
+    dashboard.add_argument("--exit-with-parent", action="store_true",
+                           help="stop once the process that started it exits (`serve --dashboard` starts it so)")
+
+
+def _listen(text: str) -> str:
+    from aggregator.config import parse_listen
+
+    try:
+        parse_listen(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def _add_pki_commands(sub: argparse._SubParsersAction) -> None:
@@ -237,8 +268,8 @@ def main(argv: list[str] | None = None) -> int:
     from model_zoo.checkpoint import CheckpointError
     from aggregator.validation import UnsafeModel
 
-    overrides = {k: v for k, v in {"broker": args.broker, "rounds": getattr(args, "rounds", None)}.items()
-                 if v is not None}
+    overrides = {k: v for k, v in {"broker": getattr(args, "broker", None), "rounds": getattr(args, "rounds", None),
+                                   "dashboard": _dashboard_override(args)}.items() if v is not None}
     try:
         config = load_aggregator_config(args.config, overrides)
     except ConfigError as exc:
@@ -248,6 +279,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"facefed-aggregator: --index {args.index} is not in [0, shard_workers={config.shard_workers})",
               file=sys.stderr)
         return 2
+    if args.command == "dashboard":
+        from aggregator.dashboard import run_dashboard
+
+        try:
+            run_dashboard(config, args.exit_with_parent)
+        except (OSError, ValueError) as exc:  # the port is taken; verify_key is not an Ed25519 public key
+            print(f"facefed-aggregator: {exc}", file=sys.stderr)
+            return 1
+        return 0
+    dashboard = None
+    if args.command == "serve" and config.dashboard.listen:  # from the config, or --dashboard
+        from aggregator.dashboard import spawn_dashboard
+
+        dashboard = spawn_dashboard(Path(args.config), config.dashboard.listen,
+                                    ["--broker", args.broker] if args.broker else [])
     try:
         if args.command == "worker":
             from aggregator.sharded import ShardWorker
@@ -272,7 +318,19 @@ def main(argv: list[str] | None = None) -> int:
     except UnsafeModel as exc:  # e.g. a resumed checkpoint holding NaN: nothing was published
         print(f"facefed-aggregator: {exc}", file=sys.stderr)
         return 1
+    finally:
+        if dashboard is not None:
+            dashboard.terminate()
+            try:
+                dashboard.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                dashboard.kill()
     return 0
+
+
+def _dashboard_override(args: argparse.Namespace) -> dict | None:
+    listen = getattr(args, "dashboard", None) or getattr(args, "listen", None)
+    return {"listen": listen} if listen else None
 
 
 if __name__ == "__main__":

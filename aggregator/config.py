@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -76,6 +77,71 @@ class ExportConfig:
                     "int8 formats need a folder of calibration faces")
 
 
+def parse_listen(text: str) -> tuple[str, int]:
+    """'HOST:PORT' or 'PORT' (on 127.0.0.1) -> (host, port); '[::1]:8080' for IPv6."""
+    host, sep, port = text.rpartition(":")
+    host = host.strip("[]") if sep else "127.0.0.1"
+    if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{text!r} is not HOST:PORT (e.g. 127.0.0.1:8080; port 0 = any free port)")
+    return host, int(port)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve beyond this machine
+
+
+@dataclass
+class DashboardConfig:
+    """The read-only fleet dashboard (aggregator/dashboard/); off unless `listen` is set (or serve --dashboard)."""
+
+    listen: str | None = None  # HOST:PORT; beyond loopback it needs a token or https with client certificates
+    token: str | None = None  # bearer token every request must carry
+    token_file: Path | None = None  # the same, read from a file (first line)
+    # HTTPS: certfile + keyfile are the page's certificate; ca_cert (the fleet CA) makes browsers present a client
+    # certificate it signed.
+    https: TlsConfig = field(default_factory=TlsConfig)
+    # The dashboard's own broker identity on an mqtts:// broker: the `dashboard` certificate
+    # (`facefed-aggregator provision dashboard`), never the aggregator's (the broker would give both one client id).
+    mqtt_tls: TlsConfig = field(default_factory=TlsConfig)
+    verify_key: Path | None = None  # aggregator's public key; default: signing.pub beside signing_key, if there
+
+    def check(self) -> None:
+        if self.listen is None:
+            return
+        try:
+            host, _ = parse_listen(self.listen)
+        except ValueError as exc:
+            raise ConfigError("listen", str(exc)) from None
+        require(self.token is None or len(self.token) >= 16, "token", "must be at least 16 characters")
+        if self.token_file is not None:
+            require(self.token_file.is_file(), "token_file", f"no such file: {self.token_file}")
+            require(len(self.bearer_token() or "") >= 16, "token_file", "must hold a token of at least 16 characters")
+        if not is_loopback(host):
+            require(self.has_token or (self.https.certfile is not None and self.https.ca_cert is not None), "listen",
+                    f"{host} is beyond loopback: set token, token_file or https (certfile, keyfile, ca_cert)")
+        if self.verify_key is not None:
+            require(self.verify_key.is_file(), "verify_key", f"no such file: {self.verify_key}")
+
+    @property
+    def has_token(self) -> bool:
+        return self.token is not None or self.token_file is not None
+
+    def bearer_token(self) -> str | None:
+        """The token requests must carry: `token`, else the first line of `token_file`, else None (no token)."""
+        if self.token is not None or self.token_file is None:
+            return self.token
+        try:
+            lines = self.token_file.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError("token_file", f"cannot read {self.token_file}: {exc}") from None
+        return lines[0].strip() if lines else ""
+
+
 @dataclass
 class DeviceBudgetConfig:
     """What the aggregator takes from one device per round before it drops the rest of that device's messages
@@ -141,6 +207,7 @@ class AggregatorConfig:
     # start and again whenever the file changes).
     revoked_devices: Path | None = None
     shard_workers: int = 1  # > 1: workers share the update stream via MQTT 5 shared subscriptions (docs/scale-out.md)
+    dashboard: DashboardConfig = field(default_factory=DashboardConfig)
 
     def check(self) -> None:
         if self.broker is not None:
@@ -170,6 +237,11 @@ class AggregatorConfig:
         if self.revoked_devices is not None:
             require(self.revoked_devices.is_file(), "revoked_devices", f"no such file: {self.revoked_devices}")
         require(1 <= self.shard_workers <= 256, "shard_workers", "must be in [1, 256]")
+        require(self.dashboard.listen is None or self.broker is not None or self.embedded_port != 0, "dashboard",
+                "needs the broker's address: set broker, or an embedded_port other than 0")
+        require(self.dashboard.listen is None or self.dashboard.mqtt_tls.certfile is None
+                or self.dashboard.mqtt_tls.certfile != self.tls.certfile, "dashboard.mqtt_tls",
+                "use the dashboard's own certificate, not the aggregator's (one certificate = one client id)")
         require(0 < self.update_topk <= 1, "update_topk", "must be in (0, 1]")
         require(self.download_codec == "safetensors" or self.shard_workers == 1, "download_codec",
                 "int8-delta downloads need shard_workers: 1 (workers read the global model as float32)")

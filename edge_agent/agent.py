@@ -80,6 +80,7 @@ class EdgeAgent:
         self.rounds_trained = 0
         self.status_state = "offline"
         self.last_refusal = ""
+        self.train_window = ""  # "open" or why not, as last checked (reported in the status)
         self.residual: dict[str, np.ndarray] = {}  # int8-delta error feedback, kept on the device
         self.full_fetches = 0  # download codec: full models fetched because a delta's base was missing
         self._pending_full: TransferManifest | None = None  # a delta we could not apply, until the full model came
@@ -357,6 +358,7 @@ class EdgeAgent:
             self.handled.add(ann.announce_id)
             return
         allowed, reason = may_train(self.config.device.train_window, read_device())
+        self.train_window = "open" if allowed else reason
         if not allowed:
             log.info("round %d skipped: %s", ann.round, reason)
             self.handled.add(ann.announce_id)
@@ -484,7 +486,9 @@ class EdgeAgent:
 
     def _set_status(self, state: str, round_number: int | None = None, detail: str = "") -> None:
         self.status_state = state
-        status = DeviceStatus(self.device_id, state, round_number, time.time(), detail)
+        status = DeviceStatus(self.device_id, state, round_number, time.time(), detail, profile=self.config.profile,
+                              model_version=None if self.global_model is None else self.global_model.version,
+                              train_window=self.train_window)
         try:
             self._link.publish(self.topics.status(self.device_id), status.to_json(), retain=True)
         except (ConnectionError, TimeoutError) as exc:  # informational: never worth stopping the agent

@@ -74,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="BatchNorm statistics of each global model: FedAvg of the devices' own (default), or "
                      "measured by the devices on the averaged weights in a statistics phase after each round "
                      "(forward passes only; which scores higher depends on the fleet, see BENCHMARKS.md issue 4)")
+    sim.add_argument("--dashboard", type=int, metavar="PORT", dest="dashboard_port",
+                     help="serve the live fleet dashboard on http://127.0.0.1:PORT/ while the federation runs")
 
     _add_experiment_parser(sub)
 
@@ -180,9 +182,12 @@ def _simulate(args: argparse.Namespace) -> int:
         split=args.split, alpha=args.alpha, holdout=args.holdout, seed=args.seed, broker=args.broker,
         arch=args.model, act=args.act, max_chunk_bytes=args.max_chunk_bytes,
         update_codec=args.update_codec, download_codec=args.download_codec, bn_statistics=args.bn_statistics,
+        dashboard_port=args.dashboard_port,
         model_options={"trainable": args.trainable or "last"} if args.model == "faceapi-resnet" else {},
     )
     print(f"facefed simulate: {args.clients} clients, {args.rounds} rounds, data {', '.join(map(str, data))}")
+    if args.dashboard_port is not None:
+        print(f"facefed simulate: fleet dashboard at http://127.0.0.1:{args.dashboard_port}/")
     bar = tqdm(total=args.rounds, unit="round", desc="federation", file=sys.stderr)
 
     def on_round(entry: dict) -> None:

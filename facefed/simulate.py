@@ -60,6 +60,7 @@ class SimulationConfig:
     min_clients: int | None = None  # round quorum; None: every client (or every sampled one)
     train_extra: dict = field(default_factory=dict)  # further announced train settings, e.g. {"proximal_mu": 0.01}
     bn_statistics: str = "averaged"  # or "measured": a statistics phase after each round (aggregator.yaml)
+    dashboard_port: int | None = None  # serve the fleet dashboard on 127.0.0.1:PORT while the federation runs
 
 
 @dataclass
@@ -115,6 +116,8 @@ def write_run_folder(cfg: SimulationConfig, clients: list[FaceDataset], holdout:
         "train": {"local_epochs": cfg.local_epochs, "lr": cfg.lr, "margin": cfg.margin, **cfg.train_extra},
         "eval": {"data": str(out / "eval" / "holdout")},
     }
+    if cfg.dashboard_port is not None:
+        aggregator_cfg["dashboard"] = {"listen": f"127.0.0.1:{cfg.dashboard_port}"}
     aggregator_path = out / "aggregator.yaml"
     aggregator_path.write_text(yaml.safe_dump(aggregator_cfg, sort_keys=False))
     agent_paths = []

@@ -507,6 +507,11 @@ class DeviceStatus(_Message):
     timestamp: float  # unix seconds
     detail: str = ""
     protocol: int = PROTOCOL_VERSION
+    # Optional, for operators' dashboards (PROTOCOL.md 4.3); left out of the JSON when unset, so a status without
+    # them is byte for byte what earlier versions sent.
+    profile: str = ""  # the device profile it runs (firmware_configs/)
+    model_version: int | None = None  # the global model version it holds
+    train_window: str = ""  # "open", or why its training window is closed now
 
     @classmethod
     def from_fields(cls, f: _Fields) -> DeviceStatus:
@@ -516,7 +521,17 @@ class DeviceStatus(_Message):
             round=f.integer("round", nullable=True),
             timestamp=f.number("timestamp", minimum=0.0),
             detail=f.text("detail", default=""),
+            profile=f.text("profile", default=""),
+            model_version=f.integer("model_version", nullable=True) if "model_version" in f._obj else None,
+            train_window=f.text("train_window", default=""),
         )
+
+    def to_dict(self) -> dict[str, Any]:
+        obj = dataclasses.asdict(self)
+        for name, unset in (("profile", ""), ("model_version", None), ("train_window", "")):
+            if obj[name] == unset:
+                del obj[name]
+        return obj
 
 
 @dataclass

@@ -109,6 +109,7 @@ def test_acl_grants_exactly_the_protocol_topics():
         f"topic read {p}/update/+/manifest", f"topic read {p}/update/+/chunk/+", f"topic read {p}/status/+",
         f"topic write {p}/round", f"topic write {p}/global/manifest", f"topic write {p}/global/chunk/+",
         f"topic write {p}/global/full/manifest", f"topic write {p}/global/full/chunk/+", f"topic write {p}/ack/+", f"topic write {p}/summary",
+        "user dashboard", f"topic read {p}/status/+", f"topic read {p}/ack/+", f"topic read {p}/update/+/manifest",
     ]
 
 
