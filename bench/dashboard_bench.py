@@ -306,7 +306,7 @@ def fleet_of(devices: int, rounds: int = 50):
     """A FleetState holding `devices` devices, `rounds` finished rounds and an open round with refusals."""
     from aggregator.dashboard.state import FleetState
     from fedwire.chunking import build_transfer
-    from fedwire.messages import DeviceStatus, RoundAnnouncement, UpdateAck
+    from fedwire.messages import DeviceStatus, RoundAnnouncement, TrainSettings, UpdateAck
 
     state = FleetState("0123456789abcdef")
     now = time.time()
@@ -320,7 +320,8 @@ def fleet_of(devices: int, rounds: int = 50):
                           for r in range(rounds + 1)])
     manifest, _ = build_transfer("global", "aggregator", rounds, rounds, {"w": np.ones(4, np.float32)})
     state.on_global_manifest(manifest, None, now)
-    state.on_announcement(RoundAnnouncement(rounds + 1, rounds, "open", "ab" * 16, now + 600, devices, {}), now)
+    announcement = RoundAnnouncement(rounds + 1, rounds, "open", "ab" * 16, now + 600, devices, TrainSettings())
+    state.on_announcement(announcement, now)
     for k in range(0, devices, 10):
         state.on_ack(UpdateAck(f"cam-{k:04d}", rounds + 1, f"{k:032x}", k % 20 != 0, "tensor names differ"), now)
     return state

@@ -16,7 +16,7 @@ from aggregator.dashboard.feed import RoundsLogTail
 from fedwire.broker import EmbeddedBroker
 from fedwire.chunking import build_transfer
 from fedwire.config import ConfigError
-from fedwire.messages import DeviceStatus, RoundAnnouncement, RoundSummary, UpdateAck
+from fedwire.messages import DeviceStatus, RoundAnnouncement, RoundSummary, TrainSettings, UpdateAck
 from fedwire.mqtt import MqttLink
 from fedwire.topics import Topics
 
@@ -78,7 +78,8 @@ def test_dashboard_shows_devices_rounds_refusals_and_models(broker, dashboard, t
         fleet.publish(TOPICS.status("bogus"), b"{not json")  # logged and dropped; the dashboard carries on
         manifest, chunks = build_transfer("global", "aggregator", 0, 0, {"w": np.ones(4, np.float32)})
         fleet.publish(TOPICS.global_manifest, manifest.to_json(), retain=True)
-        fleet.publish(TOPICS.round, RoundAnnouncement(1, 0, "open", "ab" * 16, now + 300, 2, {}).to_json(), retain=True)
+        announcement = RoundAnnouncement(1, 0, "open", "ab" * 16, now + 300, 2, TrainSettings())
+        fleet.publish(TOPICS.round, announcement.to_json(), retain=True)
         update, _ = build_transfer("update", "cam-01", 1, 0, {"w": np.ones(4, np.float32)}, num_samples=5)
         fleet.publish(TOPICS.update_manifest("cam-01"), update.to_json())
         fleet.publish(TOPICS.ack("cam-01"), UpdateAck("cam-01", 1, update.transfer_id, True).to_json())
@@ -240,17 +241,17 @@ def test_round_state_follows_quorum_deadline_reannouncement_and_phase():
     from aggregator.dashboard.state import FleetState
 
     state, now = FleetState(), 1000.0
-    state.on_announcement(RoundAnnouncement(4, 3, "open", "ab" * 16, now + 60, 2, {}), now)
+    state.on_announcement(RoundAnnouncement(4, 3, "open", "ab" * 16, now + 60, 2, TrainSettings()), now)
     state.on_ack(UpdateAck("cam-1", 4, "01" * 16, True), now)
     state.on_ack(UpdateAck("cam-1", 4, "01" * 16, True), now)  # acked again (a resend): counted once
     assert state.round_view(now)["state"] == "training" and state.round_view(now)["accepted"] == 1
     assert state.round_view(now + 61)["state"] == "closing"  # deadline passed, summary not in yet
     # The same round announced again (an aggregator restart): what was accepted stays, the deadline moves.
-    state.on_announcement(RoundAnnouncement(4, 3, "open", "cd" * 16, now + 120, 2, {}), now)
+    state.on_announcement(RoundAnnouncement(4, 3, "open", "cd" * 16, now + 120, 2, TrainSettings()), now)
     assert state.round_view(now + 61)["state"] == "training" and state.round_view(now)["accepted"] == 1
     state.on_ack(UpdateAck("cam-2", 4, "02" * 16, True), now)
     assert state.round_view(now)["state"] == "closing"  # quorum reached
-    state.on_announcement(RoundAnnouncement(4, 4, "statistics", "ef" * 16, now + 60, 2, {}), now)
+    state.on_announcement(RoundAnnouncement(4, 4, "statistics", "ef" * 16, now + 60, 2, TrainSettings()), now)
     view = state.round_view(now)
     assert (view["state"], view["accepted"], view["model_version"]) == ("statistics", 0, 4)
     assert len(state.device("cam-1")["events"]) == 1 and state.device("cam-1")["last_contributed"] == 4
