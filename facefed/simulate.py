@@ -60,6 +60,7 @@ class SimulationConfig:
     min_clients: int | None = None  # round quorum; None: every client (or every sampled one)
     train_extra: dict = field(default_factory=dict)  # further announced train settings, e.g. {"proximal_mu": 0.01}
     bn_statistics: str = "averaged"  # or "measured": a statistics phase after each round (aggregator.yaml)
+    dp: dict | None = None  # aggregator.yaml's dp section, e.g. {"clip": 1.0, "noise_multiplier": 1.0}
 
 
 @dataclass
@@ -114,6 +115,7 @@ def write_run_folder(cfg: SimulationConfig, clients: list[FaceDataset], holdout:
         "model": {"arch": cfg.arch, "act": cfg.act, "options": cfg.model_options, "seed": cfg.seed},
         "train": {"local_epochs": cfg.local_epochs, "lr": cfg.lr, "margin": cfg.margin, **cfg.train_extra},
         "eval": {"data": str(out / "eval" / "holdout")},
+        **({"dp": cfg.dp} if cfg.dp else {}),
     }
     aggregator_path = out / "aggregator.yaml"
     aggregator_path.write_text(yaml.safe_dump(aggregator_cfg, sort_keys=False))
@@ -208,6 +210,8 @@ def _follow_rounds(cfg: SimulationConfig, aggregator: subprocess.Popen, processe
         if seen and seen[-1]["round"] >= cfg.rounds:
             return seen
         code = aggregator.poll()
+        if code == 0 and cfg.dp and cfg.dp.get("epsilon_budget") and seen:
+            return _read_jsonl(log_path)  # the privacy budget ended training early
         if code is not None:
             raise SimulationError(f"aggregator exited with code {code} after {len(seen)} log entries; "
                                   f"see {cfg.out / 'logs' / 'aggregator.log'}:\n{_tail(cfg.out / 'logs' / 'aggregator.log')}")
@@ -237,7 +241,7 @@ def _write_outputs(cfg: SimulationConfig, rounds: list[dict], seconds: float) ->
         for entry in rounds:
             out.write(json.dumps(entry, sort_keys=True) + "\n")
     final = cfg.out / "final.safetensors"
-    shutil.copyfile(cfg.out / "aggregator" / "checkpoints" / f"round-{cfg.rounds:04d}.safetensors", final)
+    shutil.copyfile(cfg.out / "aggregator" / "checkpoints" / f"round-{rounds[-1]['round']:04d}.safetensors", final)
     plot_path = plot_training_curves(rounds, cfg.out / "training_curves.png")
     return SimulationResult(rounds, final, metrics_path, plot_path, seconds)
 

@@ -29,6 +29,7 @@ CODECS = frozenset({"safetensors", "int8-delta", "topk-int8-delta", "patch"})  #
 TRANSFER_KINDS = frozenset({"global", "update", "statistics"})
 ROUND_STATES = frozenset({"open", "statistics", "finished"})
 DEVICE_STATES = frozenset({"online", "training", "uploading", "idle", "offline"})
+DP_MODES = frozenset({"central", "distributed"})
 
 _ID_HEX = re.compile(r"[0-9a-f]{32}")
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
@@ -316,6 +317,28 @@ def _check_manifest_consistency(m: TransferManifest) -> None:
         raise ProtocolError("base_version", f"a global transfer with codec {m.codec} must name its base version")
 
 
+@dataclass(frozen=True)
+class DpSettings:
+    """Differential privacy of the round (PROTOCOL.md 4.1.2), announced so that devices know and can act on it.
+
+    central: the aggregator clips each update to `clip` and adds N(0, (noise_multiplier * clip)^2) to the sum.
+    distributed: each device clips its own update and adds N(0, (noise_multiplier * clip)^2 / noise_shares)."""
+
+    mode: str
+    clip: float  # L2 bound of each device's update delta (this round's, when the clip adapts)
+    noise_multiplier: float  # z: the sum's noise std is z * clip
+    noise_shares: int = 1  # distributed: how many devices split the noise (the round's quorum)
+
+    @classmethod
+    def from_fields(cls, f: _Fields) -> DpSettings:
+        settings = cls(mode=f.text("mode", choices=DP_MODES), clip=f.number("clip", minimum=0.0),
+                       noise_multiplier=f.number("noise_multiplier", minimum=0.0),
+                       noise_shares=f.integer("noise_shares", minimum=1))
+        if settings.clip <= 0:
+            raise f.fail("clip", "must be > 0")
+        return settings
+
+
 @dataclass
 class RoundAnnouncement(_Message):
     round: int
@@ -328,6 +351,7 @@ class RoundAnnouncement(_Message):
     participants: list[str] = field(default_factory=list)  # devices sampled for this round; [] = all
     signature: str = ""  # as in TransferManifest
     protocol: int = PROTOCOL_VERSION
+    dp: DpSettings | None = None  # left out of the JSON when unset: the bytes earlier versions sent
 
     @classmethod
     def from_fields(cls, f: _Fields) -> RoundAnnouncement:
@@ -341,7 +365,14 @@ class RoundAnnouncement(_Message):
             train=f.mapping("train"),
             participants=f.each("participants", validate_device_id, default=[]),
             signature=f.text("signature", default="", pattern=_SIGNATURE_B64),
+            dp=DpSettings.from_fields(_Fields(f.mapping("dp"), "dp.")) if f.raw("dp", None) is not None else None,
         )
+
+    def to_dict(self) -> dict[str, Any]:
+        obj = dataclasses.asdict(self)
+        if obj["dp"] is None:
+            del obj["dp"]
+        return obj
 
 
 @dataclass
