@@ -27,6 +27,10 @@ eval: {data: null, every: 1}      # folder of held-out identities: accuracy per 
 bn_statistics: averaged           # or measured: devices measure BatchNorm statistics on each averaged model
 export: {formats: [], calibration: null}   # e.g. [onnx, onnx-int8]: state_dir/exports after each round
 shard_workers: 1                  # > 1: `serve` reduces, W `worker`s share the updates (MQTT 5 broker; docs/scale-out.md)
+# Differential privacy (DP-FedAvg; README, Privacy): updates clipped to clip, Gaussian noise of std
+# noise_multiplier * clip on their sum, equal weights; epsilon at delta logged per round. Off when absent.
+# dp: {noise_multiplier: 1.0, clip: 1.0, mode: central, delta: 1.0e-5, epsilon_budget: 8.0}
+#     mode distributed: each device adds its share of the noise; adaptive: {target_quantile: 0.5} (central only)
 """
 
 

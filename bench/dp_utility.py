@@ -7,7 +7,8 @@ N = 100 fleet is the first 100 devices of the N = 1,000 one. The model is the pr
 only its 256 -> 128 projection trained (32,768 parameters); the frozen trunk's features are computed once per
 image and cached, as devices do (model_zoo.train.TrunkFeatureCache). Each device trains with the kit's
 train_local: its own head, one imprinted class plus `--negative-anchors` fixed random negatives (the kit's
-single-identity remedy), `--local-epochs` local epochs. Each round samples `--fraction-fit` of the fleet.
+single-identity remedy), `--local-epochs` local epochs. Each round samples `--per-round` devices (fraction_fit = per_round / N, which the accountant
+amplifies by): the same noise per round at every N, so a larger fleet spends less epsilon for it.
 
 Aggregation is the aggregator's own code, in this process: aggregator.strategy.FedAvg, wrapped for DP by
 aggregator.dp.DpStrategy (central mode: clip each update to C, N(0, (z C)^2) on the sum, uniform weights), and
@@ -15,7 +16,7 @@ epsilon from aggregator.dp.epsilon_after (dp-accounting's RDP accountant with Po
 The non-private run is plain FedAvg with the same devices, sampling and seeds. C defaults to the median
 update norm of the non-private run's first round (`--clip` overrides it).
 
-    python -m bench.dp_utility                       # N = 100 and 1,000, noise multipliers 0.4 .. 2.0
+    python -m bench.dp_utility                       # N = 100 and 1,000, noise multipliers 0.5 and 1.0
     python -m bench.dp_utility --fleets 1000 --noise 1.0 --rounds 10   # a quick look
 """
 
@@ -48,16 +49,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--celeb", type=Path, default=shared_datasets_root() / "celeb-dev")
     parser.add_argument("--holdout", type=int, default=4, help="people held out for scoring (default 4)")
-    parser.add_argument("--holdout-images", type=int, default=150, help="images per held-out person (default 150)")
+    parser.add_argument("--holdout-images", type=int, default=100, help="images per held-out person (default 100)")
     parser.add_argument("--fleets", type=int, nargs="+", default=[100, 1000], help="fleet sizes N (default 100 1000)")
-    parser.add_argument("--images-per-device", type=int, default=3, help="images of each person on a device")
+    parser.add_argument("--images-per-device", type=int, default=2, help="images of each person on a device")
     parser.add_argument("--people-per-device", type=int, default=1,
                         help="people on each device (default 1: a phone and its owner)")
-    parser.add_argument("--noise", type=float, nargs="*", default=[0.4, 0.6, 1.0, 2.0],
-                        help="noise multipliers z of the DP runs (default 0.4 0.6 1.0 2.0)")
+    parser.add_argument("--noise", type=float, nargs="*", default=[0.5, 1.0],
+                        help="noise multipliers z of the DP runs (default 0.5 1.0)")
     parser.add_argument("--clip", type=float, default=None, help="L2 clip C (default: median first-round norm)")
-    parser.add_argument("--rounds", type=int, default=20)
-    parser.add_argument("--fraction-fit", type=float, default=0.05, help="share of the fleet sampled per round")
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--per-round", type=int, default=20,
+                        help="devices sampled per round (fraction_fit = per_round / N, default 20)")
     parser.add_argument("--delta", type=float, default=1e-4, help="delta of epsilon (default 1e-4, <= 1/N here)")
     parser.add_argument("--local-epochs", type=int, default=5)
     parser.add_argument("--lr", type=float, default=0.5)
@@ -129,7 +131,7 @@ def federate(backbone, devices: list[Device], strategy, start, args, seed: int, 
     """`args.rounds` rounds; returns the final tensors and the update norms of round 1."""
     rng = np.random.default_rng(seed)
     tensors, first_norms = dict(start), []
-    per_round = max(1, round(args.fraction_fit * len(devices)))
+    per_round = min(args.per_round, len(devices))
     for r in tqdm(range(1, args.rounds + 1), desc=desc, unit="round", leave=False):
         strategy.begin_round(tensors)
         for k in rng.choice(len(devices), size=per_round, replace=False):
@@ -168,6 +170,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = [{"fleet": 0, "run": "pretrained (version 0)", "z": None, "epsilon": 0.0, **pretrained, "seconds": 0.0}]
     for size in args.fleets:
         devices = fleet[:size]
+        fraction_fit = min(1.0, args.per_round / size)
         t = time.time()
         plain, norms = federate(backbone, devices, FedAvg(), start, args, args.seed, f"N={size} no DP")
         rows.append({"fleet": size, "run": "FedAvg, no DP", "z": None, "epsilon": float("inf"),
@@ -176,12 +179,12 @@ def main(argv: list[str] | None = None) -> None:
         for z in args.noise:
             t = time.time()
             dp = DpConfig(noise_multiplier=z, clip=clip, delta=args.delta)
-            strategy = DpStrategy(FedAvg(), dp, args.fraction_fit, rng=secure_generator(args.seed))
+            strategy = DpStrategy(FedAvg(), dp, fraction_fit, rng=secure_generator(args.seed))
             tensors, _ = federate(backbone, devices, strategy, start, args, args.seed, f"N={size} z={z}")
             rows.append({"fleet": size, "run": f"DP-FedAvg C={clip:.3g}", "z": z,
-                         "clip": clip, "epsilon": epsilon_after(args.rounds, z, args.fraction_fit, args.delta),
+                         "clip": clip, "epsilon": epsilon_after(args.rounds, z, fraction_fit, args.delta),
                          **score(backbone, tensors, start, holdout_features, holdout.labels), "seconds": time.time() - t})
-    print(f"\n{args.rounds} rounds, {args.fraction_fit:g} of the fleet per round, {args.local_epochs} local epochs, "
+    print(f"\n{args.rounds} rounds, {args.per_round} devices per round, {args.local_epochs} local epochs, "
           f"{args.images_per_device} images per device, delta {args.delta:g}; total {time.time() - started:.0f} s\n")
     print("| N | run | z | epsilon | held-out accuracy | TAR@FAR=1e-3 | EER | moved from v0 (L2) | seconds |")
     print("|---|---|---|---|---|---|---|---|---|")
