@@ -72,7 +72,7 @@ class DpStrategy:
     def __init__(self, inner, dp: DpConfig, sampling_rate: float, rng: np.random.Generator | None = None) -> None:
         self.inner = inner
         self.name = inner.name
-        self.dp = dp
+        self.config = dp
         self.sampling_rate = sampling_rate
         self.clip = dp.clip
         self._rng = rng if rng is not None else secure_generator()
@@ -89,7 +89,7 @@ class DpStrategy:
 
     def settings(self, quorum: int) -> DpSettings:
         """What the round's announcement tells the devices."""
-        return DpSettings(self.dp.mode, self.clip, self.dp.noise_multiplier, max(1, quorum))
+        return DpSettings(self.config.mode, self.clip, self.config.noise_multiplier, max(1, quorum))
 
     def begin_round(self, global_tensors: Tensors) -> None:
         self._global = global_tensors
@@ -105,7 +105,7 @@ class DpStrategy:
 
     def accumulate(self, tensors: Tensors, num_samples: int) -> None:
         delta = delta_of(tensors, self._global)
-        if self.dp.mode == "central":
+        if self.config.mode == "central":
             delta, norm = clip_delta(delta, self.clip)
             self._unclipped += norm <= self.clip
         for name, value in delta.items():
@@ -122,10 +122,10 @@ class DpStrategy:
     def aggregate(self) -> dict[str, np.ndarray]:
         if self._count == 0:
             raise ValueError("no updates to average")
-        if self.dp.mode == "central":
+        if self.config.mode == "central":
             std = self.delta_multiplier * self.clip
         else:
-            std = top_up_std(self.clip, self.dp.noise_multiplier, self._shares, self._count)
+            std = top_up_std(self.clip, self.config.noise_multiplier, self._shares, self._count)
         noised = add_gaussian(self._sum, std, self._rng) if std > 0 else self._sum
         mean = {}
         for name, reference in self._global.items():
@@ -137,8 +137,8 @@ class DpStrategy:
             else:
                 value = np.rint(self._counters[name] / self._count)
             mean[name] = value.astype(dtype)
-        if self.dp.adaptive is not None:
-            a = self.dp.adaptive
+        if self.config.adaptive is not None:
+            a = self.config.adaptive
             self.clip, share = next_clip(self.clip, self._unclipped, self._count, a.count_stddev, a.target_quantile,
                                          a.learning_rate, self._rng)
             log.info("adaptive clipping: %.2f of updates unclipped (noised); clip now %.4g", share, self.clip)
@@ -149,10 +149,10 @@ class DpStrategy:
     @property
     def slots(self) -> dict[str, np.ndarray]:
         """The inner strategy's optimizer state, and the adapted clip (saved with each checkpoint)."""
-        if not hasattr(self.inner, "slots") and self.dp.adaptive is None:
+        if not hasattr(self.inner, "slots") and self.config.adaptive is None:
             raise AttributeError("slots")
         slots = dict(getattr(self.inner, "slots", {}))
-        if self.dp.adaptive is not None:
+        if self.config.adaptive is not None:
             slots["dp.clip"] = np.array(self.clip)
         return slots
 
@@ -167,15 +167,15 @@ class DpStrategy:
     # ---- accounting ----------------------------------------------------------------
 
     def epsilon(self, rounds: int) -> float:
-        return epsilon_after(rounds, self.dp.noise_multiplier, self.sampling_rate, self.dp.delta)
+        return epsilon_after(rounds, self.config.noise_multiplier, self.sampling_rate, self.config.delta)
 
     def metrics(self, rounds: int) -> dict[str, float]:
         """Logged with each round: epsilon spent after `rounds` rounds, at dp.delta, and the clip used next."""
-        return {"epsilon": self.epsilon(rounds), "dp_delta": self.dp.delta, "dp_clip": self.clip}
+        return {"epsilon": self.epsilon(rounds), "dp_delta": self.config.delta, "dp_clip": self.clip}
 
     def budget_reached(self, rounds_done: int) -> bool:
         """True when one more round would take epsilon past the budget."""
-        budget = self.dp.epsilon_budget
+        budget = self.config.epsilon_budget
         return budget is not None and self.epsilon(rounds_done + 1) > budget
 
 

@@ -341,7 +341,7 @@ class AggregatorService:
             return False
         log.warning("privacy budget reached: epsilon %.3f after round %d, one more round would spend %.3f > budget "
                     "%g (delta %g); stopping training", self.dp.epsilon(self.model_version), self.model_version,
-                    self.dp.epsilon(self.model_version + 1), self.dp.dp.epsilon_budget, self.dp.dp.delta)
+                    self.dp.epsilon(self.model_version + 1), self.dp.config.epsilon_budget, self.dp.config.delta)
         self._budget_stopped = True
         return True
 
