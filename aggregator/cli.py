@@ -43,6 +43,10 @@ revoked_devices: null             # e.g. pki/revoked.txt (`revoke` writes it): t
 max_samples_per_update: 250000
 weighting: samples                # samples | capped | uniform (PROTOCOL.md 4.2.1)
 dashboard: {listen: null}         # e.g. 127.0.0.1:8080 (or serve --dashboard); beyond loopback add token_file or https
+# Differential privacy (DP-FedAvg; README, Privacy): updates clipped to clip, Gaussian noise of std
+# noise_multiplier * clip on their sum, equal weights; epsilon at delta logged per round. Off when absent.
+# dp: {noise_multiplier: 1.0, clip: 1.0, mode: central, delta: 1.0e-5, epsilon_budget: 8.0}
+#     mode distributed: each device adds its share of the noise; adaptive: {target_quantile: 0.5} (central only)
 """
 
 

@@ -162,6 +162,47 @@ class DeviceBudgetConfig:
 
 
 @dataclass
+class AdaptiveClipConfig:
+    """Andrew et al. 2021: the clip follows a quantile of the update norms, learned from a noised count."""
+
+    target_quantile: float = 0.5  # share of updates that should pass unclipped
+    learning_rate: float = 0.2  # eta of the geometric update C <- C exp(-eta (b - quantile))
+    count_stddev: float = 1.0  # std of the noise on the count of unclipped updates (the paper: clients / 20)
+
+    def check(self) -> None:
+        require(0 < self.target_quantile < 1, "target_quantile", "must be in (0, 1)")
+        require(0 < self.learning_rate <= 10, "learning_rate", "must be in (0, 10]")
+        require(self.count_stddev > 0, "count_stddev", "must be > 0")
+
+
+@dataclass
+class DpConfig:
+    """Client-level DP-FedAvg (aggregator/dp.py): clip each update, add Gaussian noise, account epsilon."""
+
+    noise_multiplier: float  # z: the noise on the sum of clipped updates has std z * clip
+    clip: float = 1.0  # L2 bound of each device's update delta (the starting bound with adaptive clipping)
+    # central: the aggregator (trusted) clips and adds the noise; distributed: each device clips its own update
+    # and adds its share, so no update leaves a device in the clear.
+    mode: Literal["central", "distributed"] = "central"
+    delta: float = 1e-5  # epsilon is reported at this delta; keep it below 1 / (number of devices)
+    epsilon_budget: float | None = None  # stop training before a round would take epsilon past this
+    adaptive: AdaptiveClipConfig | None = None  # central mode only
+
+    def check(self) -> None:
+        require(0 < self.noise_multiplier <= 1000, "noise_multiplier", "must be in (0, 1000]")
+        require(self.clip > 0, "clip", "must be > 0")
+        require(0 < self.delta < 1, "delta", "must be in (0, 1)")
+        require(self.epsilon_budget is None or self.epsilon_budget > 0, "epsilon_budget",
+                "must be > 0 (or null for no budget)")
+        if self.adaptive is not None:
+            require(self.mode == "central", "adaptive",
+                    "needs mode: central (the aggregator must see each update's norm to count the unclipped ones)")
+            require(self.noise_multiplier < 2 * self.adaptive.count_stddev, "adaptive.count_stddev",
+                    f"must be > noise_multiplier / 2 = {self.noise_multiplier / 2:g} (part of the privacy budget "
+                    "goes to the noised count)")
+
+
+@dataclass
 class AggregatorConfig:
     state_dir: Path
     broker: str | None = None  # None: start an embedded broker on 127.0.0.1:embedded_port
@@ -208,6 +249,7 @@ class AggregatorConfig:
     revoked_devices: Path | None = None
     shard_workers: int = 1  # > 1: workers share the update stream via MQTT 5 shared subscriptions (docs/scale-out.md)
     dashboard: DashboardConfig = field(default_factory=DashboardConfig)
+    dp: DpConfig | None = None  # differential privacy (README, Privacy); off when unset
 
     def check(self) -> None:
         if self.broker is not None:
@@ -258,6 +300,17 @@ class AggregatorConfig:
             require(STRATEGIES[self.strategy].supports_partial_sums, "shard_workers",
                     f"works with {', '.join(partial)} (sums are additive); {self.strategy} needs every "
                     "update in one process")
+
+        if self.dp is not None:
+            # The sensitivity C / k of the noised mean holds for a linear rule over equally weighted updates:
+            # aggregator/dp.py weighs every update 1 (n_k is a claim), and clips with dp.clip itself.
+            require(self.strategy in ("fedavg", "fedavgm", "fedadam"), "dp",
+                    f"works with fedavg, fedavgm and fedadam; {self.strategy} is not a mean of the updates, so "
+                    "noise calibrated to the clip does not bound what one update changes")
+            require(self.clip_norm is None, "clip_norm", "leave it unset with dp: dp.clip bounds each update")
+            require(self.shard_workers == 1, "dp", "needs shard_workers: 1 (the noise is added once, in one process)")
+            require(self.bn_statistics == "averaged", "bn_statistics",
+                    "must be averaged with dp: the statistics phase would release measured statistics without noise")
 
     @property
     def topics(self) -> Topics:

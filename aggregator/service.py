@@ -24,6 +24,7 @@ import numpy as np
 from aggregator.budget import BudgetLimits, DeviceBudget, sender
 from aggregator.claims import SampleCount, bound_sample_count, clamp_note, claimed_loss
 from aggregator.config import AggregatorConfig
+from aggregator.dp import DpStrategy, with_dp
 from aggregator.pki import PkiError, load_revoked
 from aggregator.state import AcceptedUpdate, StateDir
 from aggregator.strategies import WeightedSum, build_strategy
@@ -91,8 +92,9 @@ class AggregatorService:
         self.config = config
         self.topics = config.topics
         self.state = StateDir(config.state_dir)
-        self.strategy = build_strategy(config.strategy, _train_settings(config).to_dict(), config.clip_norm,
-                                       config.trim_fraction, config.server_lr)
+        self.strategy = with_dp(build_strategy(config.strategy, _train_settings(config).to_dict(),
+                                               config.clip_norm, config.trim_fraction, config.server_lr), config)
+        self.dp = self.strategy if isinstance(self.strategy, DpStrategy) else None
         self.reassembler = Reassembler(max_payload_bytes=config.max_update_bytes, timeout_s=config.round_timeout_s,
                                        memory_budget_bytes=REASSEMBLY_MEMORY_BYTES, spill_dir=self.state.root)
         # (topic, payload, ack): acked once handled, so the broker, not this process, holds any backlog.
@@ -119,6 +121,7 @@ class AggregatorService:
         self.budget: DeviceBudget | None = None  # per device and round; made at _connect, once the model is known
         self._revoked_checked = 0.0
         self._revoked_mtime: float | None = None
+        self._budget_stopped = False  # dp.epsilon_budget reached: no further round opens
 
     # ---- lifecycle -------------------------------------------------------
 
@@ -130,7 +133,7 @@ class AggregatorService:
             self._publish_global()
             if self.model_version >= self.config.rounds:
                 log.info("all %d rounds already complete in %s", self.config.rounds, self.state.root)
-            else:
+            elif not self._privacy_budget_reached():
                 self._open_round(self.model_version + 1)
                 self._serve_until_done()
             self._announce_finished()
@@ -160,7 +163,7 @@ class AggregatorService:
             # Round 0 is the starting point of the curves: the initial model, evaluated.
             entry = {"round": 0, "model_version": 0, "clients": 0, "client_ids": [], "num_samples": 0,
                      "bytes_up": 0, "bytes_down": 0, "bytes": 0, "rejected": 0, "train_loss": None,
-                     "seconds": 0.0, "time": time.time(), **self._evaluate(0)}
+                     "seconds": 0.0, "time": time.time(), **self._evaluate(0), **self._dp_metrics(0)}
             self.state.save_round(0, self.backbone, self._checkpoint_meta(), entry)
             log.info("initial global model written to %s", self.state.checkpoint_path(0))
         load_shared_tensors(self.backbone, self.global_tensors)
@@ -249,7 +252,7 @@ class AggregatorService:
     # ---- rounds ------------------------------------------------------------
 
     def _serve_until_done(self) -> None:
-        while self.model_version < self.config.rounds or self.current is not None:
+        while (self.model_version < self.config.rounds and not self._budget_stopped) or self.current is not None:
             self.handle_next_event()
             if self._link.connections != self._link_connections:
                 self._republish_retained()
@@ -271,9 +274,12 @@ class AggregatorService:
             participants=participants,
             expires=deadline + ANNOUNCEMENT_GRACE_S,
             federation=self._federation,
+            dp=self.dp.settings(quorum) if self.dp else None,
         )
         self.strategy.begin_round(self.global_tensors)
         self._new_budget_round()
+        if self.dp:
+            self.dp.expect_shares(quorum)
         self.current = OpenRound(number, self.model_version, announcement, time.time(), quorum)
         self._restore_accepted(self.current)
         self._publish_retained(self.topics.round, self._signed(announcement).to_json())
@@ -386,7 +392,7 @@ class AggregatorService:
                 load_shared_tensors(self.backbone, self.global_tensors)
                 self._publish_global(patch=measured)
                 current.bytes_down += self.global_bytes * len(phase.accepted)
-        metrics = self._evaluate(current.number)
+        metrics = {**self._evaluate(current.number), **self._dp_metrics(current.number)}
         if phase is not None:
             metrics.update({k + AVERAGED_BN_SUFFIX: v for k, v in phase.averaged_bn.items()})
         summary = RoundSummary(
@@ -407,7 +413,7 @@ class AggregatorService:
         self._export(checkpoint)
         self._publish_retained(self.topics.round_summary, summary.to_json())
         log.info(_round_line(summary))
-        if self.model_version < self.config.rounds:
+        if self.model_version < self.config.rounds and not self._privacy_budget_reached():
             self._open_round(self.model_version + 1)
 
     @staticmethod
@@ -421,6 +427,19 @@ class AggregatorService:
         log.error("round %d: measured BatchNorm statistics not fit to publish (%s); keeping the averaged ones",
                   phase.number, problem)
         return None
+
+    def _dp_metrics(self, rounds_done: int) -> dict[str, float]:
+        return self.dp.metrics(rounds_done) if self.dp else {}
+
+    def _privacy_budget_reached(self) -> bool:
+        """dp.epsilon_budget: no round may take epsilon past it, so training stops one round before."""
+        if self.dp is None or not self.dp.budget_reached(self.model_version):
+            return False
+        log.warning("privacy budget reached: epsilon %.3f after round %d, one more round would spend %.3f > budget "
+                    "%g (delta %g); stopping training", self.dp.epsilon(self.model_version), self.model_version,
+                    self.dp.epsilon(self.model_version + 1), self.dp.config.epsilon_budget, self.dp.config.delta)
+        self._budget_stopped = True
+        return True
 
     def _compress_download(self, new_tensors: dict[str, np.ndarray], version: int) -> dict[str, np.ndarray]:
         """download_codec int8-delta: the new global model becomes what devices rebuild from the delta."""
@@ -793,6 +812,8 @@ def _round_line(summary: RoundSummary) -> str:
     loss = "n/a" if summary.train_loss is None else f"{summary.train_loss:.4f}"
     acc = summary.metrics.get("val_accuracy")
     acc_text = "n/a" if acc is None else f"{acc:.4f}"
+    epsilon = summary.metrics.get("epsilon")
+    dp_text = "" if epsilon is None else f", epsilon {epsilon:.3f} (delta {summary.metrics['dp_delta']:g})"
     return (f"round {summary.round}: {len(summary.clients)} clients, n={summary.num_samples}, "
             f"{(summary.bytes_up + summary.bytes_down) / 1e6:.2f} MB moved, train loss {loss}, "
-            f"held-out accuracy {acc_text}, {summary.seconds:.1f} s")
+            f"held-out accuracy {acc_text}{dp_text}, {summary.seconds:.1f} s")

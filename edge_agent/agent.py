@@ -27,6 +27,7 @@ from fedwire.compression import (
     decode_update,
     encode_update,
 )
+from fedwire.dp import device_noise_std, privatize_update, secure_generator
 from fedwire.errors import ProtocolError
 from fedwire.messages import (
     DeviceStatus,
@@ -416,9 +417,15 @@ class EdgeAgent:
                  ann.round, result.epochs, result.num_samples, time.time() - start, result.loss, result.accuracy)
         metrics = {"train_loss": result.loss, "train_accuracy": result.accuracy, "train_seconds": result.seconds,
                    "local_epochs": float(result.epochs)}
+        tensors = outcome.tensors
+        if ann.dp is not None and ann.dp.mode == "distributed":  # clip and add our share of the noise here
+            dp = ann.dp
+            tensors = privatize_update(tensors, self.global_model.tensors, dp.clip,
+                                       device_noise_std(dp.clip, dp.noise_multiplier, dp.noise_shares),
+                                       secure_generator())
         manifest, chunks = build_transfer(
             "update", self.device_id, ann.round, ann.model_version,
-            self._encode(outcome.tensors, settings.codec, settings.codec_topk or DEFAULT_TOPK_FRACTION),
+            self._encode(tensors, settings.codec, settings.codec_topk or DEFAULT_TOPK_FRACTION),
             num_samples=result.num_samples, metrics=metrics, max_chunk_bytes=self.config.device.max_chunk_bytes,
             codec=settings.codec,
         )

@@ -76,6 +76,17 @@ def build_parser() -> argparse.ArgumentParser:
                      "(forward passes only; which scores higher depends on the fleet, see BENCHMARKS.md issue 4)")
     sim.add_argument("--dashboard", type=int, metavar="PORT", dest="dashboard_port",
                      help="serve the live fleet dashboard on http://127.0.0.1:PORT/ while the federation runs")
+    sim.add_argument("--dp-clip", type=float, metavar="C",
+                     help="differential privacy (DP-FedAvg): clip each device's update to L2 norm C; needs --dp-noise")
+    sim.add_argument("--dp-noise", type=float, metavar="Z",
+                     help="DP noise multiplier: Gaussian noise of std Z*C on the sum of clipped updates; epsilon "
+                     "(at --dp-delta) is printed per round and written to metrics.jsonl")
+    sim.add_argument("--dp-mode", choices=["central", "distributed"], default="central",
+                     help="who adds the noise: the aggregator (central, default) or each device its share "
+                     "(distributed: no update leaves a device in the clear)")
+    sim.add_argument("--dp-delta", type=float, default=1e-5, help="delta of the reported epsilon (default 1e-5)")
+    sim.add_argument("--dp-epsilon-budget", type=float, metavar="EPS",
+                     help="stop training before a round would take epsilon past EPS")
 
     _add_experiment_parser(sub)
 
@@ -177,6 +188,12 @@ def _simulate(args: argparse.Namespace) -> int:
     if args.trainable is not None and args.model != "faceapi-resnet":
         print("facefed simulate: --trainable applies to --model faceapi-resnet only", file=sys.stderr)
         return 2
+    if (args.dp_clip is None) != (args.dp_noise is None):
+        print("facefed simulate: --dp-clip and --dp-noise go together", file=sys.stderr)
+        return 2
+    dp = None if args.dp_clip is None else {"clip": args.dp_clip, "noise_multiplier": args.dp_noise,
+                                            "mode": args.dp_mode, "delta": args.dp_delta,
+                                            "epsilon_budget": args.dp_epsilon_budget}
     cfg = SimulationConfig(
         data=data, out=args.out, clients=args.clients, rounds=args.rounds, **_training_settings(args),
         split=args.split, alpha=args.alpha, holdout=args.holdout, seed=args.seed, broker=args.broker,
@@ -184,6 +201,7 @@ def _simulate(args: argparse.Namespace) -> int:
         update_codec=args.update_codec, download_codec=args.download_codec, bn_statistics=args.bn_statistics,
         dashboard_port=args.dashboard_port,
         model_options={"trainable": args.trainable or "last"} if args.model == "faceapi-resnet" else {},
+        dp=dp,
     )
     print(f"facefed simulate: {args.clients} clients, {args.rounds} rounds, data {', '.join(map(str, data))}")
     if args.dashboard_port is not None:
@@ -302,7 +320,8 @@ def _round_line(entry: dict) -> str:
 
     return (f"round {entry['round']:3d} | clients {entry['clients']} | {entry['bytes'] / 1e6:7.2f} MB | "
             f"train loss {fmt(entry.get('train_loss'), '6.3f')} | "
-            f"held-out acc {fmt(entry.get('val_accuracy'), '.3f')} | EER {fmt(entry.get('eer'), '.3f')}")
+            f"held-out acc {fmt(entry.get('val_accuracy'), '.3f')} | EER {fmt(entry.get('eer'), '.3f')}"
+            + (f" | epsilon {entry['epsilon']:.2f}" if "epsilon" in entry else ""))
 
 
 def _evaluate(args: argparse.Namespace) -> int:

@@ -61,6 +61,7 @@ class SimulationConfig:
     train_extra: dict = field(default_factory=dict)  # further announced train settings, e.g. {"proximal_mu": 0.01}
     bn_statistics: str = "averaged"  # or "measured": a statistics phase after each round (aggregator.yaml)
     dashboard_port: int | None = None  # serve the fleet dashboard on 127.0.0.1:PORT while the federation runs
+    dp: dict | None = None  # aggregator.yaml's dp section, e.g. {"clip": 1.0, "noise_multiplier": 1.0}
 
 
 @dataclass
@@ -115,6 +116,7 @@ def write_run_folder(cfg: SimulationConfig, clients: list[FaceDataset], holdout:
         "model": {"arch": cfg.arch, "act": cfg.act, "options": cfg.model_options, "seed": cfg.seed},
         "train": {"local_epochs": cfg.local_epochs, "lr": cfg.lr, "margin": cfg.margin, **cfg.train_extra},
         "eval": {"data": str(out / "eval" / "holdout")},
+        **({"dp": cfg.dp} if cfg.dp else {}),
     }
     if cfg.dashboard_port is not None:
         aggregator_cfg["dashboard"] = {"listen": f"127.0.0.1:{cfg.dashboard_port}"}
@@ -211,6 +213,8 @@ def _follow_rounds(cfg: SimulationConfig, aggregator: subprocess.Popen, processe
         if seen and seen[-1]["round"] >= cfg.rounds:
             return seen
         code = aggregator.poll()
+        if code == 0 and cfg.dp and cfg.dp.get("epsilon_budget") and seen:
+            return _read_jsonl(log_path)  # the privacy budget ended training early
         if code is not None:
             raise SimulationError(f"aggregator exited with code {code} after {len(seen)} log entries; "
                                   f"see {cfg.out / 'logs' / 'aggregator.log'}:\n{_tail(cfg.out / 'logs' / 'aggregator.log')}")
@@ -240,7 +244,7 @@ def _write_outputs(cfg: SimulationConfig, rounds: list[dict], seconds: float) ->
         for entry in rounds:
             out.write(json.dumps(entry, sort_keys=True) + "\n")
     final = cfg.out / "final.safetensors"
-    shutil.copyfile(cfg.out / "aggregator" / "checkpoints" / f"round-{cfg.rounds:04d}.safetensors", final)
+    shutil.copyfile(cfg.out / "aggregator" / "checkpoints" / f"round-{rounds[-1]['round']:04d}.safetensors", final)
     plot_path = plot_training_curves(rounds, cfg.out / "training_curves.png")
     return SimulationResult(rounds, final, metrics_path, plot_path, seconds)
 

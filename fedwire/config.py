@@ -126,6 +126,8 @@ def _coerce(hint: Any, value: Any, path: str, base_dir: Path | None) -> Any:
         if value is None and type(None) in args:
             return None
         options = [a for a in args if a is not type(None)]
+        if len(options) == 1:  # X | None: X's own error names the field inside it
+            return _coerce(options[0], value, path, base_dir)
         errors = []
         for option in options:
             try:

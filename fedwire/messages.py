@@ -37,6 +37,7 @@ CODECS = frozenset({"safetensors", "int8-delta", "topk-int8-delta", "patch"})  #
 TRANSFER_KINDS = frozenset({"global", "update", "statistics"})
 ROUND_STATES = frozenset({"open", "statistics", "finished"})
 DEVICE_STATES = frozenset({"online", "training", "uploading", "idle", "offline"})
+DP_MODES = frozenset({"central", "distributed"})
 
 _ID_HEX = re.compile(r"[0-9a-f]{32}")
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
@@ -452,6 +453,27 @@ def _read_strict(cls: type[_T], f: _Fields) -> _T:
             raise TypeError(f"{cls.__name__}.{name}: no wire reader for {hint!r}")
     return cls(**values)
 
+@dataclass(frozen=True)
+class DpSettings:
+    """Differential privacy of the round (PROTOCOL.md 4.1.2), announced so that devices know and can act on it.
+
+    central: the aggregator clips each update to `clip` and adds N(0, (noise_multiplier * clip)^2) to the sum.
+    distributed: each device clips its own update and adds N(0, (noise_multiplier * clip)^2 / noise_shares)."""
+
+    mode: str
+    clip: float  # L2 bound of each device's update delta (this round's, when the clip adapts)
+    noise_multiplier: float  # z: the sum's noise std is z * clip
+    noise_shares: int = 1  # distributed: how many devices split the noise (the round's quorum)
+
+    @classmethod
+    def from_fields(cls, f: _Fields) -> DpSettings:
+        settings = cls(mode=f.text("mode", choices=DP_MODES), clip=f.number("clip", minimum=0.0),
+                       noise_multiplier=f.number("noise_multiplier", minimum=0.0),
+                       noise_shares=f.integer("noise_shares", minimum=1))
+        if settings.clip <= 0:
+            raise f.fail("clip", "must be > 0")
+        return settings
+
 
 @dataclass
 class RoundAnnouncement(_Message):
@@ -468,6 +490,7 @@ class RoundAnnouncement(_Message):
     # Freshness (PROTOCOL.md 8.2), both signed and left out of the JSON when unset (earlier aggregators):
     expires: float | None = None  # aggregator's unix seconds after which agents refuse it; None: never
     federation: float | None = None  # when the aggregator's state dir was created: orders federations
+    dp: DpSettings | None = None  # left out of the JSON when unset: the bytes earlier versions sent
 
     @classmethod
     def from_fields(cls, f: _Fields) -> RoundAnnouncement:
@@ -483,12 +506,13 @@ class RoundAnnouncement(_Message):
             signature=f.text("signature", default="", pattern=_SIGNATURE_B64),
             expires=f.number("expires", minimum=0.0) if "expires" in f._obj else None,
             federation=f.number("federation", minimum=0.0) if "federation" in f._obj else None,
+            dp=DpSettings.from_fields(_Fields(f.mapping("dp"), "dp.")) if f.raw("dp", None) is not None else None,
         )
 
     def to_dict(self) -> dict[str, Any]:
         obj = dataclasses.asdict(self)
         obj["train"] = self.train.to_dict()
-        for name in ("expires", "federation"):
+        for name in ("expires", "federation", "dp"):
             if obj[name] is None:
                 del obj[name]
         return obj
