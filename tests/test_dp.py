@@ -23,7 +23,7 @@ from fedwire.config import ConfigError, parse_config
 from fedwire.dp import (adaptive_delta_multiplier, clip_delta, delta_of, device_noise_std, l2_norm, next_clip,
                         privatize_update, secure_generator, top_up_std)
 from fedwire.errors import ProtocolError
-from fedwire.messages import DpSettings, RoundAnnouncement
+from fedwire.messages import DpSettings, RoundAnnouncement, TrainSettings
 from fedwire.signing import load_verify_key, verify
 from model_zoo.data import FaceDataset
 from tests.test_e2e_federation import Recorder
@@ -167,9 +167,9 @@ def test_config_rejects_bad_dp_settings_naming_the_field(fields, field, reason):
 
 
 def test_announcement_carries_dp_settings_and_stays_byte_identical_without_them():
-    plain = RoundAnnouncement(1, 0, "open", "a" * 32, 100.0, 2, {"lr": 0.1})
+    plain = RoundAnnouncement(1, 0, "open", "a" * 32, 100.0, 2, TrainSettings(lr=0.1))
     assert b'"dp"' not in plain.to_json()
-    with_dp = RoundAnnouncement(1, 0, "open", "a" * 32, 100.0, 2, {}, dp=DpSettings("distributed", 0.5, 1.1, 3))
+    with_dp = RoundAnnouncement(1, 0, "open", "a" * 32, 100.0, 2, TrainSettings(), dp=DpSettings("distributed", 0.5, 1.1, 3))
     assert RoundAnnouncement.from_json(with_dp.to_json()).dp == DpSettings("distributed", 0.5, 1.1, 3)
     bad = json.loads(with_dp.to_json())
     bad["dp"]["mode"] = "local"
