@@ -46,25 +46,12 @@ class MqttPublisher:
         self.publish_retained(self.topics.round_summary, summary.to_json())
 
     def publish_global(self, model: GlobalModel) -> int:
-        """Publish global model v (retained): in full, as a delta against v - 1 or as a patch of v (its measured
-        BatchNorm statistics, for devices that hold v with averaged ones). Returns the bytes a device downloads."""
-        v = model.version
-        manifest, chunks = build_transfer("global", "aggregator", v, v, model.tensors,
-                                          max_chunk_bytes=self.max_chunk_bytes)
-        self._full_transfer = (self.signed(manifest), chunks) if model.full_apart else None
-        if model.patch is not None:
-            patch_manifest, patch_chunks = build_transfer("global", "aggregator", v, v, model.patch,
-                                                          max_chunk_bytes=self.max_chunk_bytes)
-            manifest, chunks = as_global_delta(patch_manifest, v, manifest.payload_sha256, PATCH), patch_chunks
-        elif model.delta is not None:
-            # Devices holding v - 1 rebuild v from the delta; manifest.payload_sha256 is the full model's hash.
-            delta, delta_chunks = build_transfer("global", "aggregator", v, v, model.delta,
-                                                 max_chunk_bytes=self.max_chunk_bytes)
-            manifest, chunks = as_global_delta(delta, v - 1, manifest.payload_sha256), delta_chunks
-        self._global_transfer = (self.signed(manifest), chunks)
+        """Publish global model v (retained); returns the bytes a device downloads."""
+        self._global_transfer, self._full_transfer = global_transfers(model, self.max_chunk_bytes, self.signed)
         self._publish_global_transfer()
-        log.debug("published global model v%d (%s, %d bytes in %d chunks)", v, manifest.codec, self.global_bytes,
-                  len(chunks))
+        manifest, chunks = self._global_transfer
+        log.debug("published global model v%d (%s, %d bytes in %d chunks)", model.version, manifest.codec,
+                  self.global_bytes, len(chunks))
         return self.global_bytes
 
     def _publish_global_transfer(self) -> None:
@@ -121,3 +108,32 @@ class MqttPublisher:
         except (ConnectionError, TimeoutError) as exc:
             # Whatever we decided is already recorded; the device resends after a reconnect and is answered again.
             log.warning("ack for %s's update %s not delivered: %s", ack.device_id, ack.transfer_id, exc)
+
+
+Transfer = tuple[TransferManifest, list[bytes]]
+
+
+def global_transfers(model: GlobalModel, max_chunk_bytes: int, signed=lambda manifest: manifest
+                     ) -> tuple[Transfer, Transfer | None]:
+    """(what the global topics carry, the full model retained apart or None): global model v in full, as a
+    delta against v - 1 or as a patch of v (its measured BatchNorm statistics, for devices that hold v with
+    averaged ones). Manifests pass through `signed`."""
+    v = model.version
+    manifest, chunks = build_transfer("global", "aggregator", v, v, model.tensors, max_chunk_bytes=max_chunk_bytes)
+    full = (signed(manifest), chunks) if model.full_apart else None
+    if model.patch is not None:
+        patch_manifest, patch_chunks = build_transfer("global", "aggregator", v, v, model.patch,
+                                                      max_chunk_bytes=max_chunk_bytes)
+        manifest, chunks = as_global_delta(patch_manifest, v, manifest.payload_sha256, PATCH), patch_chunks
+    elif model.delta is not None:
+        # Devices holding v - 1 rebuild v from the delta; manifest.payload_sha256 is the full model's hash.
+        delta, delta_chunks = build_transfer("global", "aggregator", v, v, model.delta, max_chunk_bytes=max_chunk_bytes)
+        manifest, chunks = as_global_delta(delta, v - 1, manifest.payload_sha256), delta_chunks
+    return (signed(manifest), chunks), full
+
+
+def transfer_bytes(transfer: Transfer) -> int:
+    """What a transfer puts on the wire: every chunk (header included) and the manifest JSON
+    (as MqttLink.publish_transfer counts it)."""
+    manifest, chunks = transfer
+    return sum(len(chunk) for chunk in chunks) + len(manifest.to_json())

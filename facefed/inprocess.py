@@ -3,7 +3,9 @@
 Every round goes through aggregator/rounds.py exactly as the MQTT service runs it (announcement, the
 engine's verdict on each upload, quorum or deadline close, the statistics phase, journal and checkpoints),
 and every device trains as edge_agent's agent does (LocalTrainer.train_round on the announced settings,
-its own ArcFace head kept in its state dir). What is left out is the transport: chunking, signing, acks.
+its own ArcFace head kept in its state dir, its update encoded with the announced codec and its own
+quantization residual). What is left out is the transport: signing, acks, the broker; the bytes each
+transfer would put on the wire are counted all the same.
 Benches and `facefed experiment`'s in-process arms run federations through `run_inprocess`.
 """
 
@@ -18,9 +20,11 @@ import numpy as np
 
 from aggregator.config import AggregatorConfig
 from aggregator.models import FaceModels, strategy_for
+from aggregator.publisher import global_transfers, transfer_bytes
 from aggregator.rounds import GlobalModel, RoundEngine
 from edge_agent.trainer import LocalTrainer, TrainingDiverged
-from fedwire.chunking import CompletedTransfer, build_transfer
+from fedwire.chunking import DEFAULT_MAX_CHUNK_BYTES, CompletedTransfer, build_transfer
+from fedwire.compression import DEFAULT_TOPK_FRACTION, PLAIN, encode_update
 from fedwire.messages import RoundAnnouncement, RoundSummary
 
 log = logging.getLogger("facefed.inprocess")
@@ -34,23 +38,27 @@ Tamper = Callable[[RoundAnnouncement, Tensors, Tensors], Tensors]
 class Device:
     device_id: str
     trainer: LocalTrainer
-    tamper: Tamper | None = None  # an attacker's rewrite of its update (bench/robust_aggregation.py)
+    tamper: Tamper | None = None  # sees each honest update, returns what is sent (bench/robust_aggregation.py)
+    residual: Tensors = field(default_factory=dict)  # compressed codecs: the error carried to the next round
+    upload_bytes: list[int] = field(default_factory=list)  # per upload: what the transfer puts on the wire
 
 
 @dataclass
 class Recorder:
-    """The engine's Publisher in process: keeps every announcement and summary; a global model 'costs' its
-    float bytes."""
+    """The engine's Publisher in process: keeps every announcement and summary and the bytes of each global
+    model transfer (what devices download)."""
 
     announcements: list[RoundAnnouncement] = field(default_factory=list)
     summaries: list[RoundSummary] = field(default_factory=list)
+    download_bytes: list[int] = field(default_factory=list)
 
     def announce(self, announcement: RoundAnnouncement) -> None:
         self.announcements.append(announcement)
 
     def publish_global(self, model: GlobalModel) -> int:
-        sent = model.patch if model.patch is not None else model.delta if model.delta is not None else model.tensors
-        return sum(value.nbytes for value in sent.values())
+        sent, _ = global_transfers(model, DEFAULT_MAX_CHUNK_BYTES)
+        self.download_bytes.append(transfer_bytes(sent))
+        return self.download_bytes[-1]
 
     def publish_summary(self, summary: RoundSummary) -> None:
         self.summaries.append(summary)
@@ -106,12 +114,18 @@ def _upload(engine: RoundEngine, device: Device, ann: RoundAnnouncement) -> bool
         except TrainingDiverged as exc:
             log.warning("round %d: %s sends no update: %s", ann.round, device.device_id, exc)
             return False
+        result = outcome.result
+        metrics = {"train_loss": result.loss, "train_accuracy": result.accuracy, "train_seconds": result.seconds,
+                   "local_epochs": float(result.epochs)}
         tensors = outcome.tensors
-        metrics = {"train_loss": outcome.result.loss, "train_accuracy": outcome.result.accuracy}
         if device.tamper is not None:
             tensors = device.tamper(ann, tensors, engine.global_tensors)
-    manifest, _ = build_transfer(kind, device.device_id, ann.round, ann.model_version, tensors,
-                                 num_samples=device.trainer.num_samples, metrics=metrics)
+        tensors, device.residual = encode_update(tensors, engine.global_tensors, ann.train.codec, device.residual,
+                                                 ann.train.codec_topk or DEFAULT_TOPK_FRACTION)
+    codec = ann.train.codec if kind == "update" else PLAIN
+    manifest, chunks = build_transfer(kind, device.device_id, ann.round, ann.model_version, tensors,
+                                      num_samples=device.trainer.num_samples, metrics=metrics, codec=codec)
+    device.upload_bytes.append(transfer_bytes((manifest, chunks)))
     verdict = engine.screen(device.device_id, manifest)
     if verdict is None:
         verdict = engine.accept(device.device_id, CompletedTransfer(manifest, tensors, manifest.payload_bytes))
