@@ -22,6 +22,15 @@ REVOKED_POLL_S = 1.0  # how often the revoked_devices file is checked for change
 Event = tuple[str, bytes, Callable[[], None]]  # (topic, payload, ack): acked once handled
 
 
+def handle(event: Event, handler: Callable[[str, bytes], None]) -> None:
+    """Hand one event's message to `handler`, then acknowledge it, whatever happened."""
+    topic, payload, ack = event
+    try:
+        handler(topic, payload)
+    finally:
+        ack()
+
+
 class Connection:
     def __init__(self, config: AggregatorConfig, update_bytes: int) -> None:
         self.config = config

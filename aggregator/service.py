@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from aggregator.config import AggregatorConfig
-from aggregator.connection import Connection, Event
+from aggregator.connection import Connection, Event, handle
 from aggregator.intake import Intake
 from aggregator.models import FaceModels, strategy_for
 from aggregator.publisher import MqttPublisher
@@ -106,11 +106,7 @@ class AggregatorService:
         self.engine.tick(now)
 
     def handle_event(self, event: Event) -> None:
-        topic, payload, ack = event
-        try:
-            self.handle_message(topic, payload)
-        finally:
-            ack()
+        handle(event, self.handle_message)
 
     def handle_message(self, topic: str, payload: bytes) -> None:
         self.intake.handle_message(topic, payload)

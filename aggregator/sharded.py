@@ -33,7 +33,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from aggregator.config import AggregatorConfig
-from aggregator.connection import Connection, Event
+from aggregator.connection import Connection, Event, handle
 from aggregator.rounds import Close, Verdict, close_check
 from aggregator.service import assemble
 from aggregator.strategies import WeightedSum
@@ -102,11 +102,7 @@ class _ShardProcess:
             self.handle_event(event)
 
     def handle_event(self, event: Event) -> None:
-        topic, payload, ack = event
-        try:
-            self.handle_message(topic, payload)
-        finally:
-            ack()
+        handle(event, self.handle_message)
 
     def handle_message(self, topic: str, payload: bytes) -> None:
         raise NotImplementedError

@@ -126,6 +126,7 @@ def _upload(engine: RoundEngine, device: Device, ann: RoundAnnouncement) -> bool
     manifest, chunks = build_transfer(kind, device.device_id, ann.round, ann.model_version, tensors,
                                       num_samples=device.trainer.num_samples, metrics=metrics, codec=codec)
     device.upload_bytes.append(transfer_bytes((manifest, chunks)))
+    engine.received_bytes(device.upload_bytes[-1])
     verdict = engine.screen(device.device_id, manifest)
     if verdict is None:
         verdict = engine.accept(device.device_id, CompletedTransfer(manifest, tensors, manifest.payload_bytes))

@@ -31,6 +31,7 @@ def test_devices_train_through_the_engine_and_a_bad_update_is_left_out(tmp_path)
     assert [s.clients for s in engine.publisher.summaries] == [["dev-0", "dev-1"]]
     log = engine.state.read_log()
     assert [e["round"] for e in log] == [0, 1] and log[1]["rejected"] == 1
+    assert log[1]["bytes_up"] == sum(sum(d.upload_bytes) for d in devices)  # both phases, as the wire would carry
     # The statistics phase ran too, measured by the same trainers on the averaged weights.
     assert [a.state for a in engine.publisher.announcements] == ["open", "statistics"]
     _, meta = load_checkpoint(engine.state.checkpoint_path(1))  # what an agent loads
