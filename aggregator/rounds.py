@@ -92,10 +92,6 @@ class OpenRound:
         """The transfer kind this phase collects."""
         return "update" if self.statistics is None else "statistics"
 
-    @property
-    def received(self) -> int:
-        return len(self.accepted)
-
 
 @dataclass(frozen=True)
 class Verdict:
