@@ -15,6 +15,8 @@ Design (fedwire/PROTOCOL.md section 11, docs/scale-out.md):
   partial sums (WeightedSum.merge: float64 addition) and closes the round exactly as the single-process
   service does (strategy step, checkpoint, global model, summary, next announcement).
 
+Worker and reducer each run the round engine (aggregator/rounds.py) with the service's connection, intake
+and publisher: the worker only collects (RoundEngine.begin, accept), the reducer opens and closes rounds.
 The single-process service stays the default (`shard_workers: 1`); this module is used only when
 `shard_workers` > 1.
 """
@@ -28,28 +30,21 @@ import sys
 import time
 import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 from aggregator.config import AggregatorConfig
+from aggregator.connection import Connection, Event, handle
+from aggregator.rounds import Close, Verdict, close_check
+from aggregator.service import assemble
 from aggregator.strategies import WeightedSum
-from aggregator.service import AggregatorService, OpenRound
 from fedwire.chunking import CompletedTransfer, Reassembler, build_transfer
 from fedwire.errors import ProtocolError
-from fedwire.messages import (
-    DeviceStatus,
-    RoundAnnouncement,
-    ShardAccepted,
-    ShardClose,
-    ShardReport,
-    TransferManifest,
-    UpdateAck,
-)
-from fedwire.mqtt import SHARE_PREFIX, HeldAck, MqttLink
+from fedwire.messages import DeviceStatus, RoundAnnouncement, ShardAccepted, ShardClose, ShardReport, TransferManifest
+from fedwire.mqtt import MqttLink
+from fedwire.topics import ShardTopics
 
 log = logging.getLogger("facefed.aggregator.sharded")
 
-SHARE_GROUP = "facefed-aggregators"
 WORKER_STOP_TIMEOUT_S = 30.0
 
 
@@ -60,94 +55,66 @@ def owner(device_id: str, workers: int) -> int:
     return zlib.crc32(device_id.encode("utf-8")) % workers
 
 
-@dataclass(frozen=True)
-class ShardTopics:
-    """The topics between workers and reducer, under the federation prefix."""
-
-    prefix: str
-
-    @property
-    def close(self) -> str:
-        return f"{self.prefix}/shard/close"
-
-    def accepted(self, worker: int) -> str:
-        return f"{self.prefix}/shard/accepted/{worker}"
-
-    def worker_status(self, worker: int) -> str:
-        return f"{self.prefix}/shard/worker/{worker}"
-
-    def report(self, worker: int) -> str:
-        return f"{self.prefix}/shard/report/{worker}"
-
-    def partial_manifest(self, worker: int) -> str:
-        return f"{self.prefix}/shard/partial/{worker}/manifest"
-
-    def partial_chunk(self, worker: int, index: int) -> str:
-        return f"{self.prefix}/shard/partial/{worker}/chunk/{index}"
-
-    def route(self, worker: int, update_topic: str) -> str:
-        """Where a worker forwards another owner's update message: the same topic under shard/route/{owner}."""
-        return f"{self.prefix}/shard/route/{worker}/{update_topic[len(self.prefix) + 1:]}"
-
-    def unroute(self, topic: str, worker: int) -> str | None:
-        """The device's original topic of a message forwarded to `worker`, or None."""
-        head = f"{self.prefix}/shard/route/{worker}/"
-        return f"{self.prefix}/{topic[len(head):]}" if topic.startswith(head) else None
-
-    def parse(self, topic: str) -> tuple[str, int] | None:
-        """(kind, worker) of a reducer-side topic: accepted, report, partial_manifest, partial_chunk."""
-        head = f"{self.prefix}/shard/"
-        if not topic.startswith(head):
-            return None
-        match topic[len(head):].split("/"):
-            case ["worker", w] if w.isdigit():
-                return "worker", int(w)
-            case ["accepted", w] if w.isdigit():
-                return "accepted", int(w)
-            case ["report", w] if w.isdigit():
-                return "report", int(w)
-            case ["partial", w, "manifest"] if w.isdigit():
-                return "partial_manifest", int(w)
-            case ["partial", w, "chunk", i] if w.isdigit() and i.isdigit():
-                return "partial_chunk", int(w)
-        return None
-
-    def worker_subscriptions(self, worker: int) -> list[str]:
-        p = self.prefix
-        shared = f"{SHARE_PREFIX}{SHARE_GROUP}/{p}/update/+"
-        routed = f"{p}/shard/route/{worker}/update/+"
-        return [f"{shared}/manifest", f"{shared}/chunk/+", f"{routed}/manifest", f"{routed}/chunk/+",
-                f"{p}/round", f"{p}/global/manifest", f"{p}/global/chunk/+", self.close]
-
-    def reducer_subscriptions(self) -> list[str]:
-        p = self.prefix
-        return [f"{p}/status/+", f"{p}/shard/worker/+", f"{p}/shard/accepted/+", f"{p}/shard/report/+",
-                f"{p}/shard/partial/+/manifest", f"{p}/shard/partial/+/chunk/+"]
-
-
 # ---- the link -------------------------------------------------------------------------------------------
 
 def _v5_only(config: AggregatorConfig, client_id: str, state_dir: Path | None = None) -> AggregatorConfig:
     return dataclasses.replace(config, protocol="5", client_id=client_id, state_dir=state_dir or config.state_dir)
 
 
-class _NeedsMqtt5:
+def _connect_v5(connection: Connection, subscriptions: list[str]) -> MqttLink:
     """Connect with MQTT 5 and explain a refusal: the broker must offer shared subscriptions."""
+    try:
+        return connection.connect(subscriptions)
+    except ConnectionError as exc:
+        raise ConnectionError(
+            f"{exc} -- sharded aggregation (shard_workers > 1) needs an MQTT 5 broker with shared subscriptions "
+            "(mosquitto >= 1.6, EMQX, HiveMQ, VerneMQ); amqtt, the embedded broker, speaks only MQTT 3.1.1") from exc
 
-    def _connect(self) -> None:
-        try:
-            super()._connect()
-        except ConnectionError as exc:
-            raise ConnectionError(
-                f"{exc} -- sharded aggregation (shard_workers > 1) needs an MQTT 5 broker with shared subscriptions "
-                "(mosquitto >= 1.6, EMQX, HiveMQ, VerneMQ); amqtt, the embedded broker, speaks only MQTT 3.1.1") from exc
+
+class _ShardProcess:
+    """What worker and reducer share: the round engine on a connection, with the service's intake and publisher."""
+
+    def __init__(self, config: AggregatorConfig) -> None:
+        self.config = config
+        self.topics = config.topics
+        self.shard = ShardTopics(config.topic_prefix)
+        self.workers = config.shard_workers
+        self.parts = assemble(config, on_round_open=self._round_opened, on_verdict=self._verdict)
+        self.engine, self.connection, self.intake, self.publisher = (self.parts.engine, self.parts.connection,
+                                                                     self.parts.intake, self.parts.publisher)
+
+    @property
+    def link(self) -> MqttLink:
+        return self.connection.link
+
+    def _connect(self, subscriptions: list[str]) -> None:
+        self.publisher.link = _connect_v5(self.connection, subscriptions)
+
+    def _round_opened(self) -> None:
+        pass  # the reducer resets its count of the workers' acceptances
+
+    def _verdict(self, verdict: Verdict) -> None:
+        pass  # only a worker reports its verdicts
+
+    def _handle_next_event(self) -> None:
+        event = self.connection.next_event()
+        if event is not None:
+            self.handle_event(event)
+
+    def handle_event(self, event: Event) -> None:
+        handle(event, self.handle_message)
+
+    def handle_message(self, topic: str, payload: bytes) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        self.connection.close()
 
 
 # ---- worker ----------------------------------------------------------------------------------------------
 
-class ShardWorker(_NeedsMqtt5, AggregatorService):
+class ShardWorker(_ShardProcess):
     """Aggregates the updates of the devices it owns into a partial sum; the reducer runs the rounds."""
-
 
     def __init__(self, config: AggregatorConfig, index: int) -> None:
         if not 0 <= index < config.shard_workers:
@@ -155,8 +122,6 @@ class ShardWorker(_NeedsMqtt5, AggregatorService):
         # Each worker journals the updates it accepted in its own state folder (restored after a restart).
         super().__init__(_v5_only(config, f"{config.client_id}-shard-{index}", config.state_dir / f"shard-{index}"))
         self.index = index
-        self.workers = config.shard_workers
-        self.shard = ShardTopics(config.topic_prefix)
         self.global_reassembler = Reassembler(timeout_s=config.round_timeout_s)
         self.closed_round: int | None = None
         self.pending_close: ShardClose | None = None  # a close seen before its round's announcement
@@ -164,24 +129,25 @@ class ShardWorker(_NeedsMqtt5, AggregatorService):
         self.finished = False
         self._forward_link: MqttLink | None = None  # publishes the forwarded copies (see handle_event)
 
-    def subscriptions(self) -> list[str]:
-        return self.shard.worker_subscriptions(self.index)
-
     def run(self) -> None:
         """Serve until the reducer announces that the federation finished."""
         try:
-            self._connect()
+            self._connect(self.shard.worker_subscriptions(self.index))
+            url = self.link.url
+            self._forward_link = MqttLink(url, f"{self.config.client_id}-forward", lambda topic, payload: None, [],
+                                          protocol="5",
+                                          tls=self.config.tls.files() if url.startswith("mqtts://") else None)
+            self._forward_link.connect()
             self._publish_worker_state("online")
             log.info("shard worker %d of %d ready", self.index, self.workers)
             while not self.finished:
-                self.handle_next_event()
-                self._reload_revoked()
-                for dropped in self.reassembler.expire(time.time()):
-                    log.warning("dropped incomplete transfer %s (chunks missing past timeout)", dropped)
+                self._handle_next_event()
+                self.connection.reload_revoked()
+                self.intake.expire(time.time())
         finally:
             self.close()
 
-    def handle_event(self, event: tuple[str, bytes, HeldAck]) -> None:  # type: ignore[override]
+    def handle_event(self, event: Event) -> None:
         topic, payload, ack = event
         target = self._foreign_owner(topic)
         if target is None:
@@ -216,7 +182,7 @@ class ShardWorker(_NeedsMqtt5, AggregatorService):
     def handle_message(self, topic: str, payload: bytes) -> None:
         routed = self.shard.unroute(topic, self.index)
         if routed is not None:  # another worker forwarded one of our devices' messages
-            super().handle_message(routed, payload)
+            self.intake.handle_message(routed, payload)
             return
         try:
             if topic == self.shard.close:
@@ -224,7 +190,7 @@ class ShardWorker(_NeedsMqtt5, AggregatorService):
                 return
             parsed = self.topics.parse(topic)
             if parsed.kind in ("update_manifest", "update_chunk"):  # our own device's: handle_event forwards others'
-                super().handle_message(topic, payload)
+                self.intake.handle_message(topic, payload)
             elif parsed.kind == "round":
                 self._on_announcement(RoundAnnouncement.from_json(payload))
             elif parsed.kind == "global_manifest":
@@ -237,14 +203,14 @@ class ShardWorker(_NeedsMqtt5, AggregatorService):
 
     def _on_global(self, completed: CompletedTransfer | None) -> None:
         if completed is not None:
-            self.global_tensors = completed.tensors
-            self.model_version = completed.manifest.model_version
+            self.engine.global_tensors = completed.tensors
+            self.engine.model_version = completed.manifest.model_version
 
     def _on_announcement(self, ann: RoundAnnouncement) -> None:
         if ann.state == "finished":
             self.finished = True
             return
-        current = self.current
+        current = self.engine.current
         if current is not None and current.number == ann.round:
             # The same round announced again (a new deadline, or a restarted reducer): keep the partial sum
             # and tell the reducer again what it holds, so a reducer that lost count can close the round.
@@ -257,13 +223,10 @@ class ShardWorker(_NeedsMqtt5, AggregatorService):
             return  # the retained announcement of a round already closed, seen again
         if current is not None:
             log.warning("round %d replaced by round %d before the reducer closed it", current.number, ann.round)
-        if self.model_version != ann.model_version:
+        if self.engine.model_version != ann.model_version:
             log.warning("round %d trains from model v%d but this worker holds v%d",
-                        ann.round, ann.model_version, self.model_version)
-        self.strategy.begin_round(self.global_tensors)
-        self._new_budget_round()
-        self.current = OpenRound(ann.round, ann.model_version, ann, time.time(), ann.min_clients)
-        self._restore_accepted(self.current)  # after a restart mid-round; drops journals of other rounds
+                        ann.round, ann.model_version, self.engine.model_version)
+        self.engine.begin(ann)  # restores the updates journaled before a restart; drops journals of other rounds
         self.forwarded = 0
         self._apply_pending_close()
 
@@ -272,22 +235,20 @@ class ShardWorker(_NeedsMqtt5, AggregatorService):
         if close is not None:
             self._on_close(close)
 
-    def _send_ack(self, ack: UpdateAck) -> None:
-        super()._send_ack(ack)
-        if ack.accepted:
-            # AggregatorService._complete records the device (and n_k) before it acks.
-            self._publish_accepted(ShardAccepted(ack.round, self.index, ack.device_id,
-                                                 self.current.accepted[ack.device_id]))
+    def _verdict(self, verdict: Verdict) -> None:
+        if verdict.accepted:  # the engine recorded the device (and n_k) before its verdict
+            self._publish_accepted(ShardAccepted(verdict.round, self.index, verdict.device_id,
+                                                 self.engine.current.accepted[verdict.device_id]))
 
     def _publish_accepted(self, accepted: ShardAccepted) -> None:
         # Not waiting for the PUBACK: while a publish of ours waits, the link reads past its window (fedwire/mqtt.py),
         # and under a burst that answer sits behind hundreds of queued chunks, which all came in meanwhile (up to
         # 630 messages, ~160 MB, per worker at N = 100). paho resends it after a reconnection; a reducer that missed
         # it anyway hears it again when it announces the round again.
-        self._link.publish_nowait(self.shard.accepted(self.index), accepted.to_json())
+        self.link.publish_nowait(self.shard.accepted(self.index), accepted.to_json())
 
     def _on_close(self, close: ShardClose) -> None:
-        current = self.current
+        current = self.engine.current
         if current is None:
             if close.round != self.closed_round:
                 # After a restart the retained close may arrive before the retained announcement.
@@ -295,56 +256,45 @@ class ShardWorker(_NeedsMqtt5, AggregatorService):
             return
         if close.announce_id != current.announcement.announce_id:
             return  # a retained close of an earlier round (or of an earlier federation under this prefix)
-        acc = self.strategy.partial_sum
+        acc = self.engine.strategy.partial_sum
         transfer_id = ""
         if acc.count:
             manifest, chunks = build_transfer(
                 "update", f"shard-{self.index}", current.number, current.model_version, acc.sums,
                 num_samples=acc.total_weight, metrics={"count": float(acc.count)},
                 max_chunk_bytes=self.config.max_chunk_bytes)
-            self._link.publish_transfer(self.shard.partial_manifest(self.index),
-                                        lambda i: self.shard.partial_chunk(self.index, i), manifest, chunks)
+            self.link.publish_transfer(self.shard.partial_manifest(self.index),
+                                       lambda i: self.shard.partial_chunk(self.index, i), manifest, chunks)
             transfer_id = manifest.transfer_id
-        self._publish_report(ShardReport(
-            current.number, self.index, transfer_id, dict(current.accepted), dict(current.train_losses),
-            current.bytes_up, current.rejected, self.forwarded))
+        report = ShardReport(current.number, self.index, transfer_id, dict(current.accepted),
+                             dict(current.train_losses), current.bytes_up, current.rejected, self.forwarded)
+        self.link.publish(self.shard.report(self.index), report.to_json())
         log.info("round %d closed on worker %d: %d updates, %d messages forwarded",
                  current.number, self.index, acc.count, self.forwarded)
-        self.closed_round, self.current = current.number, None
+        self.closed_round, self.engine.current = current.number, None
 
     def _publish_worker_state(self, state: str) -> None:
-        status = DeviceStatus(f"shard-{self.index}", state, self.current.number if self.current else None, time.time())
-        self._link.publish(self.shard.worker_status(self.index), status.to_json(), retain=True)
-
-    def _connect(self) -> None:
-        super()._connect()
-        url = self._link.url
-        self._forward_link = MqttLink(url, f"{self.config.client_id}-forward", lambda topic, payload: None, [],
-                                      protocol="5", tls=self.config.tls.files() if url.startswith("mqtts://") else None)
-        self._forward_link.connect()
+        current = self.engine.current
+        status = DeviceStatus(f"shard-{self.index}", state, current.number if current else None, time.time())
+        self.link.publish(self.shard.worker_status(self.index), status.to_json(), retain=True)
 
     def close(self) -> None:
-        if self._link is not None and self._link.connected:
+        if self.link is not None and self.link.connected:
             self._publish_worker_state("offline")
         if self._forward_link is not None:
             self._forward_link.close()
             self._forward_link = None
         super().close()
 
-    def _publish_report(self, report: ShardReport) -> None:
-        self._link.publish(self.shard.report(self.index), report.to_json())
-
 
 # ---- reducer ---------------------------------------------------------------------------------------------
 
-class ShardReducer(_NeedsMqtt5, AggregatorService):
+class ShardReducer(_ShardProcess):
     """The aggregator of record: announces rounds, publishes global models, keeps the state directory;
     it counts the workers' acceptances for the quorum and merges their partial sums."""
 
     def __init__(self, config: AggregatorConfig) -> None:
         super().__init__(_v5_only(config, config.client_id))
-        self.workers = config.shard_workers
-        self.shard = ShardTopics(config.topic_prefix)
         # Partial sums are float64: twice the bytes of a float32 update.
         self.partials = Reassembler(max_payload_bytes=2 * config.max_update_bytes, timeout_s=config.round_timeout_s)
         self.progress: dict[str, int] = {}  # devices the workers accepted this round -> n_k
@@ -353,29 +303,40 @@ class ShardReducer(_NeedsMqtt5, AggregatorService):
         self.closing_since: float | None = None
         self.online_workers: set[int] = set()
 
-    def subscriptions(self) -> list[str]:
-        return self.shard.reducer_subscriptions()
+    def run(self) -> None:
+        """Serve until all configured rounds are complete."""
+        try:
+            self.engine.restore_or_init()
+            self._connect(self.shard.reducer_subscriptions())
+            self._wait_for_workers()
+            self.engine.start()
+            while not self.engine.done:
+                self._handle_next_event()
+                self.parts.keep_up()
+                self.tick(time.time())
+            self.publisher.announce(self.engine.finished_announcement())
+        finally:
+            self.close()
 
-    def _connect(self) -> None:
-        """Connect, then wait until every worker is online: updates published before any worker
-        subscribed would reach no one (the broker keeps no messages for a shared subscription nobody holds)."""
-        super()._connect()
+    def _wait_for_workers(self) -> None:
+        """Updates published before any worker subscribed would reach no one (the broker keeps no messages for a
+        shared subscription nobody holds): wait until every worker is online."""
         deadline = time.monotonic() + self.config.round_timeout_s
         while len(self.online_workers) < self.workers:
             if time.monotonic() > deadline:
                 raise ConnectionError(f"only workers {sorted(self.online_workers)} of {self.workers} came online "
                                       f"within {self.config.round_timeout_s:.0f} s (start them with "
                                       "`facefed-aggregator worker --index I`)")
-            self.handle_next_event()
+            self._handle_next_event()
         log.info("all %d shard workers online", self.workers)
 
     def handle_message(self, topic: str, payload: bytes) -> None:
         parsed = self.shard.parse(topic)
         if parsed is None:
-            super().handle_message(topic, payload)  # device status
+            self.intake.handle_message(topic, payload)  # device status
             return
         kind, worker = parsed
-        current = self.current
+        current = self.engine.current
         try:
             if worker >= self.workers:
                 raise ProtocolError("topic", f"worker {worker} is not one of the {self.workers} configured")
@@ -402,29 +363,30 @@ class ShardReducer(_NeedsMqtt5, AggregatorService):
             log.warning("dropped message on %s (%d bytes): %s", topic, len(payload), exc)
 
     def _on_partial(self, worker: int, completed: CompletedTransfer | None) -> None:
-        if completed is not None and self.current is not None and completed.manifest.round == self.current.number:
+        current = self.engine.current
+        if completed is not None and current is not None and completed.manifest.round == current.number:
             self.partial_transfers[worker] = completed
 
-    def _open_round(self, number: int) -> None:
+    def _round_opened(self) -> None:
         self.progress, self.reports, self.partial_transfers, self.closing_since = {}, {}, {}, None
-        super()._open_round(number)
 
-    def _check_round_close(self, now: float) -> None:
-        current = self.current
+    def tick(self, now: float) -> None:
+        """The engine's close rule on the workers' count; then collect their partial sums and reduce."""
+        current = self.engine.current
         if current is None:
             return
         for dropped in self.partials.expire(now):
             log.warning("dropped incomplete partial sum %s", dropped)
         if self.closing_since is None:
-            past_deadline = now >= current.announcement.deadline
-            if len(self.progress) >= current.quorum or (past_deadline and self.progress):
+            decision = close_check(len(self.progress), current.quorum, now, current.announcement.deadline)
+            if decision is Close.CLOSE:
                 self.closing_since = now
-                self._link.publish(self.shard.close, ShardClose(current.number, current.announcement.announce_id).to_json(), retain=True)
+                self.link.publish(self.shard.close,
+                                  ShardClose(current.number, current.announcement.announce_id).to_json(), retain=True)
                 log.info("round %d: %d updates accepted by the workers, collecting partial sums",
                          current.number, len(self.progress))
-            elif past_deadline:
-                log.warning("round %d deadline passed with no updates: announcing it again", current.number)
-                self._open_round(current.number)
+            elif decision is Close.EMPTY:
+                self.engine.reannounce_empty()
         elif self._all_partials_in() or now - self.closing_since > self.config.round_timeout_s:
             self._reduce()
 
@@ -436,12 +398,12 @@ class ShardReducer(_NeedsMqtt5, AggregatorService):
                    for w, r in self.reports.items())
 
     def _reduce(self) -> None:
-        current = self.current
+        engine, current = self.engine, self.engine.current
         missing = sorted(set(range(self.workers)) - set(self.reports))
         if missing:
             log.error("round %d: no partial sum from workers %s in time; their updates are left out",
                       current.number, missing)
-        dtypes = {name: value.dtype for name, value in self.global_tensors.items()}
+        dtypes = {name: value.dtype for name, value in engine.global_tensors.items()}
         for worker, report in sorted(self.reports.items()):
             current.bytes_up += report.bytes_up
             current.rejected += report.rejected
@@ -450,18 +412,18 @@ class ShardReducer(_NeedsMqtt5, AggregatorService):
                 continue
             try:
                 check_report(report, transfer.manifest)
-                self.strategy.merge(WeightedSum.from_sums(transfer.tensors, dtypes, report_weight(report),
-                                                          len(report.clients)))
+                engine.strategy.merge(WeightedSum.from_sums(transfer.tensors, dtypes, report_weight(report),
+                                                            len(report.clients)))
             except ValueError as exc:
                 log.error("round %d: partial sum of worker %d refused: %s", current.number, worker, exc)
                 continue
             current.accepted.update(report.clients)
             current.train_losses.update(report.train_losses)
-        if self.strategy.num_updates == 0:
+        if engine.strategy.num_updates == 0:
             log.warning("round %d: no partial sum arrived: announcing it again", current.number)
-            self._open_round(current.number)
+            engine.open_round(current.number)
             return
-        self._close_round()
+        engine.close_round()
 
 
 def report_weight(report: ShardReport) -> int:

@@ -28,7 +28,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save, save_file
 
-from model_zoo.checkpoint import load_checkpoint, save_checkpoint, shared_tensors
+from model_zoo.checkpoint_file import BackboneSpec, read_checkpoint, write_checkpoint
 
 _CHECKPOINT_RE = re.compile(r"round-(\d{4,})\.safetensors$")
 _ACCEPTED_RE = re.compile(r"accepted-(\d{4,})\.safetensors$")
@@ -73,8 +73,8 @@ class StateDir:
     def optimizer_path(self) -> Path:
         return self.root / "server_optimizer.safetensors"
 
-    def save_round(self, round_number: int, backbone, meta: dict[str, Any], log_entry: dict[str, Any] | None,
-                   optimizer_state: dict[str, np.ndarray] | None = None) -> Path:
+    def save_round(self, round_number: int, tensors: dict[str, np.ndarray], spec: BackboneSpec, meta: dict[str, Any],
+                   log_entry: dict[str, Any] | None, optimizer_state: dict[str, np.ndarray] | None = None) -> Path:
         """Atomically write the server optimizer state and the round's global model, then its log line."""
         if optimizer_state:
             tmp = self.optimizer_path.with_suffix(".tmp")
@@ -83,7 +83,7 @@ class StateDir:
             os.replace(tmp, self.optimizer_path)
         path = self.checkpoint_path(round_number)
         tmp = path.with_suffix(".tmp")
-        save_checkpoint(tmp, backbone, {**meta, "round": round_number})
+        write_checkpoint(tmp, tensors, spec, {**meta, "round": round_number})
         _fsync_path(tmp)  # the open round's accepted updates are deleted once this file stands
         os.replace(tmp, path)
         if log_entry is not None:
@@ -94,8 +94,7 @@ class StateDir:
         return path
 
     def load_round(self, round_number: int) -> dict[str, np.ndarray]:
-        backbone, _ = load_checkpoint(self.checkpoint_path(round_number))
-        return shared_tensors(backbone)
+        return read_checkpoint(self.checkpoint_path(round_number))[0]
 
     def load_optimizer_state(self, round_number: int) -> dict[str, np.ndarray]:
         """The server optimizer state saved with `round_number`; {} if none or from another round."""

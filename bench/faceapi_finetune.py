@@ -27,7 +27,7 @@ operator-owned validation set, Yale (15 people never trained on or tested; frame
 crops), from frozen-trunk features computed once. Then:
 - `--l2sp-alpha A`: devices add A/2 * ||w - w_version0||^2 (L2-SP) to their loss; announced as the train setting
   `l2sp_alpha`. `--federation in-process` runs the same devices (edge_agent.trainer.LocalTrainer, the agents'
-  settings and seeds) and the aggregator's own FedAvg (aggregator.strategies.WeightedSum) in this process, without
+  settings and seeds) and the aggregator's round engine (FedAvg; facefed/inprocess.py) in this process, without
   the wire, for quick screens.
 - `--negative-anchors N`: N seeded random negative class vectors join every device head (model_zoo/losses).
 - server-side selection: the version the operator would deploy when choosing, among versions 0..R, the lowest
@@ -50,12 +50,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from aggregator.strategies import WeightedSum
 from facefed.simulate import SimulationConfig, prepare_partitions, run_simulation
 from fedwire.codec import encode_tensors
 from fedwire.messages import TrainSettings
 from model_zoo.backbones import build_backbone
-from model_zoo.checkpoint import load_checkpoint, load_shared_tensors, save_checkpoint, shared_tensors
+from model_zoo.checkpoint import load_checkpoint, load_shared_tensors, shared_tensors
 from model_zoo.data import FaceDataset, load_dataset, save_folders, shared_datasets_root, to_model_input
 from model_zoo.evaluate import evaluate_embeddings
 from edge_agent.backends import load_embedder
@@ -154,31 +153,34 @@ def check_announceable(extra: dict) -> None:
 
 
 def federate_in_process(clients: list[FaceDataset], args: argparse.Namespace, extra: dict, workdir: Path
-                        ) -> tuple[list[dict], list[dict]]:
+                        ) -> tuple[Path, list[dict]]:
     """The agents' training (LocalTrainer, batch 32, augmentation, seed + 1000 k, state in workdir) and the
-    aggregator's FedAvg (WeightedSum over n_k), in this process: (global tensors of versions 0..R, round log)."""
+    aggregator's round engine (FedAvg over n_k), in this process (facefed/inprocess.py): (the aggregator's state
+    dir, its round log)."""
+    from aggregator.config import AggregatorConfig
     from edge_agent.trainer import LocalTrainer
+    from facefed.inprocess import Device, InProcessModels, run_inprocess
+    from fedwire.config import parse_config
 
-    spec = {"arch": "faceapi-resnet", "trainable": args.trainable}
-    trainers = [LocalTrainer(part, workdir / f"client-{k}" / "state", batch_size=32, augment=True,
-                             seed=args.seed + 1000 * k, trunk_precision=args.trunk_precision)
-                for k, part in enumerate(clients)]
-    versions = [shared_tensors(build_backbone("faceapi-resnet", trainable=args.trainable))]
-    settings = TrainSettings(local_epochs=args.local_epochs, lr=args.lr, margin=args.margin, model=spec, **extra)
-    log, start = [], time.perf_counter()
-    for number in range(1, args.rounds + 1):
-        total, losses, bytes_up = WeightedSum(), [], 0
-        for trainer in trainers:
-            out = trainer.train_round(number, versions[-1], settings)
-            total.add(out.tensors, out.result.num_samples)
-            losses.append((out.result.loss, out.result.num_samples))
-            bytes_up += len(encode_tensors(out.tensors))
-        versions.append(total.mean())
-        loss = sum(l * n for l, n in losses) / sum(n for _, n in losses)
-        log.append({"round": number, "clients": len(trainers), "bytes_up": bytes_up, "train_loss": loss})
-        print(f"  round {number}: clients {len(trainers)}, {bytes_up / 1e6:.1f} MB up, train loss {loss:.4f} "
-              f"({time.perf_counter() - start:.0f} s)", flush=True)
-    return versions, log
+    devices = [Device(f"client-{k}", LocalTrainer(part, workdir / f"client-{k}" / "state", batch_size=32,
+                                                  augment=True, seed=args.seed + 1000 * k,
+                                                  trunk_precision=args.trunk_precision))
+               for k, part in enumerate(clients)]
+    config = parse_config(AggregatorConfig, {
+        "state_dir": str(workdir / "aggregator"), "rounds": args.rounds, "min_clients": len(devices),
+        "model": {"arch": "faceapi-resnet", "options": {"trainable": args.trainable}},
+        "train": {"local_epochs": args.local_epochs, "lr": args.lr, "margin": args.margin, **extra}})
+    start = time.perf_counter()
+
+    def progress(round_number: int, tensors) -> dict:
+        if round_number:
+            print(f"  round {round_number}: clients {len(devices)}, "
+                  f"{sum(d.upload_bytes[-1] for d in devices) / 1e6:.1f} MB up ({time.perf_counter() - start:.0f} s)",
+                  flush=True)
+        return {}
+
+    engine = run_inprocess(config, devices, InProcessModels(config, evaluate=progress))
+    return engine.state.root, engine.state.read_log()[1:]
 
 
 # --- every version on the held-out sets and the validation set, from trunk features computed once ---
@@ -299,11 +301,9 @@ def run(args: argparse.Namespace) -> dict:
             final_path, rounds = federate(sim_config)
             versions = checkpoint_versions(out / "aggregator")
         else:
-            versions, rounds = federate_in_process(clients, args, extra, Path(tmp) / "in-process")
-            final_path = Path(tmp) / "final.safetensors"
-            final_net = build_backbone("faceapi-resnet", trainable=args.trainable)
-            load_shared_tensors(final_net, versions[-1])
-            save_checkpoint(final_path, final_net, {"model_version": args.rounds})
+            state_dir, rounds = federate_in_process(clients, args, extra, Path(tmp) / "in-process")
+            versions = checkpoint_versions(state_dir)
+            final_path = state_dir / "checkpoints" / f"round-{args.rounds:04d}.safetensors"
         fine_tuned, _ = load_checkpoint(final_path)
         calibration = np.concatenate([c.images for c in clients])
         calibration = calibration[np.random.default_rng(args.seed).choice(len(calibration), 128, replace=False)]
@@ -362,7 +362,7 @@ def run(args: argparse.Namespace) -> dict:
         "announced_extra": extra, "validation": str(args.validation) if "validation" in sets else None,
         "federation": ("facefed simulate code: embedded MQTT broker, aggregator and agent processes"
                        if args.federation == "mqtt" else
-                       "in-process: the agents' LocalTrainer and the aggregator's WeightedSum, no wire"),
+                       "in-process: the agents' LocalTrainer and the aggregator's round engine, no wire"),
         "torch_threads": torch.get_num_threads(),
         "round_log": [{k: r.get(k) for k in ("round", "clients", "bytes_up", "train_loss", "eer")} for r in rounds],
         "verification": rows, "int8_trunk": int8_rows, "device_cost": cost_rows,

@@ -2,12 +2,12 @@
 
 Run from the repository root:  python -m bench.robust_aggregation [--arch faceapi-resnet] [--rounds 3] [--json OUT]
 
-In-process federation: the MQTT path is not in the loop, but every round goes through the aggregator's own
-strategy classes (aggregator/strategies/, configure_round -> begin_round -> accumulate -> aggregate), the
-code the service runs. Clients train exactly as edge_agent's LocalTrainer does: own ArcFace head kept across
-rounds (imprinted from its data's centroids on a pretrained frozen-trunk backbone), seed = seed + 1000 * k,
-TrainConfig seed = client seed + round number, lr / margin / local epochs from the strategy's round settings,
-one torch thread.
+In-process federation (facefed/inprocess.py): the MQTT path is not in the loop, but every round goes through
+the aggregator's round engine (aggregator/rounds.py: the verdict on each update, including the guard that
+refuses non-finite updates and negative BatchNorm variances, then the strategy) and every client is an
+edge_agent LocalTrainer (own ArcFace head kept across rounds, imprinted from its data's centroids on a
+pretrained frozen-trunk backbone), seed = seed + 1000 * k, lr / margin / local epochs from the announced
+round settings, one torch thread. A round closes once every client had its turn, with the updates accepted.
 
 Backbones: "mobilefacenet" trains from random init with facefed simulate's settings (lr 0.05, margin 0.5);
 "faceapi-resnet" fine-tunes the pretrained face-api net's last stage with bench.faceapi_finetune's
@@ -17,7 +17,8 @@ near the ceiling, so a small drop is visible.
 Every run starts from the same initial model, data split and client seeds; only the aggregation rule and
 the attack differ. Client 0 is the attacker: it trains honestly, then sends global + factor * delta over
 every shared float tensor (BN running statistics included, as a real payload would), with factor
-+attack_scale ("scaled") or -attack_scale ("sign_flipped").
++attack_scale ("scaled") or -attack_scale ("sign_flipped"). The engine refuses an update whose BatchNorm
+variances went negative (a sign flip's usually do): such a round closes with the honest clients only.
 
 The clip bound for FedAvg + clipping is, unless --clip-norm is given, the median L2 update norm of the clean
 run's first round: an honest client's typical step, known to an operator from a clean round, not chosen on
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -35,21 +37,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from aggregator.config import AggregatorConfig
+from aggregator.strategies import FedAvg
 from aggregator.strategies.clipping import update_norm
-from aggregator.strategies import FedAvg, build_strategy
-from model_zoo.backbones import FrozenTrunk, build_backbone
+from edge_agent.trainer import LocalTrainer
+from facefed.inprocess import Device, InProcessModels, run_inprocess
+from fedwire.config import parse_config
+from fedwire.messages import RoundAnnouncement
+from model_zoo.backbones import build_backbone
 from model_zoo.checkpoint import load_shared_tensors, shared_tensors
 from model_zoo.data import FaceDataset, load_dataset, shared_dataset_dir
 from model_zoo.evaluate import evaluate_embeddings
-from model_zoo.losses import ArcFaceHead
 from model_zoo.partition import partition_by_identity, split_holdout
-from model_zoo.train import (
-    TrainConfig,
-    TrunkFeatureCache,
-    embed_images,
-    imprint_head,
-    train_local,
-)
+from model_zoo.train import TrainConfig, embed_images
 
 Tensors = Mapping[str, np.ndarray]
 ATTACK_SIGNS = {"scaled": 1.0, "sign_flipped": -1.0}
@@ -80,26 +80,17 @@ class RunResult:
 
 
 @dataclass
-class Client:
-    data: FaceDataset
-    head: ArcFaceHead  # the device's own head: kept across rounds, never shared
-    seed: int
-    trunk_cache: TrunkFeatureCache  # frozen-trunk features of its images, kept across rounds and runs
-
-
-@dataclass
 class Federation:
-    """What every run shares: data split, initial model, local training settings."""
+    """What every run shares: data split, model, local training settings."""
 
     parts: list[FaceDataset]
     holdout: FaceDataset
-    backbone: torch.nn.Module  # one working copy, reloaded from the global model before each use
-    initial: dict[str, np.ndarray]
-    train: dict  # the round settings the strategy announces
+    backbone: torch.nn.Module  # the evaluation copy, loaded with each round's global model
+    arch: str
+    train: dict  # the round settings the aggregator announces
     rounds: int
     attack_scale: float
     seed: int
-    trunk_caches: list[TrunkFeatureCache]
 
 
 def split_data(dataset: FaceDataset, clients: int, holdout: int, seed: int) -> tuple[list[FaceDataset], FaceDataset]:
@@ -109,31 +100,12 @@ def split_data(dataset: FaceDataset, clients: int, holdout: int, seed: int) -> t
     return [train.subset(p) for p in partition_by_identity(train.labels, clients, seed)], dataset.subset(holdout_idx)
 
 
-def initial_backbone(arch: str, seed: int) -> torch.nn.Module:
-    torch.manual_seed(seed)  # as the aggregator seeds its round-0 model
-    return build_backbone(arch, **ARCHS[arch][0])
-
-
-def make_clients(fed: Federation) -> list[Client]:
-    """Fresh heads as the agent makes them in round 1: seeded, imprinted on a frozen-trunk backbone."""
-    load_shared_tensors(fed.backbone, fed.initial)
-    clients = []
-    for k, (part, cache) in enumerate(zip(fed.parts, fed.trunk_caches)):
-        client_seed = fed.seed + 1000 * k
-        torch.manual_seed(client_seed)
-        head = ArcFaceHead(128, part.num_classes, margin=fed.train["margin"])
-        if isinstance(fed.backbone, FrozenTrunk):
-            imprint_head(head, embed_images(fed.backbone, part.images), part.labels)
-        clients.append(Client(part, head, client_seed, cache))
-    return clients
-
-
-def local_update(backbone: torch.nn.Module, client: Client, global_tensors: Tensors, round_number: int,
-                 settings: dict) -> dict[str, np.ndarray]:
-    load_shared_tensors(backbone, global_tensors)
-    cfg = TrainConfig(epochs=settings["local_epochs"], lr=settings["lr"], seed=client.seed + round_number)
-    train_local(backbone, client.head, client.data, cfg, trunk_cache=client.trunk_cache)
-    return shared_tensors(backbone)
+def aggregator_config(spec: RunSpec, fed: Federation, state_dir: Path) -> AggregatorConfig:
+    """The aggregator.yaml of one run: every client is needed for the quorum; the model seeded by fed.seed."""
+    return parse_config(AggregatorConfig, {
+        "state_dir": str(state_dir), "rounds": fed.rounds, "min_clients": len(fed.parts),
+        "strategy": spec.strategy, "clip_norm": spec.clip_norm, "trim_fraction": spec.trim_fraction,
+        "model": {"arch": fed.arch, "seed": fed.seed, "options": ARCHS[fed.arch][0]}, "train": fed.train})
 
 
 def poison(update: Tensors, global_tensors: Tensors, factor: float) -> dict[str, np.ndarray]:
@@ -147,32 +119,40 @@ def evaluate(backbone: torch.nn.Module, tensors: Tensors, holdout: FaceDataset) 
     load_shared_tensors(backbone, tensors)
     embeddings = embed_images(backbone, holdout.images)
     if not np.isfinite(embeddings).all():
-        return {"accuracy": 0.5, "eer": 0.5, "rank1": 0.0, "finite": False}
+        return {"accuracy": 0.5, "eer": 0.5, "rank1": 0.0, "finite": 0.0}
     metrics = evaluate_embeddings(embeddings, holdout.labels)
-    return {"accuracy": metrics["accuracy"], "eer": metrics["eer"], "rank1": metrics["rank1"], "finite": True}
+    return {"accuracy": metrics["accuracy"], "eer": metrics["eer"], "rank1": metrics["rank1"], "finite": 1.0}
 
 
 def run_federation(spec: RunSpec, fed: Federation) -> RunResult:
     start = time.perf_counter()
-    strategy = build_strategy(spec.strategy, fed.train, spec.clip_norm, spec.trim_fraction)
-    clients = make_clients(fed)
-    global_tensors = fed.initial
     result = RunResult(spec)
-    for round_number in range(1, fed.rounds + 1):
-        settings = strategy.configure_round(round_number)
-        strategy.begin_round(global_tensors)
-        honest_norms = []
-        for k, client in enumerate(clients):
-            update = local_update(fed.backbone, client, global_tensors, round_number, settings)
-            honest_norms.append(update_norm(update, global_tensors))
+    norms: dict[int, list[float]] = {}  # round -> the honest update norms
+
+    def observe(k: int):
+        def tamper(ann: RoundAnnouncement, update: Tensors, global_tensors: Tensors) -> Tensors:
+            norms.setdefault(ann.round, []).append(update_norm(update, global_tensors))
             if k == 0 and spec.attack is not None:
-                update = poison(update, global_tensors, ATTACK_SIGNS[spec.attack] * fed.attack_scale)
-            strategy.accumulate(update, len(client.data))
-        global_tensors = strategy.aggregate()
-        metrics = evaluate(fed.backbone, global_tensors, fed.holdout)
-        result.rounds.append({"round": round_number, **metrics, "honest_update_norms": honest_norms})
-        print(f"  {spec.name:<14} {spec.attack or 'none':<12} round {round_number}: acc {metrics['accuracy']:.3f} "
-              f"eer {metrics['eer']:.3f}  ({time.perf_counter() - start:.0f} s)", flush=True)
+                return poison(update, global_tensors, ATTACK_SIGNS[spec.attack] * fed.attack_scale)
+            return update
+        return tamper
+
+    def evaluate_round(round_number: int, tensors: Tensors) -> dict[str, float]:
+        metrics = evaluate(fed.backbone, tensors, fed.holdout)
+        if round_number:
+            print(f"  {spec.name:<14} {spec.attack or 'none':<12} round {round_number}: acc {metrics['accuracy']:.3f} "
+                  f"eer {metrics['eer']:.3f}  ({time.perf_counter() - start:.0f} s)", flush=True)
+        return metrics
+
+    with tempfile.TemporaryDirectory(prefix="robust-") as tmp:
+        config = aggregator_config(spec, fed, Path(tmp) / "aggregator")
+        devices = [Device(f"client-{k}", LocalTrainer(part, Path(tmp) / f"client-{k}", TrainConfig.batch_size, False,
+                                                      fed.seed + 1000 * k), observe(k))
+                   for k, part in enumerate(fed.parts)]
+        engine = run_inprocess(config, devices, InProcessModels(config, evaluate=evaluate_round))
+    for summary in engine.publisher.summaries:
+        result.rounds.append({"round": summary.round, **summary.metrics, "finite": bool(summary.metrics["finite"]),
+                              "clients": summary.clients, "honest_update_norms": norms[summary.round]})
     result.seconds = time.perf_counter() - start
     return result
 
@@ -261,15 +241,16 @@ def main() -> None:
     torch.set_num_threads(1)  # one device's worth of CPU; the bench machine is shared
     start = time.perf_counter()
     parts, holdout = split_data(load_dataset(args.data), args.clients, args.holdout, args.seed)
-    backbone = initial_backbone(args.arch, args.seed)
+    torch.manual_seed(args.seed)  # as the aggregator seeds its round-0 model (aggregator/models.py)
+    backbone = build_backbone(args.arch, **ARCHS[args.arch][0])
+    initial_tensors = shared_tensors(backbone)
     train = {"local_epochs": args.local_epochs, **ARCHS[args.arch][1]}
-    fed = Federation(parts, holdout, backbone, shared_tensors(backbone), train, args.rounds, args.attack_scale,
-                     args.seed, [TrunkFeatureCache() for _ in parts])
-    print(f"In-process federation with the aggregator's strategy classes (the MQTT path is not in the loop).\n"
+    fed = Federation(parts, holdout, backbone, args.arch, train, args.rounds, args.attack_scale, args.seed)
+    print(f"In-process federation through the aggregator's round engine (the MQTT path is not in the loop).\n"
           f"{args.arch}, {len(parts)} clients (n_k = {', '.join(str(len(p)) for p in parts)}), "
           f"{holdout.num_classes} held-out identities ({len(holdout)} images); {args.rounds} rounds, "
           f"round settings {train}; client 0 attacks with scale {args.attack_scale:g}", flush=True)
-    initial = evaluate(backbone, fed.initial, holdout)
+    initial = evaluate(backbone, initial_tensors, holdout)
     print(f"initial model: held-out acc {initial['accuracy']:.3f}, EER {initial['eer']:.3f}", flush=True)
     clean = run_federation(RunSpec("fedavg", FedAvg.name, None), fed)
     bound = args.clip_norm or clip_bound(clean)

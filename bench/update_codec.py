@@ -7,8 +7,9 @@ Run from the repository root:
 
 `paired` (accuracy): the pretrained face-api setting of bench/faceapi_finetune.py (celeb-dev, first 150
 images of each identity, 4 identities held out, 4 clients, trainable `last`, lr 1e-4, margin 0, 1 local epoch),
-run in one process with the devices' own code (edge_agent.trainer.LocalTrainer, frozen-trunk features cached)
-and the aggregator's own FedAvg class and codec functions (fedwire.compression), without MQTT. Every variant runs
+run in one process (facefed/inprocess.py: the aggregator's round engine with the devices' own
+edge_agent.trainer.LocalTrainer, frozen-trunk features cached, each encoding its update with its own residual),
+without MQTT. Every variant runs
 with every seed; within a seed only the codec differs (same partition, same device seeds, same heads), so the
 per-seed difference to float32 is a paired sample. Reported: mean paired difference of held-out accuracy (final
 round and mean of the last three rounds) with a 95 % t confidence interval. Bytes are the exact MQTT payloads
@@ -32,19 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
-from fedwire.chunking import build_transfer
-from fedwire.codec import encode_tensors, sha256_hex
 from fedwire.messages import TrainSettings
-from fedwire.compression import (
-    DEFAULT_TOPK_FRACTION,
-    INT8_DELTA,
-    PLAIN,
-    TOPK_INT8_DELTA,
-    as_global_delta,
-    decode_update,
-    encode_global_delta,
-    encode_update,
-)
+from fedwire.compression import DEFAULT_TOPK_FRACTION, INT8_DELTA, PLAIN, TOPK_INT8_DELTA
 
 TAIL_ROUNDS = 3
 
@@ -62,18 +52,6 @@ VARIANTS = (
     Variant("int8-delta up + down", INT8_DELTA, INT8_DELTA),
     Variant(f"top-{DEFAULT_TOPK_FRACTION:g} int8 up + int8 down", TOPK_INT8_DELTA, INT8_DELTA),
 )
-
-
-def transfer_bytes(kind: str, tensors: dict, codec: str, base_version: int | None = None, model_sha256: str = "",
-                   **extra) -> int:
-    """Bytes on the wire for one transfer: every chunk (header included) plus the manifest JSON."""
-    if kind == "global":
-        manifest, chunks = build_transfer(kind, "aggregator", 1, 1, tensors)
-        if codec != PLAIN:
-            manifest = as_global_delta(manifest, base_version, model_sha256)
-    else:
-        manifest, chunks = build_transfer(kind, "client-0", 1, 0, tensors, codec=codec, **extra)
-    return sum(len(c) for c in chunks) + len(manifest.to_json())
 
 
 def t95(n: int) -> float:
@@ -150,38 +128,29 @@ class FaceapiSetting:
 
 
 def run_paired_variant(setting: FaceapiSetting, variant: Variant, seed: int, rounds: int, heads: list[bytes]) -> dict:
-    from aggregator.strategies import build_strategy
+    from aggregator.config import AggregatorConfig
+    from facefed.inprocess import Device, InProcessModels, run_inprocess
+    from fedwire.config import parse_config
 
+    devices = []
     for k, (trainer, head) in enumerate(zip(setting.trainers, heads)):  # every run starts from the imprinted heads
         trainer.head_path.write_bytes(head[0])
         trainer.head_path.with_suffix(".json").write_bytes(head[1])
         trainer.seed = 1000 * k + 100 * seed  # device seed: batch order and mirroring
-    strategy = build_strategy("fedavg", {}, None, 0.2)
-    global_tensors = {k: v.copy() for k, v in setting.initial.items()}
-    residuals: list[dict] = [{} for _ in setting.trainers]
-    server_residual: dict = {}
-    curve = [setting.evaluate(global_tensors)]
-    up, down = [], []
-    for rnd in range(1, rounds + 1):
-        strategy.begin_round(global_tensors)
-        for k, trainer in enumerate(setting.trainers):
-            outcome = trainer.train_round(rnd, global_tensors, setting.settings)
-            wire, residuals[k] = encode_update(outcome.tensors, global_tensors, variant.upload, residuals[k])
-            up.append(transfer_bytes("update", wire, variant.upload, num_samples=outcome.result.num_samples,
-                                     metrics={"train_loss": 0.1, "train_accuracy": 1.0, "train_seconds": 1.0,
-                                              "local_epochs": 1.0}))
-            strategy.accumulate(decode_update(wire, global_tensors, variant.upload), outcome.result.num_samples)
-        aggregated = strategy.aggregate()
-        if variant.download == INT8_DELTA:  # version rnd as a delta against rnd - 1, which every device holds
-            wire, decoded, server_residual = encode_global_delta(aggregated, global_tensors, server_residual)
-            sha = sha256_hex(encode_tensors(decoded))
-            down.append(transfer_bytes("global", wire, INT8_DELTA, base_version=0, model_sha256=sha))
-            global_tensors = decoded
-        else:
-            down.append(transfer_bytes("global", aggregated, PLAIN))
-            global_tensors = aggregated
-        curve.append(setting.evaluate(global_tensors))
+        devices.append(Device(f"client-{k}", trainer))
+    state_dir = setting.scratch / "aggregator"
+    shutil.rmtree(state_dir, ignore_errors=True)
+    config = parse_config(AggregatorConfig, {
+        "state_dir": str(state_dir), "rounds": rounds, "min_clients": len(devices), "strategy": "fedavg",
+        "update_codec": variant.upload, "download_codec": variant.download,
+        "model": {"arch": "faceapi-resnet", "options": {"trainable": "last"}},
+        "train": {"local_epochs": setting.settings.local_epochs, "lr": setting.settings.lr, "margin": 0.0}})
+    engine = run_inprocess(config, devices, InProcessModels(config, setting.initial,
+                                                            lambda _, tensors: setting.evaluate(tensors)))
+    curve = engine.state.read_log()  # round 0 (the initial model) first
     accs = [c["accuracy"] for c in curve]
+    up = [b for device in devices for b in device.upload_bytes]
+    down = engine.publisher.download_bytes[1:]  # each round's new model; [0] is version 0
     return {"variant": variant.name, "seed": seed, "accuracy_per_round": accs, "final_accuracy": accs[-1],
             "final_eer": curve[-1]["eer"], f"mean_accuracy_last_{TAIL_ROUNDS}": float(np.mean(accs[-TAIL_ROUNDS:])),
             "upload_bytes_per_client_round": float(np.mean(up)), "download_bytes_per_client_round": float(np.mean(down))}

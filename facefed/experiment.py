@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from aggregator.service import AVERAGED_BN_SUFFIX
+from aggregator.rounds import AVERAGED_BN_SUFFIX
 from facefed.simulate import SimulationConfig, SimulationError, run_simulation
 from model_zoo.backbones import build_backbone
 from model_zoo.checkpoint import load_checkpoint

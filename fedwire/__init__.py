@@ -1,7 +1,8 @@
 """fedwire: the FaceFed Edge wire protocol (topics, messages, chunked tensor transfers, MQTT link).
 
 See PROTOCOL.md for the specification. Depends on numpy, safetensors and paho-mqtt only;
-the embedded broker (fedwire.broker) additionally needs amqtt and is not imported here.
+the embedded broker (fedwire.broker) additionally needs amqtt and is not imported here. The MQTT link
+(fedwire.mqtt, paho) is imported on first use, so that transport-free users (aggregator/rounds.py) stay so.
 """
 
 from .chunking import (
@@ -22,7 +23,6 @@ from .messages import (
     TransferManifest,
     UpdateAck,
 )
-from .mqtt import BrokerAddress, MqttLink, TlsFiles, parse_broker_url
 from .topics import DEVICE_ID_RE, ParsedTopic, Topics, validate_device_id
 
 __all__ = [
@@ -53,3 +53,13 @@ __all__ = [
     "tensor_specs",
     "validate_device_id",
 ]
+
+_MQTT_NAMES = frozenset({"BrokerAddress", "MqttLink", "TlsFiles", "parse_broker_url"})
+
+
+def __getattr__(name: str):
+    if name in _MQTT_NAMES:
+        from . import mqtt
+
+        return getattr(mqtt, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -25,6 +25,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from .errors import ProtocolError
 from .messages import TransferManifest
+from .topics import SHARE_PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +93,6 @@ def parse_broker_url(url: str) -> BrokerAddress:
     return BrokerAddress(parts.hostname, port or DEFAULT_PORTS[parts.scheme], parts.scheme == "mqtts")
 
 
-SHARE_PREFIX = "$share/"
 RECEIVE_MAXIMUM = 20  # unacknowledged messages in flight to a consumer that acks after handling (mosquitto's default)
 # Mosquitto 2.0.11 does not keep to that window: every PUBACK it gets releases up to a whole window of queued
 # messages, so a consumer that acks one at a time receives the backlog anyway (tests/test_fedwire_mqtt.py).

@@ -110,3 +110,73 @@ class Topics:
             case ["ack", device]:
                 return ParsedTopic("ack", validate_device_id(device, "topic"))
         raise ProtocolError("topic", f"{topic!r} is not a FaceFed topic")
+
+
+# MQTT 5 shared subscriptions: "$share/{group}/{filter}" hands each matching message to one member of the group.
+SHARE_PREFIX = "$share/"
+SHARE_GROUP = "facefed-aggregators"  # the sharded aggregator's workers (aggregator/sharded.py)
+
+
+@dataclass(frozen=True)
+class ShardTopics:
+    """The topics between workers and reducer, under the federation prefix."""
+
+    prefix: str
+
+    @property
+    def close(self) -> str:
+        return f"{self.prefix}/shard/close"
+
+    def accepted(self, worker: int) -> str:
+        return f"{self.prefix}/shard/accepted/{worker}"
+
+    def worker_status(self, worker: int) -> str:
+        return f"{self.prefix}/shard/worker/{worker}"
+
+    def report(self, worker: int) -> str:
+        return f"{self.prefix}/shard/report/{worker}"
+
+    def partial_manifest(self, worker: int) -> str:
+        return f"{self.prefix}/shard/partial/{worker}/manifest"
+
+    def partial_chunk(self, worker: int, index: int) -> str:
+        return f"{self.prefix}/shard/partial/{worker}/chunk/{index}"
+
+    def route(self, worker: int, update_topic: str) -> str:
+        """Where a worker forwards another owner's update message: the same topic under shard/route/{owner}."""
+        return f"{self.prefix}/shard/route/{worker}/{update_topic[len(self.prefix) + 1:]}"
+
+    def unroute(self, topic: str, worker: int) -> str | None:
+        """The device's original topic of a message forwarded to `worker`, or None."""
+        head = f"{self.prefix}/shard/route/{worker}/"
+        return f"{self.prefix}/{topic[len(head):]}" if topic.startswith(head) else None
+
+    def parse(self, topic: str) -> tuple[str, int] | None:
+        """(kind, worker) of a reducer-side topic: accepted, report, partial_manifest, partial_chunk."""
+        head = f"{self.prefix}/shard/"
+        if not topic.startswith(head):
+            return None
+        match topic[len(head):].split("/"):
+            case ["worker", w] if w.isdigit():
+                return "worker", int(w)
+            case ["accepted", w] if w.isdigit():
+                return "accepted", int(w)
+            case ["report", w] if w.isdigit():
+                return "report", int(w)
+            case ["partial", w, "manifest"] if w.isdigit():
+                return "partial_manifest", int(w)
+            case ["partial", w, "chunk", i] if w.isdigit() and i.isdigit():
+                return "partial_chunk", int(w)
+        return None
+
+    def worker_subscriptions(self, worker: int) -> list[str]:
+        p = self.prefix
+        shared = f"{SHARE_PREFIX}{SHARE_GROUP}/{p}/update/+"
+        routed = f"{p}/shard/route/{worker}/update/+"
+        return [f"{shared}/manifest", f"{shared}/chunk/+", f"{routed}/manifest", f"{routed}/chunk/+",
+                f"{p}/round", f"{p}/global/manifest", f"{p}/global/chunk/+", self.close]
+
+    def reducer_subscriptions(self) -> list[str]:
+        p = self.prefix
+        return [f"{p}/status/+", f"{p}/shard/worker/+", f"{p}/shard/accepted/+", f"{p}/shard/report/+",
+                f"{p}/shard/partial/+/manifest", f"{p}/shard/partial/+/chunk/+"]

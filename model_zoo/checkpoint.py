@@ -1,34 +1,19 @@
 """Backbone weights as numpy tensors (the federated payload) and safetensors checkpoints with JSON metadata."""
 from __future__ import annotations
 
-import json
-import os
-from collections.abc import Mapping
-from pathlib import Path
-
 import numpy as np
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.numpy import save_file
 from torch import nn
 
 from .backbones import FrozenTrunk, backbone_spec, build_backbone
-
-CHECKPOINT_FORMAT = "facefed-checkpoint"
+from .checkpoint_file import (CHECKPOINT_FORMAT, BackboneSpec, CheckpointError, read_checkpoint, running_statistics,
+                              write_checkpoint)
 
 
 def shared_tensors(backbone: nn.Module) -> dict[str, np.ndarray]:
     """The federated payload: float state_dict entries, BN running stats included, integer counters
     (num_batches_tracked) left out; of a FrozenTrunk backbone only the tail's (every device holds the trunk)."""
     return {name: np.ascontiguousarray(t.detach().cpu().numpy()).copy() for name, t in _shared_state(backbone).items()}
-
-
-RUNNING_STATISTICS = (".running_mean", ".running_var")
-
-
-def running_statistics(tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The BatchNorm running means and variances among `tensors` (shared_tensors names)."""
-    return {name: value for name, value in tensors.items() if name.endswith(RUNNING_STATISTICS)}
 
 
 def load_shared_tensors(backbone: nn.Module, tensors) -> None:
@@ -53,36 +38,26 @@ def _shared_state(backbone: nn.Module) -> dict[str, torch.Tensor]:
     return {name: t for name, t in state.items() if t.is_floating_point()}
 
 
+def spec_of(backbone: nn.Module) -> BackboneSpec:
+    return BackboneSpec(*backbone_spec(backbone))
+
+
 def save_checkpoint(path, backbone: nn.Module, meta: dict) -> None:
-    """Write atomically, so a device that loses power mid-write keeps its previous checkpoint."""
-    arch, arch_kwargs = backbone_spec(backbone)
-    metadata = {"format": CHECKPOINT_FORMAT, "arch": arch, "arch_kwargs": json.dumps(arch_kwargs),
-                "meta": json.dumps(meta)}
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(shared_tensors(backbone), str(tmp), metadata=metadata)
-    os.replace(tmp, path)
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file that cannot be read (truncated, corrupted, or not one of ours)."""
+    """Write atomically (model_zoo.checkpoint_file: the same bytes as the aggregator's numpy writer)."""
+    write_checkpoint(path, shared_tensors(backbone), spec_of(backbone), meta)
 
 
 def load_checkpoint(path) -> tuple[nn.Module, dict]:
     """(backbone in eval mode, user meta), the backbone rebuilt from the architecture recorded in the file.
     A truncated or corrupted file raises CheckpointError, one line naming it (callers print it, no traceback)."""
+    tensors, spec, meta = read_checkpoint(path)
     try:
-        with safe_open(str(path), framework="np") as f:
-            metadata = f.metadata() or {}
-            if metadata.get("format") != CHECKPOINT_FORMAT:
-                raise CheckpointError(f"{path} is not a {CHECKPOINT_FORMAT} file (format={metadata.get('format')!r})")
-            tensors = {name: f.get_tensor(name) for name in f.keys()}
-        backbone = build_backbone(metadata["arch"], **json.loads(metadata["arch_kwargs"]))
+        backbone = build_backbone(spec.arch, **spec.arch_kwargs)
         load_shared_tensors(backbone, tensors)
-        return backbone.eval(), json.loads(metadata.get("meta", "{}"))
-    except CheckpointError:
-        raise
-    except SafetensorError as exc:  # not a ValueError: the header or the data is cut short or garbled
-        raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupted: {exc})") from None
-    except (KeyError, RuntimeError, ValueError) as exc:  # metadata (JSON) or tensors that do not fit the backbone
+    except (KeyError, RuntimeError, TypeError, ValueError) as exc:  # tensors or kwargs that do not fit the backbone
         raise CheckpointError(f"{path}: not a usable checkpoint ({type(exc).__name__}: {exc})") from None
+    return backbone.eval(), meta
+
+
+__all__ = ["CHECKPOINT_FORMAT", "CheckpointError", "load_checkpoint", "load_shared_tensors", "running_statistics",
+           "save_checkpoint", "shared_tensors", "spec_of"]

@@ -16,17 +16,15 @@ from fedwire.topics import Topics
 
 
 def _connected(broker: str, state_dir, **fields) -> AggregatorService:
-    """A service with its initial model, connected to `broker`, no round open yet."""
+    """A service with its initial model, connected to `broker`, round 1 open."""
     svc = AggregatorService(parse_config(AggregatorConfig, {"state_dir": str(state_dir), "broker": broker, **fields}))
-    svc._restore_or_init()
-    svc._connect()
+    svc.start()
     return svc
 
 
 @pytest.fixture
 def service(embedded_broker, tmp_path):
     svc = _connected(embedded_broker, tmp_path / "state", rounds=2, min_clients=2, max_chunk_bytes=128 * 1024)
-    svc._open_round(1)
     yield svc
     svc.close()
 
@@ -80,7 +78,7 @@ def test_only_valid_fresh_updates_count_and_the_round_completes(service, embedde
 
     _send(svc, "dev-g", g, n=10)  # the retry
     assert svc.strategy.num_updates == 2
-    svc._check_round_close(time.time())
+    svc.tick(time.time())
 
     assert svc.model_version == 1 and svc.current.number == 2
     for k, v in svc.global_tensors.items():
@@ -108,21 +106,20 @@ def test_only_valid_fresh_updates_count_and_the_round_completes(service, embedde
 def test_deadline_closes_a_round_with_what_arrived_or_reannounces_an_empty_one(service):
     svc = service
     first_announcement = svc.current.announcement.announce_id
-    svc._check_round_close(svc.current.announcement.deadline + 1)
+    svc.tick(svc.current.announcement.deadline + 1)
     assert svc.model_version == 0 and svc.current.number == 1
     assert svc.current.announcement.announce_id != first_announcement  # announced again
     _send(svc, "dev-a", _shifted(svc, 1.0))
-    svc._check_round_close(svc.current.announcement.deadline + 1)
+    svc.tick(svc.current.announcement.deadline + 1)
     assert svc.model_version == 1  # one of two clients was enough once the deadline passed
 
 
 def test_measured_statistics_replace_the_averaged_ones_before_the_round_closes(embedded_broker, tmp_path):
     svc = _connected(embedded_broker, tmp_path / "state", rounds=2, min_clients=2, bn_statistics="measured")
     try:
-        svc._open_round(1)
         _send(svc, "dev-a", _shifted(svc, 1.0), n=30)
         _send(svc, "dev-b", _shifted(svc, 0.5), n=10)
-        svc._check_round_close(time.time())
+        svc.tick(time.time())
         # Weights averaged and published as v1; round 1 is not closed until the statistics are in.
         phase = svc.current
         assert (phase.number, phase.kind, phase.announcement.state, svc.model_version) == (1, "statistics", "statistics", 1)
@@ -134,7 +131,7 @@ def test_measured_statistics_replace_the_averaged_ones_before_the_round_closes(e
         assert phase.rejected == 2 and phase.statistics.count == 0
         _send(svc, "dev-a", {k: np.full_like(v, 3.0) for k, v in stats.items()}, n=30, version=1, kind="statistics")
         _send(svc, "dev-b", {k: np.full_like(v, 1.0) for k, v in stats.items()}, n=10, version=1, kind="statistics")
-        svc._check_round_close(time.time())
+        svc.tick(time.time())
         assert svc.current.number == 2 and svc.current.kind == "update"
         for name, value in svc.global_tensors.items():
             expected = np.full_like(value, 2.5) if name in stats else weights[name]  # (30 * 3 + 10 * 1) / 40
@@ -144,9 +141,9 @@ def test_measured_statistics_replace_the_averaged_ones_before_the_round_closes(e
         # Round 2: no statistics by the deadline; the averaged ones stay and the federation finishes.
         _send(svc, "dev-a", _shifted(svc, 1.0), round_number=2, version=1)
         _send(svc, "dev-b", _shifted(svc, 1.0), round_number=2, version=1)
-        svc._check_round_close(time.time())
+        svc.tick(time.time())
         averaged = {k: v.copy() for k, v in svc.global_tensors.items()}
-        svc._check_round_close(svc.current.announcement.deadline + 1)
+        svc.tick(svc.current.announcement.deadline + 1)
         assert svc.current is None and svc.model_version == 2 and svc.state.checkpoint_path(2).exists()
         assert all(np.array_equal(svc.global_tensors[k], v) for k, v in averaged.items())
     finally:
@@ -161,7 +158,7 @@ def test_a_fraction_of_online_devices_is_sampled_and_others_are_refused(embedded
         for device in ("d1", "d2", "d3", "d4", "d5"):
             state = "offline" if device == "d5" else "online"
             svc.handle_message(Topics().status(device), DeviceStatus(device, state, None, time.time()).to_json())
-        svc._open_round(1)
+        svc.engine.open_round(1)  # announced again, now sampling from the devices seen online
         chosen = svc.current.announcement.participants
         assert len(chosen) == 2 and set(chosen) <= {"d1", "d2", "d3", "d4"}  # ceil(0.5 * 4 online)
         assert svc.current.quorum == 2 and svc.current.announcement.min_clients == 2
@@ -170,7 +167,7 @@ def test_a_fraction_of_online_devices_is_sampled_and_others_are_refused(embedded
         assert svc.strategy.num_updates == 0 and svc.current.rejected == 1
         for device in chosen:
             _send(svc, device, _shifted(svc, 1.0))
-        svc._check_round_close(time.time())
+        svc.tick(time.time())
         assert svc.model_version == 1
         assert svc.state.load_optimizer_state(1)  # the momentum survives a restart
         assert svc.state.load_optimizer_state(0) == {}
@@ -191,7 +188,7 @@ def test_a_replayed_update_is_ignored_in_its_round_and_refused_in_the_next(servi
         svc.handle_message(topic, payload)
     assert svc.strategy.num_updates == 1
     _send(svc, "dev-b", _shifted(svc, 1.0))
-    svc._check_round_close(time.time())
+    svc.tick(time.time())
     assert svc.current.number == 2
     rejected = svc.current.rejected
     for topic, payload in recorded:  # replayed into round 2
@@ -202,9 +199,8 @@ def test_a_replayed_update_is_ignored_in_its_round_and_refused_in_the_next(servi
 def test_each_round_is_exported_for_inference_only_devices(embedded_broker, tmp_path):
     svc = _connected(embedded_broker, tmp_path / "s", min_clients=1, export={"formats": ["onnx"]})
     try:
-        svc._open_round(1)
         _send(svc, "dev-a", _shifted(svc, 0.1))
-        svc._check_round_close(time.time())
+        svc.tick(time.time())
     finally:
         svc.close()
     exported = sorted(p.name for p in (tmp_path / "s" / "exports").iterdir())
@@ -238,7 +234,7 @@ def test_int8_delta_updates_are_decoded_against_the_round_model(service):
     _send(svc, "dev-b", {k: v[..., :1] for k, v in wire.items() if v.ndim}, codec=INT8_DELTA)  # wrong shapes
     _send(svc, "dev-c", update)  # plain float32 still accepted
     assert svc.strategy.num_updates == 2 and svc.current.rejected == 1
-    svc._check_round_close(time.time())
+    svc.tick(time.time())
     decoded = decode_int8_delta(wire, start)
     for k, v in svc.global_tensors.items():
         np.testing.assert_allclose(v, ((decoded[k].astype(np.float64) + update[k]) / 2).astype(v.dtype), atol=1e-6)

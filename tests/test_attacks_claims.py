@@ -34,6 +34,7 @@ HONEST = ("cam-a", "cam-b")
 LIAR = "cam-liar"
 HONEST_SAMPLES = 40
 WAIT_S = 90.0
+STOPPED_GRACE_S = 2.0  # messages of a service that ended still reach the fleet's inbox this long after
 
 
 @dataclass(frozen=True)
@@ -114,8 +115,13 @@ def _run_fleet(url: str, topics: Topics, attack: Attack, service: threading.Thre
     link.connect()
     run, reassembler, pending, answered = FleetRun(), Reassembler(), {}, set()
     deadline = time.monotonic() + WAIT_S
+    stopped = None  # when the service thread ended: its last messages may still be on their way to us
     try:
-        while not run.finished and time.monotonic() < deadline and service.is_alive():
+        while not run.finished and time.monotonic() < deadline:
+            if not service.is_alive():
+                stopped = stopped or time.monotonic()
+                if time.monotonic() - stopped > STOPPED_GRACE_S:
+                    break
             try:
                 topic, payload = inbox.get(timeout=0.2)
             except queue.Empty:

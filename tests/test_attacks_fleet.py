@@ -162,7 +162,7 @@ def test_a_revoked_device_is_refused_by_the_broker_and_by_the_aggregator(hardene
     install_crl(pki_dir, pki.crl_file(pki_dir).parent.parent / "broker")  # the broker-config folder
     hardened_broker.broker.reload()
     # The aggregator re-reads the list; the broker still carries cam-b's open connection: it "lets one through".
-    _wait(lambda: "cam-b" in agg.service.budget.revoked, "the aggregator to re-read the revoked list")
+    _wait(lambda: "cam-b" in agg.service.connection.budget.revoked, "the aggregator to re-read the revoked list")
     _upload(cam_b, "cam-b", agg.update("cam-b", 9.0), prefix)
     _upload(cam_a, "cam-a", agg.update("cam-a", 0.5), prefix)
     _wait(lambda: any(a.device_id == "cam-a" and a.accepted for a in acks), "cam-a's update to be accepted")

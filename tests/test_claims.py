@@ -120,11 +120,12 @@ def test_a_non_finite_model_in_the_state_dir_is_never_published(embedded_broker,
     from aggregator.cli import main
     from aggregator.state import StateDir
     from model_zoo.backbones import build_backbone
+    from model_zoo.checkpoint import shared_tensors, spec_of
 
     backbone = build_backbone(embedding_size=8)
     with torch.no_grad():
         next(backbone.parameters()).fill_(float("nan"))
-    StateDir(tmp_path / "state").save_round(1, backbone, {"model_version": 1}, {"round": 1})
+    StateDir(tmp_path / "state").save_round(1, shared_tensors(backbone), spec_of(backbone), {"model_version": 1}, {"round": 1})
     (tmp_path / "aggregator.yaml").write_text(f"state_dir: state\nbroker: {embedded_broker}\nrounds: 2\n"
                                               "model: {embedding_size: 8}\n")
     received = []

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from aggregator.config import load_aggregator_config
-from aggregator.service import _train_settings
+from aggregator.models import train_settings
 from facefed.cli import main
 from facefed.experiment import ExperimentConfig, ExperimentError, markdown_report, preset_config, run_experiment
 from model_zoo.data import load_dataset, save_folders, shared_dataset_dir, shared_datasets_root
@@ -70,7 +70,7 @@ def test_tiny_experiment_runs_every_arm_and_writes_the_report(tiny_orl, tmp_path
     assert any(line.startswith("[fedavg] round  2/2") for line in lines)
     # The arms' settings reach the aggregator, which announces them to the devices with each round.
     fedprox = load_aggregator_config(out / "runs" / "fedprox" / "aggregator.yaml")
-    assert _train_settings(fedprox).proximal_mu == 0.01
+    assert train_settings(fedprox).proximal_mu == 0.01
     fedavgm = yaml.safe_load((out / "runs" / "fedavgm" / "aggregator.yaml").read_text())
     assert fedavgm["strategy"] == "fedavgm" and fedavgm["bn_statistics"] == "measured"
     anchors = yaml.safe_load((out / "runs" / "single_identity_anchors" / "aggregator.yaml").read_text())["train"]

@@ -12,7 +12,7 @@ from test_e2e_federation import Recorder
 
 import facefed.cli
 from aggregator.config import AggregatorConfig, ModelConfig
-from aggregator.service import _train_settings
+from aggregator.models import train_settings
 from facefed.simulate import SimulationConfig, run_simulation
 from fedwire.chunking import Reassembler
 from fedwire.config import ConfigError
@@ -192,7 +192,7 @@ def test_aggregator_config_builds_and_announces_without_machine_paths() -> None:
     config = AggregatorConfig(state_dir=".", model=ModelConfig(arch="faceapi-resnet", options=options))
 
     assert config.model.backbone_kwargs() == options  # act / embedding_size are not FaceApiResNet's
-    assert _train_settings(config).model == {"arch": "faceapi-resnet", "trainable": "last2"}
+    assert train_settings(config).model == {"arch": "faceapi-resnet", "trainable": "last2"}
     with pytest.raises(ConfigError, match="options.*trainable"):
         ModelConfig(arch="faceapi-resnet", options={"trainable": "most"}).check()
 

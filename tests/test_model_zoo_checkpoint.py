@@ -78,3 +78,31 @@ def test_foreign_safetensors_file_is_rejected(tmp_path):
     save_file({"w": np.zeros(2, np.float32)}, str(path))
     with pytest.raises(ValueError, match="facefed-checkpoint"):
         load_checkpoint(path)
+
+
+def test_the_numpy_writer_gives_the_bytes_torch_writes_and_the_agent_loads_them(tmp_path):
+    """The aggregator writes checkpoints from numpy (model_zoo.checkpoint_file), never from an nn.Module."""
+    from model_zoo.checkpoint import spec_of
+    from model_zoo.checkpoint_file import read_checkpoint, write_checkpoint
+
+    net = _trained_looking_backbone()
+    save_checkpoint(tmp_path / "torch.safetensors", net, {"round": 3})
+    # Tensors as the aggregator holds them: a fresh dict in another order, read-only arrays of the wire.
+    tensors = {name: np.frombuffer(value.tobytes(), value.dtype).reshape(value.shape)
+               for name, value in reversed(list(shared_tensors(net).items()))}
+    write_checkpoint(tmp_path / "numpy.safetensors", tensors, spec_of(net), {"round": 3})
+    # Byte for byte but for the order of the metadata keys (safetensors keeps them in a hash map).
+    files = [(tmp_path / name).read_bytes() for name in ("numpy.safetensors", "torch.safetensors")]
+    (header_numpy, data_numpy), (header_torch, data_torch) = [_split_safetensors(b) for b in files]
+    assert header_numpy == header_torch and data_numpy == data_torch
+    loaded, meta = load_checkpoint(tmp_path / "numpy.safetensors")
+    x = torch.randn(2, 3, 112, 112)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), net(x))
+    assert meta == {"round": 3} and read_checkpoint(tmp_path / "numpy.safetensors")[1] == spec_of(net)
+
+
+def _split_safetensors(blob: bytes) -> tuple[dict, bytes]:
+    """(header, tensor data) of a safetensors file: an 8-byte length, that much JSON, then the data."""
+    size = int.from_bytes(blob[:8], "little")
+    return json.loads(blob[8:8 + size]), blob[8 + size:]

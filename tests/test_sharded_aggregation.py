@@ -15,15 +15,12 @@ import pytest
 
 from aggregator.config import AggregatorConfig
 from aggregator.strategies import WeightedSum
-from aggregator.sharded import (
-    ShardReducer,
-    ShardTopics,
-    owner,
-)
+from aggregator.sharded import ShardReducer, owner
 from fedwire.config import ConfigError
 from fedwire.errors import ProtocolError
 from fedwire.messages import ShardReport
 from fedwire.mqtt import unshared
+from fedwire.topics import ShardTopics
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
