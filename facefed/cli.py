@@ -246,8 +246,13 @@ def _add_experiment_parser(sub) -> None:
         "identities. Writes report.md, results.json, accuracy_per_round.png and roc.png into --out. Options "
         "given next to --preset override the preset's values.",
     )
-    exp.add_argument("--preset", choices=["quick", "full"],
-                     help="quick: ORL, 4 clients, a few minutes; full: ORL+Yale+celeb-dev, 6 clients")
+    exp.add_argument("--preset", choices=["quick", "full", "camera-quick", "camera"],
+                     help="quick: ORL, 4 clients, a few minutes; full: ORL+Yale+celeb-dev, 6 clients; camera-quick "
+                     "(<= 15 min) and camera (<= 45 min): one owner per device in a simulated camera, arms version0, "
+                     "local, fedavg, fedavg_personal, pooled (facefed/camera_experiment.py; takes --data, --camera, "
+                     "--rounds, --seed, --out)")
+    exp.add_argument("--camera", help="camera presets: the device cameras' domain, e.g. corridor (default), "
+                     "door-night, or corridor,face_px=24 (fields: grey, gamma, face_px, noise, jpeg, blur)")
     exp.add_argument("--data", action="append", type=Path,
                      help="dataset folder (repeat to mix); default: the preset's under ../shared/datasets, "
                      "else $FACEFED_DATA or ../shared/datasets/orl")
@@ -294,6 +299,10 @@ def _experiment(args: argparse.Namespace) -> int:
     from facefed.experiment import ExperimentConfig, ExperimentError, preset_config, run_experiment
     from model_zoo.data import shared_datasets_root
 
+    if args.preset in ("camera-quick", "camera"):
+        from facefed.camera_experiment import main as camera_main
+
+        return camera_main(args)
     overrides = {key: getattr(args, key) for key in EXPERIMENT_FIELDS}
     if args.methods:
         overrides["methods"] = tuple(m.strip() for m in args.methods.split(",") if m.strip())
