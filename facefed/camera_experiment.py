@@ -33,7 +33,7 @@ from model_zoo.camera import CameraSpec, capture_frames, draw_device_camera, par
 from model_zoo.camera_adapt import (AdaptConfig, DeviceData, Teacher, adapt, build_model, embed, get_tensors,
                                     part_names, set_tensors, teacher_for)
 from model_zoo.checkpoint import save_checkpoint
-from model_zoo.data import FaceDataset, load_datasets, shared_datasets_root
+from model_zoo.data import FaceDataset, detect_layout, load_datasets, shared_datasets_root
 from model_zoo.metrics import far_key, gallery_pair_scores, report_from_scores
 
 ARMS = ("version0", "local", "fedavg", "fedavg_personal", "pooled")
@@ -100,19 +100,19 @@ def preset_config(name: str, out: Path, data: list[Path] | None = None, **overri
 
 # --- data ---------------------------------------------------------------------------------------------
 
-def aligned_crops(dataset: FaceDataset) -> FaceDataset:
-    """112x112 ArcFace-aligned crops: folder datasets of 112 crops as they are, ORL/Yale frames aligned."""
-    if dataset.images.shape[1:3] == (112, 112) and not _looks_grey_frames(dataset):
+def aligned_crops(dataset: FaceDataset, roots: list[Path]) -> FaceDataset:
+    """112x112 ArcFace-aligned crops: folder datasets (celeb-dev) are already; ORL and Yale frames get aligned.
+
+    dataset is load_datasets(roots): identities carry their root's folder name as prefix."""
+    frames = {Path(r).name for r in roots if detect_layout(r) != "folders"}
+    mask = np.array([dataset.identities[label].split("_", 1)[0] in frames for label in dataset.labels], dtype=bool)
+    if not mask.any():
         return dataset
     from model_zoo.pipeline import FacePipeline
 
-    pipeline = FacePipeline(detector_input_size=128, detector="tiny", landmarks="68")
-    return FaceDataset(pipeline.arcface_crops(dataset.images), dataset.labels, dataset.identities)
-
-
-def _looks_grey_frames(dataset: FaceDataset) -> bool:
-    # ORL and Yale load letterboxed into 112x112 but are frames, not ArcFace-aligned crops.
-    return bool(np.all(dataset.images[:8, ..., 0] == dataset.images[:8, ..., 2]))
+    images = dataset.images.copy()
+    images[mask] = FacePipeline(detector_input_size=128, detector="tiny", landmarks="68").arcface_crops(images[mask])
+    return FaceDataset(images, dataset.labels, dataset.identities)
 
 
 @dataclass
@@ -136,7 +136,7 @@ class Fleet:
 
 
 def build_fleet(cfg: CameraExperimentConfig, say: Callable[[str], None] = print) -> Fleet:
-    dataset = load_datasets(cfg.data)
+    dataset = aligned_crops(load_datasets(cfg.data), cfg.data)
     rng = np.random.default_rng(cfg.seed)
     need_owner = cfg.enrol + cfg.train_frames + cfg.test_frames
     counts = np.bincount(dataset.labels, minlength=dataset.num_classes)
@@ -152,7 +152,7 @@ def build_fleet(cfg: CameraExperimentConfig, say: Callable[[str], None] = print)
     bank_set = load_datasets(cfg.bank)
     keep = np.concatenate([np.flatnonzero(bank_set.labels == k)[:cfg.bank_per_identity]
                            for k in range(bank_set.num_classes)])
-    bank = aligned_crops(bank_set.subset(keep)).images
+    bank = aligned_crops(bank_set.subset(keep), cfg.bank).images
     unseen_gallery, unseen_gallery_names, unseen_probes, unseen_names = [], [], [], []
     for person in unseen:
         idx = rng.permutation(np.flatnonzero(dataset.labels == person))
@@ -263,9 +263,10 @@ class Runner:
             losses = []
             for i, dev in enumerate(self.fleet.devices):
                 self._put(states[i])
-                stats = adapt(self.model, names, self.version0, dev.data, self.teachers[i], cfg,
-                              self._rng("local", r, i))
-                states[i], losses, cpu = get_tensors(self.model, names), losses + [stats.loss], cpu + [stats.cpu_seconds]
+                stats = adapt(self.model, names, self.version0, dev.data, self.teachers[i], cfg, self._rng(r, i))
+                states[i] = get_tensors(self.model, names)
+                losses.append(stats.loss)
+                cpu.append(stats.cpu_seconds)
             curve.append(self._curve_point(r, lambda i: self._put(states[i]), losses))
         return ArmResult("local", evaluate_fleet(self.fleet, lambda i: self._put(states[i])), curve, 0,
                          float(np.mean(cpu)))
@@ -281,7 +282,7 @@ class Runner:
             updates, losses = [], []
             for i, dev in enumerate(self.fleet.devices):
                 self._put(global_shared, kept[i])
-                stats = adapt(self.model, names, self.version0, dev.data, self.teachers[i], cfg, self._rng(name, r, i))
+                stats = adapt(self.model, names, self.version0, dev.data, self.teachers[i], cfg, self._rng(r, i))
                 updates.append((get_tensors(self.model, self.shared), len(dev.data.frames)))
                 if personal:
                     kept[i] = get_tensors(self.model, self.personal)
@@ -305,14 +306,13 @@ class Runner:
 
         for r in range(1, self.cfg.rounds + 1):
             self._put(state)
-            stats = adapt(self.model, names, self.version0, None, None, cfg, self._rng("pooled", r, 0), sample)
+            stats = adapt(self.model, names, self.version0, None, None, cfg, self._rng(r, 0), sample)
             state = get_tensors(self.model, names)
             curve.append(self._curve_point(r, lambda i: self._put(state), [stats.loss]))
         return ArmResult("pooled", evaluate_fleet(self.fleet, lambda i: self._put(state)), curve, None, None, state)
 
-    def _rng(self, arm: str, round_number: int, device: int) -> np.random.Generator:
+    def _rng(self, round_number: int, device: int) -> np.random.Generator:
         # Every arm draws the same batches for a (round, device): arms differ by what they train, not by luck.
-        del arm
         return np.random.default_rng([self.cfg.seed, round_number, device])
 
     def run(self, arm: str) -> ArmResult:

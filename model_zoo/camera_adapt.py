@@ -153,7 +153,7 @@ class RoundStats:
     cpu_seconds: float
 
 
-class DiagnosticError(ValueError):
+class AdaptDiverged(ValueError):
     """Training produced non-finite values (the step size is too large for these data)."""
 
 
@@ -208,7 +208,7 @@ def adapt(model: FaceApiResNet, names: list[str], reference: dict[str, np.ndarra
         }
         loss = sum(w * terms[k] for w, k in zip(cfg.weights, LOSS_TERMS)) + cfg.l2sp * terms["l2sp"]
         if not torch.isfinite(loss):
-            raise DiagnosticError(f"non-finite loss {loss.item()} (lr {cfg.lr})")
+            raise AdaptDiverged(f"non-finite loss {loss.item()} (lr {cfg.lr})")
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
