@@ -2,7 +2,7 @@
 
 The model is the whole face-api net (backbones.FaceApiResNet, trainable "all"), split into parts:
 - shared (averaged by the federation): "scale_shift", every per-channel scale and shift (dlib's affine
-  layers) through the net outside the personal part: 7,104 floats, 28 KB a round;
+  layers) through the net outside the personal part: 6,080 floats, 24 KB a round (7,104 without one);
 - personal (stays on the device, FedPer style): "last", the last stage (conv256_down_out) and the
   256 -> 128 projection; "none" trains nothing personal.
 Everything else stays at version 0.
