@@ -93,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser(
         "evaluate",
         help="verification and identification metrics of a model on a labelled folder",
-        description="Embed every image of DIR, score all genuine and impostor pairs (cosine) and report "
+        description="Embed every image of DIR, score all genuine and impostor pairs (or, with --gallery, the "
+        "gallery-vs-probe pairs only) and report "
         "best-threshold accuracy, EER, TAR at FAR 1e-2/1e-3/1e-4 and rank-1 identification "
         "(first image per person enrolled).",
     )
@@ -112,6 +113,17 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--landmarks", choices=LANDMARK_MODELS, default=DEFAULT_LANDMARKS,
                     help="faceapi on frames: mesh (MediaPipe Face Mesh, 468 points) or 68 "
                     f"(default {DEFAULT_LANDMARKS})")
+    ev.add_argument("--gallery", type=Path,
+                    help="score only gallery-vs-probe pairs, as unlock compares: enrolment faces here, probes in "
+                    "--data, identity = folder name (genuine: same name; rank-1 then skipped)")
+    ev.add_argument("--camera", help="pass the probes (--data) through a simulated camera: a domain ("
+                    "door-night, corridor, far-night), field overrides or both, e.g. corridor or "
+                    "face_px=32,gamma=2.0,noise=7,jpeg=50 (fields: grey, gamma, face_px, noise, jpeg, blur)")
+    ev.add_argument("--camera-seed", type=int, default=0, help="seed of the simulated camera's noise (default 0)")
+    ev.add_argument("--score", choices=["auto", "cosine", "l2"], default="auto",
+                    help="pair score: cosine, or l2 (minus the euclidean distance of the raw descriptors); auto: "
+                    "l2 for faceapi (lower EER, measured in BENCHMARKS.md), cosine for checkpoints and exports "
+                    "(their embeddings are L2-normalised, where both rank alike)")
     ev.add_argument("--json", type=Path, help="write the report here")
     ev.add_argument("--roc", type=Path, help="write a ROC curve PNG here")
 
@@ -234,8 +246,13 @@ def _add_experiment_parser(sub) -> None:
         "identities. Writes report.md, results.json, accuracy_per_round.png and roc.png into --out. Options "
         "given next to --preset override the preset's values.",
     )
-    exp.add_argument("--preset", choices=["quick", "full"],
-                     help="quick: ORL, 4 clients, a few minutes; full: ORL+Yale+celeb-dev, 6 clients")
+    exp.add_argument("--preset", choices=["quick", "full", "camera-quick", "camera"],
+                     help="quick: ORL, 4 clients, a few minutes; full: ORL+Yale+celeb-dev, 6 clients; camera-quick "
+                     "(<= 15 min) and camera (<= 45 min): one owner per device in a simulated camera, arms version0, "
+                     "local, fedavg, fedavg_personal, pooled (facefed/camera_experiment.py; takes --data, --camera, "
+                     "--rounds, --seed, --out)")
+    exp.add_argument("--camera", help="camera presets: the device cameras' domain, e.g. corridor (default), "
+                     "door-night, or corridor,face_px=24 (fields: grey, gamma, face_px, noise, jpeg, blur)")
     exp.add_argument("--data", action="append", type=Path,
                      help="dataset folder (repeat to mix); default: the preset's under ../shared/datasets, "
                      "else $FACEFED_DATA or ../shared/datasets/orl")
@@ -282,6 +299,10 @@ def _experiment(args: argparse.Namespace) -> int:
     from facefed.experiment import ExperimentConfig, ExperimentError, preset_config, run_experiment
     from model_zoo.data import shared_datasets_root
 
+    if args.preset in ("camera-quick", "camera"):
+        from facefed.camera_experiment import main as camera_main
+
+        return camera_main(args)
     overrides = {key: getattr(args, key) for key in EXPERIMENT_FIELDS}
     if args.methods:
         overrides["methods"] = tuple(m.strip() for m in args.methods.split(",") if m.strip())
@@ -326,19 +347,38 @@ def _round_line(entry: dict) -> str:
 
 def _evaluate(args: argparse.Namespace) -> int:
     from model_zoo.data import detect_layout, load_dataset
-    from model_zoo.metrics import rank1_accuracy, verification_report
+    import numpy as np
 
+    from model_zoo.metrics import gallery_pair_scores, rank1_accuracy, report_from_scores, verification_report
+
+    score = ("l2" if args.model == "faceapi" else "cosine") if args.score == "auto" else args.score
     try:
         dataset = load_dataset(args.data)
+        if args.camera:
+            from model_zoo.camera import capture_frames, parse_camera
+
+            dataset.images = capture_frames(dataset.images, parse_camera(args.camera),
+                                            np.random.default_rng(args.camera_seed), face_spread=0.0)
         embeddings = _embed_for_evaluation(args.model, dataset, args.aligned, detect_layout(args.data),
                                            args.detector, args.landmarks)
+        if args.gallery:
+            gallery = load_dataset(args.gallery)
+            gallery_embeddings = _embed_for_evaluation(args.model, gallery, args.aligned, detect_layout(args.gallery),
+                                                       args.detector, args.landmarks)
+            names = np.asarray(dataset.identities)
+            report = report_from_scores(*gallery_pair_scores(
+                gallery_embeddings, np.asarray(gallery.identities)[gallery.labels],
+                embeddings, names[dataset.labels], score))
     except (ValueError, FileNotFoundError, ImportError) as exc:
         print(f"facefed evaluate: {exc}", file=sys.stderr)
         return 2
-    report = verification_report(embeddings, dataset.labels)
     result = {"model": str(args.model), "data": str(args.data), "images": len(dataset),
-              "identities": len(dataset.identities), **report.to_dict(),
-              "rank1": rank1_accuracy(embeddings, dataset.labels)}
+              "identities": len(dataset.identities), "score": score, "camera": args.camera}
+    if args.gallery:
+        result.update({"gallery": str(args.gallery), "gallery_images": len(gallery), **report.to_dict()})
+    else:
+        report = verification_report(embeddings, dataset.labels, score=score)
+        result.update({**report.to_dict(), "rank1": rank1_accuracy(embeddings, dataset.labels)})
     text = json.dumps(result, indent=2, sort_keys=True)
     print(text)
     if args.json:

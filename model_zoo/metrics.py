@@ -1,6 +1,7 @@
 """Face verification and identification metrics over embeddings (pure numpy).
 
-Verification uses every pair i < j scored by cosine similarity; a pair is accepted as "same person"
+Verification uses every pair i < j (or, the way unlock compares, every gallery-vs-probe pair) scored by
+cosine similarity or minus the L2 distance of the raw vectors; a pair is accepted as "same person"
 when its score is >= the threshold.
 """
 from __future__ import annotations
@@ -48,14 +49,42 @@ def normalize_rows(embeddings) -> np.ndarray:
     return emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
 
 
-def pair_scores(embeddings, labels) -> tuple[np.ndarray, np.ndarray]:
-    """(cosine score, is-genuine) for every pair i < j."""
-    emb = normalize_rows(embeddings)
+def pair_scores(embeddings, labels, score: str = "cosine") -> tuple[np.ndarray, np.ndarray]:
+    """(score, is-genuine) for every pair i < j (score: see gallery_pair_scores)."""
+    emb = np.asarray(embeddings)
     labels = np.asarray(labels)
+    if emb.ndim != 2:
+        raise ValueError(f"embeddings must be [N, D], got shape {emb.shape}")
     if labels.shape != (len(emb),):
         raise ValueError(f"labels shape {labels.shape} does not match {len(emb)} embeddings")
+    scores, genuine = gallery_pair_scores(emb, labels, emb, labels, score)
     i, j = np.triu_indices(len(emb), k=1)
-    return (emb @ emb.T)[i, j], labels[i] == labels[j]
+    flat = i * len(emb) + j  # row = probe i, column = gallery j
+    return scores[flat], genuine[flat]
+
+
+SCORES = ("cosine", "l2")
+
+
+def gallery_pair_scores(gallery, gallery_labels, probes, probe_labels, score: str = "cosine"
+                        ) -> tuple[np.ndarray, np.ndarray]:
+    """(score, is-genuine) for every gallery-vs-probe pair, the pairs unlock compares (higher = more alike).
+
+    score "cosine" compares directions; "l2" is minus the euclidean distance of the vectors as given (raw,
+    unnormalised descriptors: face-api's own comparison)."""
+    gallery_labels, probe_labels = np.asarray(gallery_labels), np.asarray(probe_labels)
+    if score == "cosine":
+        gallery, probes = normalize_rows(gallery), normalize_rows(probes)
+        scores = probes @ gallery.T
+    elif score == "l2":
+        gallery, probes = np.asarray(gallery, np.float64), np.asarray(probes, np.float64)
+        squared = (probes ** 2).sum(1)[:, None] + (gallery ** 2).sum(1)[None, :] - 2.0 * probes @ gallery.T
+        scores = -np.sqrt(np.maximum(squared, 0.0))
+    else:
+        raise ValueError(f"unknown score {score!r}; available: {', '.join(SCORES)}")
+    if gallery_labels.shape != (len(gallery),) or probe_labels.shape != (len(probes),):
+        raise ValueError("gallery and probe labels must have one entry per embedding")
+    return scores.ravel(), (probe_labels[:, None] == gallery_labels[None, :]).ravel()
 
 
 def roc_counts(scores: np.ndarray, genuine: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -104,8 +133,8 @@ def report_from_scores(scores, genuine, fars=DEFAULT_FARS) -> VerificationReport
                               eer=equal_error_rate(fpr, tpr), tar_at_far=tar, fpr=fpr, tpr=tpr)
 
 
-def verification_report(embeddings, labels, fars=DEFAULT_FARS) -> VerificationReport:
-    scores, genuine = pair_scores(embeddings, labels)
+def verification_report(embeddings, labels, fars=DEFAULT_FARS, score: str = "cosine") -> VerificationReport:
+    scores, genuine = pair_scores(embeddings, labels, score)
     return report_from_scores(scores, genuine, fars)
 
 

@@ -1,0 +1,431 @@
+"""Camera-domain experiment (issue 16): does federation make each device's unlock better in its own camera?
+
+One owner per device. The fleet's people are split: a quarter (at least 3) are on no device and serve as
+impostors and unseen people; each of the others owns one device, which holds `enrol` clean enrolment photos
+and `train_frames` camera frames of its owner, through its own camera (drawn around the domain,
+model_zoo.camera). Every arm starts from version 0 (the pretrained face-api descriptor), runs the same
+`rounds` x `steps` Adam steps per device on the same data (model_zoo.camera_adapt), and is scored the way
+unlock compares, gallery (clean enrolment) against probes, with raw L2 distance:
+
+- owner: each device's held-out camera frames of its owner (genuine) and camera frames of the off-device
+  people taken by that device's camera (impostors), all against the owner's enrolment, on the device's model;
+- unseen: the off-device people's enrolment against their clean photos and their camera frames.
+
+Arms: version0; local (each device adapts shared + personal parts alone); fedavg (shared part only,
+FedAvg over devices each round); fedavg_personal (shared part averaged, personal part kept on the device);
+pooled (one model on every device's data, steps = devices x steps, each step drawing one device: the
+upper bound nobody may do). The federated arms average in process with aggregator.strategies' FedAvg.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from aggregator.strategies.fedavg import fedavg
+from model_zoo.camera import CameraSpec, capture_frames, draw_device_camera, parse_camera
+from model_zoo.camera_adapt import (AdaptConfig, DeviceData, Teacher, adapt, build_model, embed, get_tensors,
+                                    part_names, set_tensors, teacher_for)
+from model_zoo.checkpoint import save_checkpoint
+from model_zoo.data import FaceDataset, detect_layout, load_datasets, shared_datasets_root
+from model_zoo.metrics import far_key, gallery_pair_scores, report_from_scores
+
+ARMS = ("version0", "local", "fedavg", "fedavg_personal", "pooled")
+FAR = far_key(1e-3)
+PRESETS = {
+    "camera-quick": {"rounds": 3, "steps": 12, "batch": 6, "train_frames": 60, "test_frames": 30, "unseen_probes": 30},
+    "camera": {"rounds": 6, "steps": 12, "batch": 8, "train_frames": 150, "test_frames": 40, "unseen_probes": 40},
+}
+
+
+class CameraExperimentError(ValueError):
+    pass
+
+
+@dataclass
+class CameraExperimentConfig:
+    data: list[Path]
+    out: Path
+    camera: str = "corridor"
+    seed: int = 0
+    rounds: int = 3
+    steps: int = 6  # Adam steps per device per round
+    batch: int = 8
+    lr: float = 1e-2
+    personal: str = "last"
+    enrol: int = 5
+    train_frames: int = 60
+    test_frames: int = 30
+    unseen_probes: int = 30
+    bank: list[Path] = field(default_factory=list)  # public faces shipped with the model
+    bank_per_identity: int = 4
+    arms: tuple[str, ...] = ARMS
+    preset: str | None = None
+
+    def check(self) -> CameraExperimentConfig:
+        parse_camera(self.camera)
+        for name in ("rounds", "steps", "batch", "enrol", "train_frames", "test_frames", "unseen_probes",
+                     "bank_per_identity"):
+            if getattr(self, name) < 1:
+                raise CameraExperimentError(f"{name} must be >= 1, got {getattr(self, name)}")
+        unknown = sorted(set(self.arms) - set(ARMS))
+        if unknown:
+            raise CameraExperimentError(f"unknown arms {unknown}; known: {', '.join(ARMS)}")
+        if not self.bank:
+            raise CameraExperimentError("no public face bank: give bank folders (default: shared orl and yale)")
+        if self.out.exists() and any(self.out.iterdir()):
+            raise CameraExperimentError(f"--out {self.out} is not empty")
+        return self
+
+    def adapt_config(self, personal: str | None = None, shared: str = "scale_shift") -> AdaptConfig:
+        return AdaptConfig(shared=shared, personal=self.personal if personal is None else personal,
+                           steps=self.steps, batch=self.batch, lr=self.lr).check()  # other settings: AdaptConfig's
+
+
+def preset_config(name: str, out: Path, data: list[Path] | None = None, **overrides) -> CameraExperimentConfig:
+    root = shared_datasets_root()
+    settings = {**PRESETS[name], **{k: v for k, v in overrides.items() if v is not None}}
+    data = data or [root / "celeb-dev"]
+    names = {Path(d).name for d in data}
+    # The public bank: shared faces of people outside the fleet (ORL and Yale unless the fleet uses them).
+    settings.setdefault("bank", [root / b for b in ("orl", "yale") if b not in names and (root / b).is_dir()])
+    return CameraExperimentConfig(data=list(data), out=out, preset=name, **settings)
+
+
+# --- data ---------------------------------------------------------------------------------------------
+
+def aligned_crops(dataset: FaceDataset, roots: list[Path]) -> FaceDataset:
+    """112x112 ArcFace-aligned crops: folder datasets (celeb-dev) are already; ORL and Yale frames get aligned.
+
+    dataset is load_datasets(roots): identities carry their root's folder name as prefix."""
+    frames = {Path(r).name for r in roots if detect_layout(r) != "folders"}
+    mask = np.array([dataset.identities[label].split("_", 1)[0] in frames for label in dataset.labels], dtype=bool)
+    if not mask.any():
+        return dataset
+    from model_zoo.pipeline import FacePipeline
+
+    images = dataset.images.copy()
+    images[mask] = FacePipeline(detector_input_size=128, detector="tiny", landmarks="68").arcface_crops(images[mask])
+    return FaceDataset(images, dataset.labels, dataset.identities)
+
+
+@dataclass
+class Device:
+    owner: str
+    data: DeviceData
+    test_frames: np.ndarray  # held-out camera frames of the owner
+    impostor_frames: np.ndarray  # off-device people through this device's camera
+    impostor_names: np.ndarray
+
+
+@dataclass
+class Fleet:
+    devices: list[Device]
+    unseen_gallery: np.ndarray
+    unseen_gallery_names: np.ndarray
+    unseen_probes: np.ndarray  # clean
+    unseen_names: np.ndarray
+    bank: np.ndarray
+    domain: CameraSpec
+
+
+def build_fleet(cfg: CameraExperimentConfig, say: Callable[[str], None] = print) -> Fleet:
+    dataset = aligned_crops(load_datasets(cfg.data), cfg.data)
+    rng = np.random.default_rng(cfg.seed)
+    need_owner = cfg.enrol + cfg.train_frames + cfg.test_frames
+    counts = np.bincount(dataset.labels, minlength=dataset.num_classes)
+    people = np.flatnonzero(counts >= cfg.enrol + cfg.unseen_probes)
+    off = max(3, len(people) // 4)
+    order = rng.permutation(people)
+    unseen, owners = order[:off], [p for p in order[off:] if counts[p] >= need_owner]
+    if len(owners) < 2:
+        raise CameraExperimentError(f"{len(owners)} people have the {need_owner} images a device needs "
+                                    f"(enrol + train_frames + test_frames); lower them or give more data")
+    domain = parse_camera(cfg.camera)
+    say(f"{len(owners)} devices (one owner each), {off} people on no device; camera {domain.describe()}")
+    bank_set = load_datasets(cfg.bank)
+    keep = np.concatenate([np.flatnonzero(bank_set.labels == k)[:cfg.bank_per_identity]
+                           for k in range(bank_set.num_classes)])
+    bank = aligned_crops(bank_set.subset(keep), cfg.bank).images
+    unseen_gallery, unseen_gallery_names, unseen_probes, unseen_names = [], [], [], []
+    for person in unseen:
+        idx = rng.permutation(np.flatnonzero(dataset.labels == person))
+        unseen_gallery.append(dataset.images[idx[:cfg.enrol]])
+        unseen_probes.append(dataset.images[idx[cfg.enrol:cfg.enrol + cfg.unseen_probes]])
+        unseen_gallery_names += [dataset.identities[person]] * cfg.enrol
+        unseen_names += [dataset.identities[person]] * cfg.unseen_probes
+    unseen_probes_arr = np.concatenate(unseen_probes)
+    devices = []
+    for person in owners:
+        idx = rng.permutation(np.flatnonzero(dataset.labels == person))
+        camera = draw_device_camera(domain, rng)
+        enrol = dataset.images[idx[:cfg.enrol]]
+        frames = capture_frames(dataset.images[idx[cfg.enrol:cfg.enrol + cfg.train_frames]], camera, rng)
+        test = capture_frames(dataset.images[idx[cfg.enrol + cfg.train_frames:need_owner]], camera, rng)
+        devices.append(Device(dataset.identities[person], DeviceData(enrol, frames, camera), test,
+                              capture_frames(unseen_probes_arr, camera, rng), np.asarray(unseen_names)))
+    return Fleet(devices, np.concatenate(unseen_gallery), np.asarray(unseen_gallery_names), unseen_probes_arr,
+                 np.asarray(unseen_names), bank, domain)
+
+
+# --- evaluation ---------------------------------------------------------------------------------------
+
+def _report(parts: list[tuple[np.ndarray, np.ndarray]]) -> dict:
+    report = report_from_scores(np.concatenate([s for s, _ in parts]), np.concatenate([g for _, g in parts]))
+    return {"eer": report.eer, "tar_at_far_1e-3": report.tar_at_far[FAR], "genuine_pairs": report.genuine_pairs,
+            "impostor_pairs": report.impostor_pairs}
+
+
+def evaluate_fleet(fleet: Fleet, load_device: Callable[[int], torch.nn.Module], unseen: bool = True) -> dict:
+    """Owner and unseen-people reports, each device scored on its own model (load_device(i) puts it in place)."""
+    owner, clean, camera = [], [], []
+    for i, dev in enumerate(fleet.devices):
+        model = load_device(i)
+        gallery = embed(model, dev.data.enrolment)
+        probes = embed(model, np.concatenate([dev.test_frames, dev.impostor_frames]))
+        names = np.concatenate([[dev.owner] * len(dev.test_frames), dev.impostor_names])
+        owner.append(gallery_pair_scores(gallery, [dev.owner] * len(gallery), probes, names, "l2"))
+        if unseen:
+            unseen_gallery = embed(model, fleet.unseen_gallery)
+            clean.append(gallery_pair_scores(unseen_gallery, fleet.unseen_gallery_names,
+                                             embed(model, fleet.unseen_probes), fleet.unseen_names, "l2"))
+            camera.append(gallery_pair_scores(unseen_gallery, fleet.unseen_gallery_names,
+                                              probes[len(dev.test_frames):], dev.impostor_names, "l2"))
+    out = {"owner": _report(owner)}
+    if unseen:
+        out.update({"unseen_clean": _report(clean), "unseen_camera": _report(camera)})
+    return out
+
+
+# --- arms ---------------------------------------------------------------------------------------------
+
+@dataclass
+class ArmResult:
+    name: str
+    evaluation: dict
+    curve: list[dict]
+    bytes_per_round: int | None
+    device_cpu_seconds_per_round: float | None
+    global_tensors: dict[str, np.ndarray] | None = None  # what goes to DIR/models/<arm>.safetensors
+
+    def summary(self) -> dict:
+        ev = self.evaluation
+        return {"owner_camera_eer": ev["owner"]["eer"], "owner_tar_at_far_1e-3": ev["owner"]["tar_at_far_1e-3"],
+                "owner_frr_at_far_1e-3": 1.0 - ev["owner"]["tar_at_far_1e-3"],
+                "unseen_clean_eer": ev["unseen_clean"]["eer"],
+                "unseen_clean_tar_at_far_1e-3": ev["unseen_clean"]["tar_at_far_1e-3"],
+                "unseen_camera_eer": ev["unseen_camera"]["eer"],
+                "unseen_camera_tar_at_far_1e-3": ev["unseen_camera"]["tar_at_far_1e-3"],
+                "bytes_per_round": self.bytes_per_round,
+                "device_cpu_seconds_per_round": self.device_cpu_seconds_per_round,
+                "pairs": {k: {"genuine": v["genuine_pairs"], "impostor": v["impostor_pairs"]} for k, v in ev.items()},
+                "curve": self.curve}
+
+
+class Runner:
+    def __init__(self, cfg: CameraExperimentConfig, fleet: Fleet, say: Callable[[str], None]) -> None:
+        self.cfg, self.fleet, self.say = cfg, fleet, say
+        self.model = build_model()
+        self.version0 = {n: p.detach().numpy().copy() for n, p in self.model.named_parameters()}
+        self.shared, self.personal = part_names(self.model, "scale_shift", cfg.personal)
+        bank = torch.from_numpy(embed(self.model, fleet.bank))
+        self.teachers = [teacher_for(self.model, d.data, fleet.bank, bank) for d in fleet.devices]
+
+    def _put(self, *parts: dict[str, np.ndarray]) -> torch.nn.Module:
+        set_tensors(self.model, self.version0)
+        for tensors in parts:
+            set_tensors(self.model, tensors)
+        return self.model
+
+    def _curve_point(self, round_number: int, load_device, losses: list[float]) -> dict:
+        owner = evaluate_fleet(self.fleet, load_device, unseen=False)["owner"]
+        point = {"round": round_number, "owner_camera_eer": owner["eer"],
+                 "owner_tar_at_far_1e-3": owner["tar_at_far_1e-3"], "train_loss": float(np.mean(losses))}
+        self.say(f"  round {round_number}: owner camera EER {owner['eer']:.3f}, TAR@1e-3 "
+                 f"{owner['tar_at_far_1e-3']:.2f}, loss {point['train_loss']:.3f}")
+        return point
+
+    def version0_arm(self) -> ArmResult:
+        return ArmResult("version0", evaluate_fleet(self.fleet, lambda i: self._put()), [], 0, 0.0)
+
+    def local(self) -> ArmResult:
+        cfg = self.cfg.adapt_config()
+        names = self.shared + self.personal
+        states = [get_tensors(self.model, names) for _ in self.fleet.devices]
+        curve, cpu = [], []
+        for r in range(1, self.cfg.rounds + 1):
+            losses = []
+            for i, dev in enumerate(self.fleet.devices):
+                self._put(states[i])
+                stats = adapt(self.model, names, self.version0, dev.data, self.teachers[i], cfg, self._rng(r, i))
+                states[i] = get_tensors(self.model, names)
+                losses.append(stats.loss)
+                cpu.append(stats.cpu_seconds)
+            curve.append(self._curve_point(r, lambda i: self._put(states[i]), losses))
+        return ArmResult("local", evaluate_fleet(self.fleet, lambda i: self._put(states[i])), curve, 0,
+                         float(np.mean(cpu)))
+
+    def federated(self, personal: bool) -> ArmResult:
+        name = "fedavg_personal" if personal else "fedavg"
+        cfg = self.cfg.adapt_config(personal=self.cfg.personal if personal else "none")
+        names = self.shared + (self.personal if personal else [])
+        global_shared = get_tensors(self._put(), self.shared)
+        kept = [get_tensors(self.model, self.personal) if personal else {} for _ in self.fleet.devices]
+        curve, cpu = [], []
+        for r in range(1, self.cfg.rounds + 1):
+            updates, losses = [], []
+            for i, dev in enumerate(self.fleet.devices):
+                self._put(global_shared, kept[i])
+                stats = adapt(self.model, names, self.version0, dev.data, self.teachers[i], cfg, self._rng(r, i))
+                updates.append((get_tensors(self.model, self.shared), len(dev.data.frames)))
+                if personal:
+                    kept[i] = get_tensors(self.model, self.personal)
+                losses.append(stats.loss)
+                cpu.append(stats.cpu_seconds)
+            global_shared = fedavg(updates)
+            curve.append(self._curve_point(r, lambda i: self._put(global_shared, kept[i]), losses))
+        return ArmResult(name, evaluate_fleet(self.fleet, lambda i: self._put(global_shared, kept[i])), curve,
+                         int(sum(v.nbytes for v in global_shared.values())), float(np.mean(cpu)), global_shared)
+
+    def pooled(self) -> ArmResult:
+        devices = len(self.fleet.devices)
+        cfg = replace(self.cfg.adapt_config(), steps=self.cfg.steps * devices)
+        names = self.shared + self.personal
+        state = get_tensors(self._put(), names)
+        curve = []
+
+        def sample(rng: np.random.Generator) -> tuple[DeviceData, Teacher]:
+            i = int(rng.integers(devices))
+            return self.fleet.devices[i].data, self.teachers[i]
+
+        for r in range(1, self.cfg.rounds + 1):
+            self._put(state)
+            stats = adapt(self.model, names, self.version0, None, None, cfg, self._rng(r, 0), sample)
+            state = get_tensors(self.model, names)
+            curve.append(self._curve_point(r, lambda i: self._put(state), [stats.loss]))
+        return ArmResult("pooled", evaluate_fleet(self.fleet, lambda i: self._put(state)), curve, None, None, state)
+
+    def _rng(self, round_number: int, device: int) -> np.random.Generator:
+        # Every arm draws the same batches for a (round, device): arms differ by what they train, not by luck.
+        return np.random.default_rng([self.cfg.seed, round_number, device])
+
+    def run(self, arm: str) -> ArmResult:
+        return {"version0": self.version0_arm, "local": self.local, "fedavg": lambda: self.federated(False),
+                "fedavg_personal": lambda: self.federated(True), "pooled": self.pooled}[arm]()
+
+
+# --- the experiment -----------------------------------------------------------------------------------
+
+def run_camera_experiment(cfg: CameraExperimentConfig, say: Callable[[str], None] = print) -> dict:
+    cfg.check()
+    torch.set_num_threads(1)
+    start = time.time()
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    fleet = build_fleet(cfg, say)
+    runner = Runner(cfg, fleet, say)
+    results = {"setup": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()
+                            if k not in ("data", "out", "bank")},
+                         "data": [str(d) for d in cfg.data], "bank": [str(b) for b in cfg.bank],
+                         "devices": [{"owner": d.owner, "camera": asdict(d.data.camera)} for d in fleet.devices],
+                         "unseen_people": sorted(set(fleet.unseen_names.tolist())),
+                         "shared_floats": int(sum(runner.version0[n].size for n in runner.shared)),
+                         "personal_floats": int(sum(runner.version0[n].size for n in runner.personal))},
+               "arms": {}}
+    (cfg.out / "models").mkdir()
+    for arm in cfg.arms:
+        say(f"arm {arm} ...")
+        t0 = time.time()
+        result = runner.run(arm)
+        results["arms"][arm] = {**result.summary(), "seconds": time.time() - t0}
+        s = results["arms"][arm]
+        say(f"{arm}: owner camera EER {s['owner_camera_eer']:.3f} (TAR@1e-3 {s['owner_tar_at_far_1e-3']:.2f}), "
+            f"unseen clean {s['unseen_clean_eer']:.3f}, camera {s['unseen_camera_eer']:.3f}, "
+            f"{s['seconds']:.0f} s")
+        if result.global_tensors is not None:
+            save_checkpoint(cfg.out / "models" / f"{arm}.safetensors", runner._put(result.global_tensors),
+                            {"arm": arm, "experiment": "camera", "seed": cfg.seed, "camera": cfg.camera})
+    results["setup"]["seconds"] = time.time() - start
+    (cfg.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    _plot_curves(results, cfg.out / "owner_eer_per_round.png")
+    (cfg.out / "report.md").write_text(report_markdown(results, fleet))
+    return results
+
+
+def _ratio(value: float, base: float) -> str:
+    return f"{(value / base - 1) * 100:+.0f} %" if base > 0 else "-"
+
+
+def report_markdown(results: dict, fleet: Fleet) -> str:
+    arms = results["arms"]
+    base = arms.get("version0")
+    local = arms.get("local")
+    setup = results["setup"]
+    lines = [f"# Camera-domain experiment ({setup['preset'] or 'custom'}, seed {setup['seed']})", "",
+             f"Camera: {setup['camera']} ({fleet.domain.describe()}); {len(fleet.devices)} devices, one owner each; "
+             f"{len(setup['unseen_people'])} people on no device; {setup['rounds']} rounds x {setup['steps']} steps "
+             f"per device; shared part {setup['shared_floats']} floats, personal part {setup['personal_floats']}.",
+             "Scores: raw L2 distance, gallery (clean enrolment) vs probes.", "",
+             "| arm | owner camera EER | TAR@1e-3 | vs version0 | vs local | unseen clean EER | TAR@1e-3 | "
+             "unseen camera EER | TAR@1e-3 | bytes/round/device | device CPU s/round |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, a in arms.items():
+        cpu = "-" if a["device_cpu_seconds_per_round"] is None else f"{a['device_cpu_seconds_per_round']:.1f}"
+        sent = "-" if a["bytes_per_round"] is None else f"{a['bytes_per_round']:,}"
+        lines.append(f"| {name} | {a['owner_camera_eer']:.3f} | {a['owner_tar_at_far_1e-3']:.2f} | "
+                     f"{_ratio(a['owner_camera_eer'], base['owner_camera_eer']) if base else '-'} | "
+                     f"{_ratio(a['owner_camera_eer'], local['owner_camera_eer']) if local else '-'} | "
+                     f"{a['unseen_clean_eer']:.3f} | {a['unseen_clean_tar_at_far_1e-3']:.2f} | "
+                     f"{a['unseen_camera_eer']:.3f} | {a['unseen_camera_tar_at_far_1e-3']:.2f} | {sent} | {cpu} |")
+    lines += ["", f"Took {setup['seconds']:.0f} s. Per-round owner EER: owner_eer_per_round.png; "
+              "federated and pooled checkpoints: models/<arm>.safetensors (fedavg_personal: the shared part, "
+              "personal part at version 0, what a new device starts from)."]
+    return "\n".join(lines) + "\n"
+
+
+def _plot_curves(results: dict, path: Path) -> None:
+    from facefed.plots import _pyplot
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    base = results["arms"].get("version0")
+    for name, arm in results["arms"].items():
+        if arm["curve"]:
+            ax.plot([p["round"] for p in arm["curve"]], [p["owner_camera_eer"] for p in arm["curve"]],
+                    marker="o", label=name)
+    if base:
+        ax.axhline(base["owner_camera_eer"], color="grey", linestyle="--", label="version0")
+    ax.set(title="Owner camera EER per round", xlabel="round", ylabel="EER")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(args) -> int:
+    """`facefed experiment --preset camera|camera-quick`: the CLI's parsed arguments in, exit status out."""
+    import sys
+
+    from tqdm import tqdm
+
+    try:
+        cfg = preset_config(args.preset, args.out, data=args.data, camera=args.camera, rounds=args.rounds,
+                            seed=args.seed).check()
+    except (CameraExperimentError, ValueError) as exc:
+        print(f"facefed experiment: {exc}", file=sys.stderr)
+        return 2
+    print(f"facefed experiment: {cfg.preset}: data {', '.join(map(str, cfg.data))}, camera {cfg.camera} -> {cfg.out}")
+    try:
+        results = run_camera_experiment(cfg, say=tqdm.write)
+    except (CameraExperimentError, ValueError, FileNotFoundError) as exc:
+        print(f"facefed experiment: {exc}", file=sys.stderr)
+        return 1
+    print((cfg.out / "report.md").read_text())
+    print(f"done in {results['setup']['seconds']:.0f} s: {cfg.out}")
+    return 0

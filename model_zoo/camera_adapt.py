@@ -1,0 +1,221 @@
+"""One-owner camera adaptation of the face-api descriptor: what a device trains to unlock better in its camera.
+
+The model is the whole face-api net (backbones.FaceApiResNet, trainable "all"), split into parts:
+- shared (averaged by the federation): "scale_shift", every per-channel scale and shift (dlib's affine
+  layers) through the net outside the personal part: 6,080 floats, 24 KB a round (7,104 without one);
+- personal (stays on the device, FedPer style): "last", the last stage (conv256_down_out) and the
+  256 -> 128 projection; "none" trains nothing personal.
+Everything else stays at version 0.
+
+What a device has, and the loss terms that use it (docs/camera-domain.md says why a real device has each):
+- its owner's few clean enrolment photos and version 0's raw descriptors of them (the teacher);
+- its own camera model (face size and noise measured on its frames): `pairs`, the enrolment photos passed
+  through it, pulled onto version 0's descriptor of the clean photo;
+- camera frames of the owner (kept at successful unlocks): `align`, pulled onto version 0's mean descriptor
+  of the owner's enrolment (cross-quality alignment);
+- `clean`: the clean enrolment photos kept where version 0 puts them (the gallery side of unlock);
+- a bank of public face crops shipped with the model, with version 0's descriptors: `bank`, the same
+  synthetic pairs on other people's faces (and, for half of them, the clean crop kept in place), so the
+  model cannot map every dark small face onto the owner nor shrink the clean space; `push`: a stranger
+  through this camera stays at least as far from the owner as the stranger's clean photo is;
+- `spread` (similarity matching): every output keeps its target's distances to the whole bank, against the
+  shrinking that regression from degraded inputs brings;
+- L2-SP towards version 0 on every trained tensor.
+All terms are squared euclidean distances between raw (unnormalised) descriptors: raw L2 is the score
+unlock uses for this descriptor, and matching distances, not only directions, keeps the space from
+shrinking as 1 - cos did in the issue's scratch experiment.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from .backbones import FaceApiResNet
+from .camera import CameraSpec, capture_frames
+from .data import to_model_input
+
+SHARED_PARTS = ("scale_shift", "none")
+PERSONAL_PARTS = ("last", "none")
+LOSS_TERMS = ("pairs", "align", "clean", "bank", "push", "spread")  # the order of AdaptConfig.weights
+_PERSONAL_PREFIXES = {"last": ("tail.conv256_down_out.", "tail.projection."), "none": ()}
+
+
+@dataclass(frozen=True)
+class AdaptConfig:
+    shared: str = "scale_shift"
+    personal: str = "last"
+    steps: int = 8  # optimiser steps per round
+    batch: int = 8  # images per loss term per step
+    lr: float = 1e-2  # scale/shift (and any shared part): values near 1 and 0, large steps are fine
+    personal_lr: float = 2e-5  # conv weights of the personal stage: small, pretrained, easily wrecked
+    # pairs, align, clean, bank, push, spread; spread is small in value (a squared distance mismatch) and needs
+    # the weight to matter
+    weights: tuple[float, ...] = (1.0, 2.0, 0.5, 1.0, 1.0, 10.0)
+    l2sp: float = 1e-2
+
+    def check(self) -> AdaptConfig:
+        if self.shared not in SHARED_PARTS:
+            raise ValueError(f"shared must be one of {', '.join(SHARED_PARTS)}, got {self.shared!r}")
+        if self.personal not in PERSONAL_PARTS:
+            raise ValueError(f"personal must be one of {', '.join(PERSONAL_PARTS)}, got {self.personal!r}")
+        for name in ("steps", "batch"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if len(self.weights) != len(LOSS_TERMS):
+            raise ValueError(f"weights: one per loss term {LOSS_TERMS}, got {len(self.weights)}")
+        if self.lr <= 0 or self.personal_lr <= 0 or self.l2sp < 0 or min(self.weights) < 0:
+            raise ValueError("lr must be > 0, l2sp and the loss weights >= 0")
+        return self
+
+
+def build_model(weights_dir=None) -> FaceApiResNet:
+    return FaceApiResNet(trainable="all", weights_dir=weights_dir)
+
+
+def part_names(model: nn.Module, shared: str, personal: str) -> tuple[list[str], list[str]]:
+    """(shared, personal) parameter names: disjoint; the personal part takes its stage's scale/shift too."""
+    prefixes = _PERSONAL_PREFIXES[personal]
+    names = [n for n, _ in model.named_parameters()]
+    personal_names = [n for n in names if n.startswith(prefixes)] if prefixes else []
+    shared_names = ([n for n in names if n.endswith(("scale_weight", "scale_bias")) and n not in personal_names]
+                    if shared == "scale_shift" else [])
+    return shared_names, personal_names
+
+
+def get_tensors(model: nn.Module, names: list[str]) -> dict[str, np.ndarray]:
+    params = dict(model.named_parameters())
+    return {n: params[n].detach().numpy().copy() for n in names}
+
+
+def set_tensors(model: nn.Module, tensors: dict[str, np.ndarray]) -> None:
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in tensors.items():
+            params[name].copy_(torch.from_numpy(np.asarray(value)))
+
+
+def raw_descriptors(model: FaceApiResNet, images: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """Unnormalised 128-d descriptors (face-api's own output) of uint8 crops or model-input tensors."""
+    x = to_model_input(images) if isinstance(images, np.ndarray) else images
+    out = model.trunk_features(x)
+    blocks = list(model.tail.children())
+    for block in blocks[:-1]:
+        out = block(out)
+    return blocks[-1].fc(out.mean(dim=(2, 3)))
+
+
+@torch.no_grad()
+def embed(model: FaceApiResNet, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    model.eval()
+    return np.concatenate([raw_descriptors(model, images[i:i + batch_size]).numpy()
+                           for i in range(0, len(images), batch_size)]) if len(images) else np.empty((0, 128))
+
+
+@dataclass
+class DeviceData:
+    """What one device holds: its owner's clean enrolment photos and camera frames, and its camera model."""
+    enrolment: np.ndarray  # uint8 [E, 112, 112, 3] clean
+    frames: np.ndarray  # uint8 [F, 112, 112, 3] camera frames of the owner
+    camera: CameraSpec  # the device's own camera, as it measures it on its frames
+
+
+@dataclass
+class Teacher:
+    """Version 0's raw descriptors a device needs: its enrolment's, and the shipped public bank's."""
+    enrolment: torch.Tensor  # [E, 128]
+    bank_images: np.ndarray  # uint8 [B, 112, 112, 3] public faces, clean
+    bank: torch.Tensor  # [B, 128]
+
+
+def teacher_for(version0: FaceApiResNet, data: DeviceData, bank_images: np.ndarray,
+                bank: torch.Tensor | None = None) -> Teacher:
+    bank = torch.from_numpy(embed(version0, bank_images)) if bank is None else bank
+    return Teacher(torch.from_numpy(embed(version0, data.enrolment)), bank_images, bank)
+
+
+def _similarity_matching(out: torch.Tensor, targets: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
+    """Each output's distances to the whole bank should be its target's: regression onto version 0's
+    descriptors from degraded inputs otherwise shrinks the space towards its mean (0.84 -> 0.60 mean distance
+    between strangers in 12 steps, tests/test_camera_adapt.py)."""
+    return (torch.cdist(out, bank) - torch.cdist(targets, bank)).pow(2).mean(1).mean()
+
+
+@dataclass
+class RoundStats:
+    loss: float
+    terms: dict[str, float]
+    cpu_seconds: float
+
+
+class AdaptDiverged(ValueError):
+    """Training produced non-finite values (the step size is too large for these data)."""
+
+
+def adapt(model: FaceApiResNet, names: list[str], reference: dict[str, np.ndarray], data: DeviceData,
+          teacher: Teacher, cfg: AdaptConfig, rng: np.random.Generator,
+          sample: Callable[[np.random.Generator], tuple[DeviceData, Teacher]] | None = None) -> RoundStats:
+    """cfg.steps Adam steps on the named parameters of model (in place), L2-SP towards reference.
+
+    sample, if given, picks the (data, teacher) of each step (the pooled arm draws a device per step)."""
+    if not names:
+        return RoundStats(0.0, {}, 0.0)
+    start = time.process_time()
+    params = dict(model.named_parameters())
+    for name, p in params.items():
+        p.requires_grad_(name in names)
+    trained = [params[n] for n in names]
+    anchor = [torch.from_numpy(np.asarray(reference[n])) for n in names]
+    # Per-channel affines take the large steps, conv and projection weights the small ones.
+    affine = [params[n] for n in names if n.endswith(("scale_weight", "scale_bias"))]
+    weights = [params[n] for n in names if not n.endswith(("scale_weight", "scale_bias"))]
+    optimiser = torch.optim.Adam([{"params": affine, "lr": cfg.lr}, {"params": weights, "lr": cfg.personal_lr}])
+    model.train()
+    totals = dict.fromkeys((*LOSS_TERMS, "l2sp"), 0.0)
+    for _ in range(cfg.steps):
+        d, t = sample(rng) if sample is not None else (data, teacher)
+        e = rng.integers(0, len(d.enrolment), cfg.batch)
+        f = rng.integers(0, len(d.frames), cfg.batch)
+        b = rng.integers(0, len(t.bank_images), cfg.batch)
+        flip = rng.random(cfg.batch) < 0.5
+        clean = d.enrolment[e]
+        clean = np.where(flip[:, None, None, None], clean[:, :, ::-1], clean)
+        # One forward over all four groups: synthetic owner pairs, owner frames, clean enrolment, synthetic bank.
+        # Half the strangers go in clean: the bank then also holds the clean space where version 0 put it.
+        strangers, half = t.bank_images[b], cfg.batch // 2 + 1
+        strangers = np.concatenate([capture_frames(strangers[:half], d.camera, rng), strangers[half:]])
+        batch = np.concatenate([capture_frames(clean, d.camera, rng), d.frames[f], d.enrolment, strangers])
+        out = raw_descriptors(model, batch)
+        n, m = cfg.batch, len(d.enrolment)
+        prototype = t.enrolment.mean(0)
+        strangers = out[2 * n + m:]
+        # A mirrored face's descriptor is close to the original's: the teacher of a flipped photo is its own.
+        terms = {
+            "pairs": (out[:n] - t.enrolment[e]).pow(2).sum(1).mean(),
+            "align": (out[n:2 * n] - prototype).pow(2).sum(1).mean(),
+            "clean": (out[2 * n:2 * n + m] - t.enrolment).pow(2).sum(1).mean(),
+            "bank": (strangers - t.bank[b]).pow(2).sum(1).mean(),
+            # A stranger in this camera must stay at least as far from the owner as their clean photo is.
+            "push": torch.relu((t.bank[b] - prototype).norm(dim=1) - (strangers - prototype).norm(dim=1)).pow(2).mean(),
+            "spread": _similarity_matching(out, torch.cat([t.enrolment[e], prototype.expand(n, -1), t.enrolment,
+                                                           t.bank[b]]), t.bank),
+            "l2sp": sum((p - a).pow(2).sum() for p, a in zip(trained, anchor)),
+        }
+        loss = sum(w * terms[k] for w, k in zip(cfg.weights, LOSS_TERMS)) + cfg.l2sp * terms["l2sp"]
+        if not torch.isfinite(loss):
+            raise AdaptDiverged(f"non-finite loss {loss.item()} (lr {cfg.lr})")
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        for key, value in terms.items():
+            totals[key] += float(value.detach()) / cfg.steps
+    model.eval()
+    for p in trained:
+        p.requires_grad_(False)
+    return RoundStats(sum(w * totals[k] for w, k in zip(cfg.weights, LOSS_TERMS))
+                      + cfg.l2sp * totals["l2sp"], totals, time.process_time() - start)
