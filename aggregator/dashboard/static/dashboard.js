@@ -109,6 +109,14 @@ window.FaceFedDashboard = (function () {
       <td><code>${esc(m.key_fingerprint) || "–"}</code></td></tr>`).join("");
   }
 
+  const drawn = {};
+  function whenChanged(name, value, draw) {
+    const key = JSON.stringify(value);
+    if (drawn[name] === key) return;
+    drawn[name] = key;
+    draw();
+  }
+
   function fleetPage() {
     follow((status) => {
       last = status;
@@ -117,9 +125,9 @@ window.FaceFedDashboard = (function () {
       if (!status.broker_connected) { $("connection").textContent = "broker not connected"; $("connection").className = "pill bad"; }
       renderRound(status.current, status);
       renderDevices(status.devices);
-      renderRounds(status.rounds);
-      drawCharts(status.rounds);
-      renderModels(status.models, status.key_fingerprint);
+      // Rounds and models change once a round, the snapshot up to once a second: redraw them only when they change.
+      whenChanged("rounds", status.rounds, () => { renderRounds(status.rounds); drawCharts(status.rounds); });
+      whenChanged("models", [status.models, status.key_fingerprint], () => renderModels(status.models, status.key_fingerprint));
       tickCountdown();
       if (api.renderedAt === null) api.renderedAt = performance.now();  // first full render, ms after navigation
     });
