@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import socket
-import sys
 import threading
 import time
 from pathlib import Path
@@ -23,12 +22,7 @@ from fedwire.config import parse_config
 from fedwire.messages import UpdateAck
 from fedwire.mqtt import MqttLink
 from fedwire.topics import Topics
-
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))  # bench/ is a folder of scripts, not an installed package (as in test_faults.py)
-
-from bench import faults  # noqa: E402
+from bench import faults  # importable from the repo root: pyproject's pytest `pythonpath`
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
 WAIT_S = 30.0

@@ -6,16 +6,10 @@ runs them at bench scale with `python -m bench.faults`; here each verdict must b
 from __future__ import annotations
 
 import signal
-import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))  # bench/ is a folder of scripts, not an installed package
-
-from bench import faults
+from bench import faults  # importable from the repo root: pyproject's pytest `pythonpath`
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
 
