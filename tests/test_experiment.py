@@ -84,7 +84,8 @@ def test_bad_settings_fail_clearly(tmp_path, capsys):
         ExperimentConfig(data=[tmp_path], out=tmp_path / "o", proximal_mu=0).check()
     with pytest.raises(ExperimentError, match="no such dataset folder"):
         ExperimentConfig(data=[tmp_path / "nope"], out=tmp_path / "o").check()
-    assert main(["experiment", "--preset", "quick", "--out", str(tmp_path / "o"), "--fraction-fit", "0"]) == 2
+    assert main(["experiment", "--preset", "quick", "--data", str(tmp_path), "--out", str(tmp_path / "o"),
+                 "--fraction-fit", "0"]) == 2
     assert "fraction_fit must be in (0, 1]" in capsys.readouterr().err
     with pytest.raises(ExperimentError, match="bn_statistics"):
         ExperimentConfig(data=[tmp_path], out=tmp_path / "o", bn_statistics="yes").check()
