@@ -28,12 +28,13 @@ import torch
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from bench.faceapi_finetune import run_and_report, verification_row
+from facefed.bench_report import run_and_report
 from model_zoo.backbones import build_backbone
 from model_zoo.checkpoint import save_checkpoint
 from model_zoo.data import FaceDataset, load_dataset, shared_datasets_root
 from model_zoo.distill import (DistillConfig, arcface_crops, cached_teacher_embeddings, centred, distill,
                                images_digest)
+from model_zoo.evaluate import verification_row
 from model_zoo.losses import ArcFaceHead
 from model_zoo.partition import split_holdout
 from model_zoo.train import TrainConfig, embed_images, train_local
@@ -68,9 +69,7 @@ def split(celeb: FaceDataset, holdout: int, per_identity: int, seed: int) -> tup
     """(training set: first per_identity images of each non-held-out person, held-out set: all images of the
     held-out people), split as facefed simulate splits."""
     train_idx, held_idx = split_holdout(celeb.labels, holdout, seed)
-    train = celeb.subset(train_idx)
-    keep = np.concatenate([np.flatnonzero(train.labels == label)[:per_identity] for label in range(train.num_classes)])
-    return train.subset(keep), celeb.subset(held_idx)
+    return celeb.subset(train_idx).first_per_identity(per_identity), celeb.subset(held_idx)
 
 
 def orl_crops(orl: FaceDataset, cache: Path) -> np.ndarray:

@@ -154,10 +154,8 @@ def main(argv: list[str] | None = None) -> None:
     started = time.time()
     dataset = load_dataset(args.celeb)
     train_idx, holdout_idx = split_holdout(dataset.labels, args.holdout, args.seed)
-    train, holdout = dataset.subset(train_idx), dataset.subset(holdout_idx)
-    keep = np.concatenate([np.flatnonzero(holdout.labels == c)[:args.holdout_images]
-                           for c in np.unique(holdout.labels)])
-    holdout = holdout.subset(keep)
+    train = dataset.subset(train_idx)
+    holdout = dataset.subset(holdout_idx).first_per_identity(args.holdout_images)
     backbone = build_backbone("faceapi-resnet", trainable="projection")
     start = shared_tensors(backbone)
     holdout_features = trunk_features(backbone, holdout.images)

@@ -52,10 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def limit_per_identity(dataset: FaceDataset, limit: int | None) -> FaceDataset:
-    if limit is None:
-        return dataset
-    keep = np.concatenate([np.flatnonzero(dataset.labels == label)[:limit] for label in range(dataset.num_classes)])
-    return dataset.subset(keep)
+    return dataset if limit is None else dataset.first_per_identity(limit)
 
 
 def all_pairs_report(embeddings: np.ndarray, labels: np.ndarray) -> dict:

@@ -42,7 +42,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -50,13 +49,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from facefed.bench_report import run_and_report
 from facefed.simulate import SimulationConfig, prepare_partitions, run_simulation
 from fedwire.codec import encode_tensors
 from fedwire.messages import TrainSettings
 from model_zoo.backbones import build_backbone
 from model_zoo.checkpoint import load_checkpoint, load_shared_tensors, shared_tensors
 from model_zoo.data import FaceDataset, load_dataset, save_folders, shared_datasets_root, to_model_input
-from model_zoo.evaluate import evaluate_embeddings
+from model_zoo.evaluate import evaluate_embeddings, verification_row
 from edge_agent.backends import load_embedder
 from model_zoo.export import Int8Trunk, export_model
 from model_zoo.losses import ArcFaceHead
@@ -100,23 +100,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=None, help="keep the federation's run folder here")
     parser.add_argument("--json", type=Path, default=None, help="write the results here as JSON")
     return parser.parse_args(argv)
-
-
-def first_per_identity(dataset: FaceDataset, limit: int) -> FaceDataset:
-    keep = np.concatenate([np.flatnonzero(dataset.labels == label)[:limit] for label in range(dataset.num_classes)])
-    return dataset.subset(keep)
-
-
-def identities_subset(dataset: FaceDataset, names: list[str]) -> FaceDataset:
-    wanted = [dataset.identities.index(name) for name in names]
-    return dataset.subset(np.flatnonzero(np.isin(dataset.labels, wanted)))
-
-
-def verification_row(model: str, data: str, embeddings: np.ndarray, labels: np.ndarray) -> dict:
-    report = evaluate_embeddings(embeddings, labels)
-    return {"model": model, "data": data, "images": len(labels), "genuine_pairs": report["genuine_pairs"],
-            "impostor_pairs": report["impostor_pairs"], "accuracy": report["accuracy"], "eer": report["eer"],
-            "tar_at_far_1e-3": report["tar_at_far"]["1e-3"], "rank1": report["rank1"]}
 
 
 # --- federation ---
@@ -284,7 +267,7 @@ def run(args: argparse.Namespace) -> dict:
     if args.federation == "mqtt":
         check_announceable(extra)
     celeb = load_dataset(args.celeb, layout="folders")
-    limited = first_per_identity(celeb, args.train_per_identity)
+    limited = celeb.first_per_identity(args.train_per_identity)
     with tempfile.TemporaryDirectory() as tmp:
         out = args.out or Path(tmp) / "run"
         save_folders(limited, Path(tmp) / "celeb")
@@ -313,9 +296,9 @@ def run(args: argparse.Namespace) -> dict:
             with contextlib.redirect_stdout(io.StringIO()):
                 deployed = load_embedder(export_model(final_path, "onnx-int8", Path(tmp) / "export", calibration,
                                                       model_version=args.rounds).model_path)
-                deployed_celeb = deployed.embed(identities_subset(celeb, held_out_small.identities).images)
+                deployed_celeb = deployed.embed(celeb.of_identities(held_out_small.identities).images)
     pretrained = build_backbone("faceapi-resnet", trainable=args.trainable)
-    held_out = identities_subset(celeb, held_out_small.identities)
+    held_out = celeb.of_identities(held_out_small.identities)
 
     print("held-out celeb-dev and ORL ...", flush=True)
     rows = [verification_row("pretrained", "celeb-dev held out", embed_images(pretrained, held_out.images),
@@ -413,18 +396,6 @@ def print_versions(results: dict) -> None:
                  f"{100 * row[n]['accuracy']:6.2f}" for n in names]
         mark = "  <- selected on validation" if row["version"] == results.get("selected_version") else ""
         print(f"{row['version']:7d} " + " ".join(f"{c:>28}" for c in cells) + mark)
-
-
-def run_and_report(args: argparse.Namespace, run_bench, print_results) -> None:
-    """A bench's main: run it, time it, print its tables and write --json if asked."""
-    start = time.perf_counter()
-    results = run_bench(args)
-    results["total_seconds"] = round(time.perf_counter() - start, 1)
-    print_results(results)
-    print(f"total {results['total_seconds']:.0f} s")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -79,7 +79,6 @@ class FaceapiSetting:
     def __init__(self, args: argparse.Namespace, scratch: Path) -> None:
         import torch
 
-        from bench.faceapi_finetune import first_per_identity, identities_subset
         from edge_agent.trainer import LocalTrainer
         from facefed.simulate import SimulationConfig, prepare_partitions
         from model_zoo.backbones import build_backbone
@@ -89,10 +88,10 @@ class FaceapiSetting:
 
         torch.set_num_threads(1)
         celeb = load_dataset(args.celeb, layout="folders")
-        limited = first_per_identity(celeb, args.train_per_identity)
+        limited = celeb.first_per_identity(args.train_per_identity)
         cfg = SimulationConfig(data=[], out=scratch, clients=args.clients, holdout=args.holdout, seed=0)
         self.clients, held_small = prepare_partitions(limited, cfg)
-        self.held_out = identities_subset(celeb, held_small.identities)
+        self.held_out = celeb.of_identities(held_small.identities)
         self.model_spec = {"arch": "faceapi-resnet", "trainable": "last"}
         self.settings = TrainSettings(local_epochs=1, lr=args.lr, margin=0.0, model=self.model_spec)
         self.scratch = scratch
@@ -106,10 +105,7 @@ class FaceapiSetting:
         # version 0's embeddings (every class is present, so the head does not depend on the device seed).
         self.heads = []
         for trainer in self.trainers:
-            backbone = trainer._backbone_for(self.model_spec)
-            trainer._trunk_cache.get(backbone, trainer.dataset.images, mirrored=True)
-            head = trainer._load_head(backbone, 128, 0.0)
-            trainer._save_head(head, 128)
+            trainer.prepare(self.settings)
             self.heads.append((trainer.head_path.read_bytes(), trainer.head_path.with_suffix(".json").read_bytes()))
         self.setup_seconds = time.time() - start
 
@@ -224,10 +220,8 @@ def mqtt(args: argparse.Namespace) -> dict:
     start_all = time.time()
     with tempfile.TemporaryDirectory(prefix="codec-mqtt-") as scratch:
         if args.arch == "faceapi-resnet":
-            from bench.faceapi_finetune import first_per_identity
-
             data = Path(scratch) / "celeb"
-            save_folders(first_per_identity(load_dataset(args.celeb, layout="folders"), args.train_per_identity), data)
+            save_folders(load_dataset(args.celeb, layout="folders").first_per_identity(args.train_per_identity), data)
             extra = {"arch": "faceapi-resnet", "model_options": {"trainable": "last"}, "lr": args.lr, "margin": 0.0,
                      "local_epochs": 1, "holdout": args.holdout}
         else:

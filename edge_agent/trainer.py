@@ -100,6 +100,15 @@ class LocalTrainer:
         self._save_head(head, embedding_size)
         return RoundResult(tensors, result)
 
+    def prepare(self, settings: TrainSettings) -> None:
+        """What the first train_round would compute once, done ahead: the frozen-trunk features of the local images
+        (kept across rounds) and the head (imprinted on a pretrained backbone as built), stored."""
+        backbone = self._backbone_for(settings.model)
+        self._trunk_cache.get(backbone, self.dataset.images, mirrored=self.augment)
+        embedding_size = settings.model.get("embedding_size", 128)
+        self._save_head(self._load_head(backbone, embedding_size, settings.margin, settings.negative_anchors,
+                                        settings.anchor_seed), embedding_size)
+
     def measure_statistics(self, global_tensors: dict[str, np.ndarray], model_spec: dict[str, Any]
                            ) -> dict[str, np.ndarray]:
         """BatchNorm running statistics of the global model measured on this device's images (forward passes

@@ -51,6 +51,16 @@ class FaceDataset:
         kept, labels = np.unique(self.labels[indices], return_inverse=True)
         return FaceDataset(self.images[indices], labels.astype(np.int64), [self.identities[k] for k in kept])
 
+    def first_per_identity(self, limit: int) -> FaceDataset:
+        """The first `limit` samples of each identity (file order), every identity kept."""
+        return self.subset(np.concatenate([np.flatnonzero(self.labels == label)[:limit]
+                                           for label in range(self.num_classes)]))
+
+    def of_identities(self, names: list[str]) -> FaceDataset:
+        """Every sample of the named identities."""
+        wanted = [self.identities.index(name) for name in names]
+        return self.subset(np.flatnonzero(np.isin(self.labels, wanted)))
+
 
 def _natural_key(name: str) -> list:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]

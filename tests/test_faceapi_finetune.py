@@ -40,8 +40,7 @@ needs_shared = pytest.mark.skipif(
 def celeb_small() -> FaceDataset:
     """6 identities x 6 ArcFace-aligned 112x112 crops (first files of each folder)."""
     dataset = load_dataset(CELEB, layout="folders")
-    keep = np.concatenate([np.flatnonzero(dataset.labels == label)[:6] for label in range(6)])
-    return dataset.subset(keep)
+    return dataset.subset(np.flatnonzero(dataset.labels < 6)).first_per_identity(6)
 
 
 def _state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -320,3 +319,19 @@ def test_a_late_joining_device_pulls_towards_the_pretrained_weights(celeb_small:
     trainer.train_round(3, moved, TrainSettings(lr=1e-4, margin=0.0, l2sp_alpha=100.0, model=spec))
     assert set(seen[-1]) == set(pretrained)
     assert all(np.array_equal(seen[-1][k], pretrained[k]) for k in pretrained)
+
+
+@needs_shared
+def test_a_prepared_device_trains_exactly_as_an_unprepared_one(celeb_small: FaceDataset, tmp_path) -> None:
+    """LocalTrainer.prepare does ahead what the first round would do: same update, no trunk pass left in it."""
+    from edge_agent.trainer import LocalTrainer
+
+    settings = TrainSettings(lr=1e-4, margin=0.0, model={"arch": "faceapi-resnet", "trainable": "last"})
+    start = shared_tensors(build_backbone("faceapi-resnet", trainable="last"))
+    plain = LocalTrainer(celeb_small, tmp_path / "plain", 8, True, 3)
+    prepared = LocalTrainer(celeb_small, tmp_path / "prepared", 8, True, 3)
+    prepared.prepare(settings)
+    assert prepared.head_path.is_file() and not plain.head_path.exists()
+    a, b = plain.train_round(1, start, settings), prepared.train_round(1, start, settings)
+    assert all(np.array_equal(a.tensors[k], b.tensors[k]) for k in a.tensors)
+    assert b.result.trunk_seconds == 0.0 < a.result.trunk_seconds

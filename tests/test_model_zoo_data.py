@@ -161,3 +161,12 @@ def test_real_celeb_dev_is_a_folder_layout():
     ds = load_dataset(root)
     assert len(ds.identities) == 12 and ds.images.shape[1:] == (112, 112, 3) and len(ds) > 5000
     assert not np.array_equal(ds.images[0][..., 0], ds.images[0][..., 1])  # colour kept
+
+
+def test_first_per_identity_and_of_identities_pick_by_person():
+    ds = FaceDataset(np.arange(7, dtype=np.uint8).reshape(7, 1, 1, 1).repeat(3, axis=3),
+                     np.array([2, 0, 2, 1, 0, 2, 0]), ["a", "b", "c"])
+    first = ds.first_per_identity(2)
+    assert first.images[:, 0, 0, 0].tolist() == [1, 4, 3, 0, 2] and first.identities == ["a", "b", "c"]
+    picked = ds.of_identities(["c", "a"])
+    assert picked.images[:, 0, 0, 0].tolist() == [0, 1, 2, 4, 5, 6] and picked.identities == ["a", "c"]
