@@ -389,23 +389,16 @@ def report_markdown(results: dict, fleet: Fleet) -> str:
 
 
 def _plot_curves(results: dict, path: Path) -> None:
-    from facefed.plots import _pyplot
+    from facefed.plots import plot_method_curves
 
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
+    curves = {name: [(p["round"], p["owner_camera_eer"]) for p in arm["curve"]]
+              for name, arm in results["arms"].items() if arm["curve"]}
     base = results["arms"].get("version0")
-    for name, arm in results["arms"].items():
-        if arm["curve"]:
-            ax.plot([p["round"] for p in arm["curve"]], [p["owner_camera_eer"] for p in arm["curve"]],
-                    marker="o", label=name)
-    if base:
-        ax.axhline(base["owner_camera_eer"], color="grey", linestyle="--", label="version0")
-    ax.set(title="Owner camera EER per round", xlabel="round", ylabel="EER")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    rounds = [r for points in curves.values() for r, _ in points]
+    if base and rounds:  # version 0 does not train: a flat line over the federated rounds
+        curves["version0"] = [(min(rounds), base["owner_camera_eer"]), (max(rounds), base["owner_camera_eer"])]
+    plot_method_curves(curves, path, title="Owner camera EER per round", xlabel="round", ylabel="EER",
+                       legend_loc="upper right")
 
 
 def main(args) -> int:

@@ -55,17 +55,19 @@ def plot_roc(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], path: Path, ti
 
 
 def plot_method_curves(curves: Mapping[str, Sequence[tuple[int, float]]], path: Path,
-                       title: str = "Held-out verification accuracy per round") -> Path:
-    """One line per method of (round, held-out accuracy) points, all in one figure."""
+                       title: str = "Held-out verification accuracy per round",
+                       xlabel: str = "round (local_epochs each)", ylabel: str = "held-out accuracy",
+                       legend_loc: str = "lower right") -> Path:
+    """One line per method of (round, score) points, all in one figure."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(8, 5))
     for name, points in curves.items():
         if points:
             ax.plot(*zip(*points), marker="o", markersize=3, label=name,
                     linestyle="--" if name.startswith("1 identity") else "-")
-    ax.set(title=title, xlabel="round (local_epochs each)", ylabel="held-out accuracy")
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc=legend_loc, fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -104,10 +104,10 @@ def raw_descriptors(model: FaceApiResNet, images: np.ndarray | torch.Tensor) -> 
     """Unnormalised 128-d descriptors (face-api's own output) of uint8 crops or model-input tensors."""
     x = to_model_input(images) if isinstance(images, np.ndarray) else images
     out = model.trunk_features(x)
-    blocks = list(model.tail.children())
-    for block in blocks[:-1]:
+    *blocks, projection = model.tail.children()
+    for block in blocks:
         out = block(out)
-    return blocks[-1].fc(out.mean(dim=(2, 3)))
+    return projection.descriptor(out)
 
 
 @torch.no_grad()

@@ -101,8 +101,12 @@ class Projection(nn.Module):
         super().__init__()
         self.fc = fc
 
+    def descriptor(self, x: torch.Tensor) -> torch.Tensor:
+        """face-api's own unnormalised 128-d descriptor (compared by raw L2)."""
+        return self.fc(x.mean(dim=(2, 3)))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.fc(x.mean(dim=(2, 3))), dim=1)
+        return F.normalize(self.descriptor(x), dim=1)
 
 
 class FaceApiResNet(nn.Module):
