@@ -6,7 +6,8 @@ and every device trains as edge_agent's agent does (LocalTrainer.train_round on 
 its own ArcFace head kept in its state dir, its update encoded with the announced codec and its own
 quantization residual). What is left out is the transport: signing, acks, the broker; the bytes each
 transfer would put on the wire are counted all the same.
-Benches and `facefed experiment`'s in-process arms run federations through `run_inprocess`.
+The benches run their federations through `run_inprocess` (bench/dp_utility.py and the experiment's
+centralized and local arms do not yet: BENCHMARKS.md, issue 15).
 """
 
 from __future__ import annotations
