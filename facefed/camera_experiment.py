@@ -14,7 +14,9 @@ unlock compares, gallery (clean enrolment) against probes, with raw L2 distance:
 Arms: version0; local (each device adapts shared + personal parts alone); fedavg (shared part only,
 FedAvg over devices each round); fedavg_personal (shared part averaged, personal part kept on the device);
 pooled (one model on every device's data, steps = devices x steps, each step drawing one device: the
-upper bound nobody may do). The federated arms average in process with aggregator.strategies' FedAvg.
+upper bound nobody may do). The federated arms run on the aggregator's round engine through the in-process
+driver (facefed.inprocess): the same verdicts, bounds on each device's claimed n_k, FedAvg and journal as the
+service, with each device's upload built as the wire would carry it (its bytes are what bytes_per_round reports).
 """
 
 from __future__ import annotations
@@ -28,13 +30,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from aggregator.strategies.fedavg import fedavg
+from aggregator.config import AggregatorConfig, ModelConfig
+from aggregator.models import train_settings
+from edge_agent.trainer import RoundResult, TrainingDiverged
+from facefed.inprocess import Device as InProcessDevice
+from facefed.inprocess import run_inprocess
+from fedwire.messages import TrainSettings
 from model_zoo.camera import CameraSpec, capture_frames, draw_device_camera, parse_camera
-from model_zoo.camera_adapt import (AdaptConfig, DeviceData, Teacher, adapt, build_model, embed, get_tensors,
-                                    part_names, set_tensors, teacher_for)
-from model_zoo.checkpoint import save_checkpoint
+from model_zoo.camera_adapt import (AdaptConfig, AdaptDiverged, DeviceData, Teacher, adapt, build_model, embed,
+                                    get_tensors, part_names, set_tensors, teacher_for)
+from model_zoo.checkpoint import save_checkpoint, spec_of
+from model_zoo.checkpoint_file import BackboneSpec
 from model_zoo.data import FaceDataset, detect_layout, load_datasets, shared_datasets_root
 from model_zoo.metrics import far_key, gallery_pair_scores, report_from_scores
+from model_zoo.train import TrainResult
 
 ARMS = ("version0", "local", "fedavg", "fedavg_personal", "pooled")
 FAR = far_key(1e-3)
@@ -59,6 +68,10 @@ class CameraExperimentConfig:
     batch: int = 8
     lr: float = 1e-2
     personal: str = "last"
+    # The trainer's other settings (model_zoo.camera_adapt.AdaptConfig): its defaults unless set here.
+    personal_lr: float = AdaptConfig.personal_lr
+    weights: tuple[float, ...] = AdaptConfig.weights
+    l2sp: float = AdaptConfig.l2sp
     enrol: int = 5
     train_frames: int = 60
     test_frames: int = 30
@@ -77,6 +90,10 @@ class CameraExperimentConfig:
         unknown = sorted(set(self.arms) - set(ARMS))
         if unknown:
             raise CameraExperimentError(f"unknown arms {unknown}; known: {', '.join(ARMS)}")
+        try:  # the trainer's settings fail here, with their field, not after the fleet is built
+            self.adapt_config()
+        except ValueError as exc:
+            raise CameraExperimentError(str(exc)) from None
         if not self.bank:
             raise CameraExperimentError("no public face bank: give bank folders (default: shared orl and yale)")
         if self.out.exists() and any(self.out.iterdir()):
@@ -85,7 +102,8 @@ class CameraExperimentConfig:
 
     def adapt_config(self, personal: str | None = None, shared: str = "scale_shift") -> AdaptConfig:
         return AdaptConfig(shared=shared, personal=self.personal if personal is None else personal,
-                           steps=self.steps, batch=self.batch, lr=self.lr).check()  # other settings: AdaptConfig's
+                           steps=self.steps, batch=self.batch, lr=self.lr, personal_lr=self.personal_lr,
+                           weights=tuple(self.weights), l2sp=self.l2sp).check()
 
 
 def preset_config(name: str, out: Path, data: list[Path] | None = None, **overrides) -> CameraExperimentConfig:
@@ -228,6 +246,55 @@ class ArmResult:
                 "curve": self.curve}
 
 
+class CameraDeviceTrainer:
+    """One device of a federated arm as the in-process driver drives it (edge_agent's LocalTrainer surface):
+    each round it trains the announced shared part and its own personal part, which never leaves it."""
+
+    def __init__(self, runner: Runner, index: int, cfg: AdaptConfig, personal: bool) -> None:
+        self.runner, self.index, self.cfg = runner, index, cfg
+        self.names = runner.shared + (runner.personal if personal else [])
+        self.personal = get_tensors(runner._put(), runner.personal) if personal else {}
+        self.num_samples = len(runner.fleet.devices[index].data.frames)  # the n_k it claims
+        self.losses: list[float] = []
+        self.cpu_seconds: list[float] = []
+
+    def train_round(self, round_number: int, global_tensors: dict[str, np.ndarray],
+                    settings: TrainSettings) -> RoundResult:
+        runner = self.runner
+        model = runner._put(global_tensors, self.personal)
+        try:
+            stats = adapt(model, self.names, runner.version0, runner.fleet.devices[self.index].data,
+                          runner.teachers[self.index], self.cfg, runner._rng(round_number, self.index))
+        except AdaptDiverged as exc:
+            raise TrainingDiverged(str(exc)) from None
+        if self.personal:
+            self.personal = get_tensors(model, runner.personal)
+        self.losses.append(stats.loss)
+        self.cpu_seconds.append(stats.cpu_seconds)
+        return RoundResult(get_tensors(model, runner.shared),
+                           TrainResult(stats.loss, 0.0, self.num_samples, stats.cpu_seconds, 1))
+
+
+@dataclass
+class CameraModels:
+    """The round engine's model hooks for the shared part: version 0's tensors, and the owner-camera score of
+    each round's global model on every device (with its personal part)."""
+
+    spec: BackboneSpec
+    train_settings: TrainSettings
+    initial: dict[str, np.ndarray]
+    on_round: Callable[[int, dict[str, np.ndarray]], dict[str, float]]
+
+    def initial_tensors(self) -> dict[str, np.ndarray]:
+        return dict(self.initial)
+
+    def evaluate(self, round_number: int, tensors: dict[str, np.ndarray]) -> dict[str, float]:
+        return self.on_round(round_number, tensors)
+
+    def export(self, checkpoint: Path) -> None:
+        """Nothing to export per round: the arm's final model goes to DIR/models/<arm>.safetensors."""
+
+
 class Runner:
     def __init__(self, cfg: CameraExperimentConfig, fleet: Fleet, say: Callable[[str], None]) -> None:
         self.cfg, self.fleet, self.say = cfg, fleet, say
@@ -274,24 +341,30 @@ class Runner:
     def federated(self, personal: bool) -> ArmResult:
         name = "fedavg_personal" if personal else "fedavg"
         cfg = self.cfg.adapt_config(personal=self.cfg.personal if personal else "none")
-        names = self.shared + (self.personal if personal else [])
-        global_shared = get_tensors(self._put(), self.shared)
-        kept = [get_tensors(self.model, self.personal) if personal else {} for _ in self.fleet.devices]
-        curve, cpu = [], []
-        for r in range(1, self.cfg.rounds + 1):
-            updates, losses = [], []
-            for i, dev in enumerate(self.fleet.devices):
-                self._put(global_shared, kept[i])
-                stats = adapt(self.model, names, self.version0, dev.data, self.teachers[i], cfg, self._rng(r, i))
-                updates.append((get_tensors(self.model, self.shared), len(dev.data.frames)))
-                if personal:
-                    kept[i] = get_tensors(self.model, self.personal)
-                losses.append(stats.loss)
-                cpu.append(stats.cpu_seconds)
-            global_shared = fedavg(updates)
-            curve.append(self._curve_point(r, lambda i: self._put(global_shared, kept[i]), losses))
-        return ArmResult(name, evaluate_fleet(self.fleet, lambda i: self._put(global_shared, kept[i])), curve,
-                         int(sum(v.nbytes for v in global_shared.values())), float(np.mean(cpu)), global_shared)
+        trainers = [CameraDeviceTrainer(self, i, cfg, personal) for i in range(len(self.fleet.devices))]
+        devices = [InProcessDevice(f"camera-{i}", trainer) for i, trainer in enumerate(trainers)]
+        curve: list[dict] = []
+
+        def load_device(shared: dict[str, np.ndarray]) -> Callable[[int], torch.nn.Module]:
+            return lambda i: self._put(shared, trainers[i].personal)
+
+        def on_round(round_number: int, shared: dict[str, np.ndarray]) -> dict[str, float]:
+            if round_number == 0:  # version 0: its own arm
+                return {}
+            losses = [t.losses[-1] for t in trainers if len(t.losses) == round_number]
+            curve.append(self._curve_point(round_number, load_device(shared), losses))
+            return {"owner_camera_eer": curve[-1]["owner_camera_eer"]}
+
+        engine_cfg = AggregatorConfig(state_dir=self.cfg.out / "rounds" / name, rounds=self.cfg.rounds,
+                                      min_clients=len(devices), round_timeout_s=3600.0,
+                                      model=ModelConfig(arch="faceapi-resnet", options={"trainable": "all"}))
+        hooks = CameraModels(spec_of(self.model), train_settings(engine_cfg),
+                             get_tensors(self._put(), self.shared), on_round)
+        engine = run_inprocess(engine_cfg, devices, hooks)
+        shared = engine.global_tensors
+        uploads = [b for d in devices for b in d.upload_bytes]
+        return ArmResult(name, evaluate_fleet(self.fleet, load_device(shared)), curve, int(np.mean(uploads)),
+                         float(np.mean([s for t in trainers for s in t.cpu_seconds])), shared)
 
     def pooled(self) -> ArmResult:
         devices = len(self.fleet.devices)
@@ -408,8 +481,9 @@ def main(args) -> int:
     from tqdm import tqdm
 
     try:
+        arms = tuple(a.strip() for a in args.methods.split(",")) if args.methods else None
         cfg = preset_config(args.preset, args.out, data=args.data, camera=args.camera, rounds=args.rounds,
-                            seed=args.seed).check()
+                            seed=args.seed, arms=arms).check()
     except (CameraExperimentError, ValueError) as exc:
         print(f"facefed experiment: {exc}", file=sys.stderr)
         return 2

@@ -250,7 +250,7 @@ def _add_experiment_parser(sub) -> None:
                      help="quick: ORL, 4 clients, a few minutes; full: ORL+Yale+celeb-dev, 6 clients; camera-quick "
                      "(<= 15 min) and camera (<= 45 min): one owner per device in a simulated camera, arms version0, "
                      "local, fedavg, fedavg_personal, pooled (facefed/camera_experiment.py; takes --data, --camera, "
-                     "--rounds, --seed, --out)")
+                     "--rounds, --seed, --methods, --out)")
     exp.add_argument("--camera", help="camera presets: the device cameras' domain, e.g. corridor (default), "
                      "door-night, or corridor,face_px=24 (fields: grey, gamma, face_px, noise, jpeg, blur)")
     exp.add_argument("--data", action="append", type=Path,
@@ -279,7 +279,8 @@ def _add_experiment_parser(sub) -> None:
     exp.add_argument("--single-identity-clients", type=int,
                      help="devices holding one person each for the anchors-vs-FedAvg comparison (0 = off)")
     exp.add_argument("--negative-anchors", type=int, help="negative anchor vectors for that comparison")
-    exp.add_argument("--methods", help="comma-separated subset of centralized,local,fedavg,fedprox,server")
+    exp.add_argument("--methods", help="comma-separated subset of centralized,local,fedavg,fedprox,server "
+                     "(camera presets: of version0,local,fedavg,fedavg_personal,pooled)")
     exp.add_argument("--jobs", type=int, help="arms run at the same time (presets: 3; 1 gives per-arm wall times)")
     exp.add_argument("--bn-statistics", choices=["averaged", "measured"],
                      help="federated arms: BatchNorm statistics averaged from the clients' (default), or measured by "

@@ -4,7 +4,8 @@ The model is the whole face-api net (backbones.FaceApiResNet, trainable "all"), 
 - shared (averaged by the federation): "scale_shift", every per-channel scale and shift (dlib's affine
   layers) through the net outside the personal part: 6,080 floats, 24 KB a round (7,104 without one);
 - personal (stays on the device, FedPer style): "last", the last stage (conv256_down_out) and the
-  256 -> 128 projection; "none" trains nothing personal.
+  256 -> 128 projection (1.2 M floats); "projection", the projection alone (32,768 floats; it needs a
+  larger step, personal_lr 1e-4); "none" trains nothing personal.
 Everything else stays at version 0.
 
 What a device has, and the loss terms that use it (docs/camera-domain.md says why a real device has each):
@@ -41,9 +42,10 @@ from .camera import CameraSpec, capture_frames
 from .data import to_model_input
 
 SHARED_PARTS = ("scale_shift", "none")
-PERSONAL_PARTS = ("last", "none")
+PERSONAL_PARTS = ("last", "projection", "none")
 LOSS_TERMS = ("pairs", "align", "clean", "bank", "push", "spread")  # the order of AdaptConfig.weights
-_PERSONAL_PREFIXES = {"last": ("tail.conv256_down_out.", "tail.projection."), "none": ()}
+_PERSONAL_PREFIXES = {"last": ("tail.conv256_down_out.", "tail.projection."), "projection": ("tail.projection.",),
+                      "none": ()}
 
 
 @dataclass(frozen=True)
