@@ -46,6 +46,10 @@ from model_zoo.metrics import far_key, gallery_pair_scores, report_from_scores
 from model_zoo.train import TrainResult
 
 ARMS = ("version0", "local", "fedavg", "fedavg_personal", "pooled")
+# What a device knows of its own camera, for its synthetic pairs: "own", the camera it has (measured on its
+# frames; exact in this simulation); "domain", only the domain's nominal camera; "none", no camera model
+# (its synthetic pairs and strangers stay clean: only its owner's frames show it the camera).
+CAMERA_MODELS = ("own", "domain", "none")
 FAR = far_key(1e-3)
 PRESETS = {
     "camera-quick": {"rounds": 3, "steps": 12, "batch": 6, "train_frames": 60, "test_frames": 30, "unseen_probes": 30},
@@ -79,6 +83,7 @@ class CameraExperimentConfig:
     bank: list[Path] = field(default_factory=list)  # public faces shipped with the model
     bank_per_identity: int = 4
     arms: tuple[str, ...] = ARMS
+    camera_model: str = "own"  # CAMERA_MODELS
     preset: str | None = None
 
     def check(self) -> CameraExperimentConfig:
@@ -87,6 +92,9 @@ class CameraExperimentConfig:
                      "bank_per_identity"):
             if getattr(self, name) < 1:
                 raise CameraExperimentError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.camera_model not in CAMERA_MODELS:
+            raise CameraExperimentError(f"camera_model must be one of {', '.join(CAMERA_MODELS)}, "
+                                        f"got {self.camera_model!r}")
         unknown = sorted(set(self.arms) - set(ARMS))
         if unknown:
             raise CameraExperimentError(f"unknown arms {unknown}; known: {', '.join(ARMS)}")
@@ -140,6 +148,7 @@ class Device:
     test_frames: np.ndarray  # held-out camera frames of the owner
     impostor_frames: np.ndarray  # off-device people through this device's camera
     impostor_names: np.ndarray
+    camera: CameraSpec  # the camera that took its frames (data.camera: what the device knows of it)
 
 
 @dataclass
@@ -186,8 +195,9 @@ def build_fleet(cfg: CameraExperimentConfig, say: Callable[[str], None] = print)
         enrol = dataset.images[idx[:cfg.enrol]]
         frames = capture_frames(dataset.images[idx[cfg.enrol:cfg.enrol + cfg.train_frames]], camera, rng)
         test = capture_frames(dataset.images[idx[cfg.enrol + cfg.train_frames:need_owner]], camera, rng)
-        devices.append(Device(dataset.identities[person], DeviceData(enrol, frames, camera), test,
-                              capture_frames(unseen_probes_arr, camera, rng), np.asarray(unseen_names)))
+        known = {"own": camera, "domain": domain, "none": CameraSpec()}[cfg.camera_model]
+        devices.append(Device(dataset.identities[person], DeviceData(enrol, frames, known), test,
+                              capture_frames(unseen_probes_arr, camera, rng), np.asarray(unseen_names), camera))
     return Fleet(devices, np.concatenate(unseen_gallery), np.asarray(unseen_gallery_names), unseen_probes_arr,
                  np.asarray(unseen_names), bank, domain)
 
@@ -405,7 +415,8 @@ def run_camera_experiment(cfg: CameraExperimentConfig, say: Callable[[str], None
     results = {"setup": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()
                             if k not in ("data", "out", "bank")},
                          "data": [str(d) for d in cfg.data], "bank": [str(b) for b in cfg.bank],
-                         "devices": [{"owner": d.owner, "camera": asdict(d.data.camera)} for d in fleet.devices],
+                         "devices": [{"owner": d.owner, "camera": asdict(d.camera), "camera_model": asdict(d.data.camera)}
+                                     for d in fleet.devices],
                          "unseen_people": sorted(set(fleet.unseen_names.tolist())),
                          "shared_floats": int(sum(runner.version0[n].size for n in runner.shared)),
                          "personal_floats": int(sum(runner.version0[n].size for n in runner.personal))},
@@ -440,7 +451,8 @@ def report_markdown(results: dict, fleet: Fleet) -> str:
     local = arms.get("local")
     setup = results["setup"]
     lines = [f"# Camera-domain experiment ({setup['preset'] or 'custom'}, seed {setup['seed']})", "",
-             f"Camera: {setup['camera']} ({fleet.domain.describe()}); {len(fleet.devices)} devices, one owner each; "
+             f"Camera: {setup['camera']} ({fleet.domain.describe()}); devices' camera model: {setup['camera_model']}; "
+             f"{len(fleet.devices)} devices, one owner each; "
              f"{len(setup['unseen_people'])} people on no device; {setup['rounds']} rounds x {setup['steps']} steps "
              f"per device; shared part {setup['shared_floats']} floats, personal part {setup['personal_floats']}.",
              "Scores: raw L2 distance, gallery (clean enrolment) vs probes.", "",
@@ -483,7 +495,7 @@ def main(args) -> int:
     try:
         arms = tuple(a.strip() for a in args.methods.split(",")) if args.methods else None
         cfg = preset_config(args.preset, args.out, data=args.data, camera=args.camera, rounds=args.rounds,
-                            seed=args.seed, arms=arms).check()
+                            seed=args.seed, arms=arms, camera_model=args.camera_model).check()
     except (CameraExperimentError, ValueError) as exc:
         print(f"facefed experiment: {exc}", file=sys.stderr)
         return 2

@@ -253,6 +253,9 @@ def _add_experiment_parser(sub) -> None:
                      "--rounds, --seed, --methods, --out)")
     exp.add_argument("--camera", help="camera presets: the device cameras' domain, e.g. corridor (default), "
                      "door-night, or corridor,face_px=24 (fields: grey, gamma, face_px, noise, jpeg, blur)")
+    exp.add_argument("--camera-model", choices=["own", "domain", "none"],
+                     help="camera presets: what each device knows of its camera for its synthetic pairs: its own "
+                     "(default), only the domain's nominal one, or none (only its owner's frames show it)")
     exp.add_argument("--data", action="append", type=Path,
                      help="dataset folder (repeat to mix); default: the preset's under ../shared/datasets, "
                      "else $FACEFED_DATA or ../shared/datasets/orl")

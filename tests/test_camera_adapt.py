@@ -88,3 +88,25 @@ def test_camera_quick_plumbing_with_tiny_settings(celeb_small, tmp_path, monkeyp
     assert facefed.cli.main(["experiment", "--preset", "camera-quick", "--camera", "corridor,jpeg=500",
                              "--out", str(tmp_path / "bad")]) == 2
     assert "jpeg" in capsys.readouterr().err
+
+
+def test_camera_model_is_what_the_device_knows_not_the_camera_it_has(celeb_small, tmp_path):
+    import facefed.camera_experiment as ce
+    from model_zoo.camera import CameraSpec, parse_camera
+
+    save_folders(celeb_small.subset(np.flatnonzero(celeb_small.labels < 6)), tmp_path / "fleet")
+    save_folders(celeb_small.subset(np.flatnonzero(celeb_small.labels >= 6)), tmp_path / "bank")
+    fleets = {}
+    for model in ce.CAMERA_MODELS:
+        cfg = ce.CameraExperimentConfig(data=[tmp_path / "fleet"], out=tmp_path / model, bank=[tmp_path / "bank"],
+                                        enrol=2, train_frames=2, test_frames=2, unseen_probes=2, bank_per_identity=2,
+                                        camera_model=model).check()
+        fleets[model] = ce.build_fleet(cfg, say=lambda line: None)
+    own, domain, none = (fleets[m].devices for m in ("own", "domain", "none"))
+    for a, b, c in zip(own, domain, none):
+        assert a.camera == b.camera == c.camera == a.data.camera != parse_camera("corridor")  # drawn per device
+        assert b.data.camera == parse_camera("corridor") and c.data.camera == CameraSpec()
+        np.testing.assert_array_equal(a.test_frames, c.test_frames)  # the same frames: only the knowledge differs
+    with pytest.raises(ce.CameraExperimentError, match="camera_model"):
+        ce.CameraExperimentConfig(data=[tmp_path / "fleet"], out=tmp_path / "bad", bank=[tmp_path / "bank"],
+                                  camera_model="exact").check()
