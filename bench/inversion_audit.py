@@ -17,7 +17,7 @@ of different people. Scenarios:
   noise share N(0, (z C)^2 / m), fedwire.dp.privatize_update), C the update's own norm / 2 so that clipping bites.
 
 Score of each reconstruction: SSIM against the original (skimage, on grey), and whether the pretrained face-api
-descriptor matches it to the true person at the unlock threshold (cosine >= edge_agent's PRETRAINED_THRESHOLD
+descriptor matches it to the true person at the unlock threshold (cosine >= edge_agent's PRETRAINED_THRESHOLDS
 to the person's template: the normalised mean of `--enrol` other images, as `facefed-agent enroll` builds it).
 Writes a PNG: originals on top, one row of reconstructions per scenario.
 
@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from skimage.metrics import structural_similarity
 from tqdm import tqdm
 
-from edge_agent.unlock.commands import PRETRAINED_THRESHOLD
+from edge_agent.unlock.commands import PRETRAINED_THRESHOLDS
 from fedwire.dp import delta_of, device_noise_std, l2_norm, privatize_update, secure_generator
 from model_zoo.backbones import build_backbone
 from model_zoo.checkpoint import load_shared_tensors, shared_tensors
@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> None:
         ssim = [structural_similarity(np.asarray(o, np.float64).mean(2), np.asarray(r, np.float64).mean(2),
                                       data_range=255.0) for o, r in zip(originals, recon)]
         rows.append({"scenario": name, "ssim": [round(s, 4) for s in ssim], "cosine_to_true": cos_true.round(4).tolist(),
-                     "matched": int((cos_true >= PRETRAINED_THRESHOLD).sum()), "faces": args.batch,
+                     "matched": int((cos_true >= PRETRAINED_THRESHOLDS["cosine"]).sum()), "faces": args.batch,
                      "seconds": round(seconds, 1)})
         recons.append(recon)
 
@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> None:
     emb /= np.linalg.norm(emb, axis=1, keepdims=True)
     original_cos = (emb * templates).sum(1)
     print(f"\n{args.batch} faces, MobileFaceNet from scratch, {args.iterations} attack iterations per scenario, "
-          f"unlock threshold {PRETRAINED_THRESHOLD}; total {time.time() - started:.0f} s")
+          f"unlock threshold {PRETRAINED_THRESHOLDS['cosine']}; total {time.time() - started:.0f} s")
     print(f"originals' cosine to their own template: {', '.join(f'{c:.3f}' for c in original_cos)}\n")
     print("| scenario | SSIM per face | cosine to the true person's template | matched at the unlock threshold | attack s |")
     print("|---|---|---|---|---|")

@@ -19,15 +19,17 @@ SUFFIX_BACKENDS = {".safetensors": "torch", ".onnx": "onnx", ".tflite": "tflite"
 
 
 class Embedder(ABC):
-    """uint8 RGB faces [N, H, W, 3] -> float32 [N, D] L2-normalised embeddings."""
+    """uint8 RGB faces [N, H, W, 3] -> float32 [N, D] embeddings, L2-normalised when compared by cosine (score:
+    model_zoo.backbones.model_score), raw descriptors when compared by l2."""
 
     backend: str
+    score: str = "cosine"
     input: InputSpec
     embedding_size: int
     batch_size: int = 32
 
     def embed(self, images) -> np.ndarray:
-        return embed_batches(self._forward, self.input, images, self.batch_size)
+        return embed_batches(self._forward, self.input, images, self.batch_size, normalize=self.score == "cosine")
 
     @abstractmethod
     def _forward(self, pixels: np.ndarray) -> np.ndarray:
@@ -37,9 +39,11 @@ class Embedder(ABC):
 class TorchEmbedder(Embedder):
     backend = "torch"
 
-    def __init__(self, backbone, threads: int = 1) -> None:
+    def __init__(self, backbone, threads: int = 1, score: str = "cosine") -> None:
+        """score "l2": the backbone's forward gives raw descriptors (model_zoo.backbones.RawDescriptor)."""
         self.backbone = backbone.eval()
         self.threads = threads
+        self.score = score
         self.input = InputSpec()  # the backbone's own convention: NCHW, (x - 127.5) / 128
         probe = np.zeros((1, 3, self.input.size, self.input.size), np.float32)
         self.embedding_size = int(self._forward(probe).shape[1])

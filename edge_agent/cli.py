@@ -78,6 +78,13 @@ def _add_unlock_parsers(sub) -> None:
         parser.add_argument("--threads", type=int, default=1, help="CPU threads for the nets (default 1)")
         vision(parser)
 
+    def score(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--score", choices=("auto", "cosine", "l2"), default="auto",
+                            help="how faces compare with templates: cosine, or l2 (minus the euclidean distance of "
+                            "the raw descriptors; the pretrained faceapi model only); auto: the model's measured "
+                            "choice for unlock, cosine (BENCHMARKS.md, issue 16 unlock score). unlock uses the "
+                            "enrolment's score; a threshold calibrated under the other is refused")
+
     def vision(parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--detector", choices=DETECTORS, help="face detector: blazeface (MediaPipe BlazeFace, "
                             "TFLite) or tiny (the face-api port, torch) (default: the device profile's in --config, "
@@ -100,6 +107,7 @@ def _add_unlock_parsers(sub) -> None:
     enroll.add_argument("--aligned", action="store_true", help="the images are already ArcFace-aligned square crops "
                         "(such as celeb-dev): take each whole, no face detection")
     common(enroll, "the deployed model, unlock.model in --config, else faceapi")
+    score(enroll)
     unlock = sub.add_parser(
         "unlock", help="run the face-unlock loop on a camera, video, stream or image folder",
         description="detect -> align -> embed -> compare with the enrolled owner -> decide, frame by frame. Unlocks "
@@ -111,8 +119,8 @@ def _add_unlock_parsers(sub) -> None:
                         help="challenge before unlocking: a blink (eye aspect ratio), a head turn left and right, "
                         "or none (default: unlock.liveness, blink)")
     unlock.add_argument("--relock-after", type=float, help="seconds without the owner before relocking (default 2)")
-    unlock.add_argument("--threshold", type=float, help="cosine similarity to accept (default: the calibrated "
-                        "unlock.threshold)")
+    unlock.add_argument("--threshold", type=float, help="score to accept, in the enrolment's score: a cosine, or "
+                        "minus a distance under l2 (default: the calibrated unlock.threshold)")
     unlock.add_argument("--k", type=int, help="matching frames needed (default 3) ...")
     unlock.add_argument("--n", type=int, help="... among the last n frames with a face (default 5)")
     unlock.add_argument("--timeout", type=float, help="seconds before an attempt fails (default 10)")
@@ -137,6 +145,7 @@ def _add_unlock_parsers(sub) -> None:
     calibrate.add_argument("--json", type=Path, help="also write the figures as JSON")
     calibrate.add_argument("--threads", type=int, default=1, help="CPU threads for the nets (default 1)")
     vision(calibrate)
+    score(calibrate)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,6 +16,7 @@ import yaml
 from fedwire.config import ConfigError, TlsConfig, merge_dicts, parse_config, read_yaml, require
 from fedwire.mqtt import parse_broker_url
 from fedwire.topics import Topics, validate_device_id
+from edge_agent.unlock.decision import THRESHOLD_RANGES
 from firmware_configs import profile_path
 from model_zoo.vision import DEFAULT_DETECTOR, DEFAULT_LANDMARKS
 
@@ -81,7 +82,10 @@ class UnlockSettings:
 
     model: Path | None = None  # the deployed model unlock runs; None: the pretrained face-api descriptor
     store: Path | None = None  # the owner's templates; None: <state_dir>/unlock
-    threshold: float | None = None  # cosine similarity; None: edge_agent.unlock's default for the pretrained model
+    threshold: float | None = None  # in threshold_score; None: edge_agent.unlock's default for the pretrained model
+    # The score the threshold is on (model_zoo.backbones.model_score): cosine, or l2 (minus the euclidean distance).
+    # Configs written before scores were declared hold cosine thresholds.
+    threshold_score: Literal["cosine", "l2"] = "cosine"
     target_far: float = 1e-3  # the false-accept rate the threshold was calibrated for
     calibrated_model_sha256: str | None = None  # the model the threshold was calibrated on
     k: int = 3  # matching frames needed among the last n frames with a face
@@ -95,8 +99,9 @@ class UnlockSettings:
 
     def check(self) -> None:
         require(self.model is None or self.model.is_file(), "model", f"no such file: {self.model}")
-        require(self.threshold is None or -1.0 <= self.threshold <= 1.0, "threshold",
-                "must be a cosine similarity in [-1, 1]")
+        low, high = THRESHOLD_RANGES[self.threshold_score]
+        require(self.threshold is None or low <= self.threshold <= high, "threshold",
+                f"must be in [{low:g}, {high:g}] for a {self.threshold_score} score (threshold_score)")
         require(0.0 < self.target_far < 1.0, "target_far", "must be in (0, 1)")
         require(1 <= self.n <= 100, "n", "must be in [1, 100]")
         require(1 <= self.k <= self.n, "k", "must be in [1, n]")

@@ -355,7 +355,9 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     from model_zoo.metrics import gallery_pair_scores, rank1_accuracy, report_from_scores, verification_report
 
-    score = ("l2" if args.model == "faceapi" else "cosine") if args.score == "auto" else args.score
+    from model_zoo.backbones import model_score
+
+    score = model_score(args.model) if args.score == "auto" else args.score
     try:
         dataset = load_dataset(args.data)
         if args.camera:

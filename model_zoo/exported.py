@@ -206,9 +206,11 @@ def open_runtime(path, threads: int = 1):
     return RUNTIMES[suffix](path, threads)
 
 
-def embed_batches(forward, spec: InputSpec, images, batch_size: int = 32) -> np.ndarray:
-    """float32 [N, D] L2-normalised embeddings of uint8 faces; forward maps prepared input to raw embeddings."""
+def embed_batches(forward, spec: InputSpec, images, batch_size: int = 32, normalize: bool = True) -> np.ndarray:
+    """float32 [N, D] embeddings of uint8 faces, L2-normalised unless normalize is False (a model scored by raw
+    L2); forward maps prepared input to raw embeddings."""
     images = check_faces(images, spec.size)
     chunks = [np.asarray(forward(spec.prepare(images[i:i + batch_size])), dtype=np.float32)
               for i in range(0, len(images), batch_size)]
-    return l2_normalize(np.concatenate(chunks))
+    embeddings = np.concatenate(chunks)
+    return l2_normalize(embeddings) if normalize else embeddings

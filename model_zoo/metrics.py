@@ -66,23 +66,24 @@ def pair_scores(embeddings, labels, score: str = "cosine") -> tuple[np.ndarray, 
 SCORES = ("cosine", "l2")
 
 
-def gallery_pair_scores(gallery, gallery_labels, probes, probe_labels, score: str = "cosine"
-                        ) -> tuple[np.ndarray, np.ndarray]:
-    """(score, is-genuine) for every gallery-vs-probe pair, the pairs unlock compares (higher = more alike).
-
-    score "cosine" compares directions; "l2" is minus the euclidean distance of the vectors as given (raw,
-    unnormalised descriptors: face-api's own comparison)."""
-    gallery_labels, probe_labels = np.asarray(gallery_labels), np.asarray(probe_labels)
+def score_matrix(gallery, probes, score: str = "cosine") -> np.ndarray:
+    """[probes, gallery] scores, higher = more alike: "cosine" compares directions; "l2" is minus the euclidean
+    distance of the vectors as given (raw, unnormalised descriptors: face-api's own comparison)."""
     if score == "cosine":
-        gallery, probes = normalize_rows(gallery), normalize_rows(probes)
-        scores = probes @ gallery.T
-    elif score == "l2":
+        return normalize_rows(probes) @ normalize_rows(gallery).T
+    if score == "l2":
         gallery, probes = np.asarray(gallery, np.float64), np.asarray(probes, np.float64)
         squared = (probes ** 2).sum(1)[:, None] + (gallery ** 2).sum(1)[None, :] - 2.0 * probes @ gallery.T
-        scores = -np.sqrt(np.maximum(squared, 0.0))
-    else:
-        raise ValueError(f"unknown score {score!r}; available: {', '.join(SCORES)}")
-    if gallery_labels.shape != (len(gallery),) or probe_labels.shape != (len(probes),):
+        return -np.sqrt(np.maximum(squared, 0.0))
+    raise ValueError(f"unknown score {score!r}; available: {', '.join(SCORES)}")
+
+
+def gallery_pair_scores(gallery, gallery_labels, probes, probe_labels, score: str = "cosine"
+                        ) -> tuple[np.ndarray, np.ndarray]:
+    """(score, is-genuine) for every gallery-vs-probe pair, the pairs unlock compares (score: score_matrix)."""
+    gallery_labels, probe_labels = np.asarray(gallery_labels), np.asarray(probe_labels)
+    scores = score_matrix(gallery, probes, score)
+    if gallery_labels.shape != (scores.shape[1],) or probe_labels.shape != (scores.shape[0],):
         raise ValueError("gallery and probe labels must have one entry per embedding")
     return scores.ravel(), (probe_labels[:, None] == gallery_labels[None, :]).ravel()
 

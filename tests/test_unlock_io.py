@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+from types import SimpleNamespace
 
 import cv2
 import numpy as np
@@ -12,8 +13,13 @@ import pytest
 import yaml
 
 from edge_agent.cli import main
-from edge_agent.config import load_agent_config, load_unlock_settings, update_unlock_settings
-from edge_agent.unlock.analyzer import ModelRef
+from edge_agent.backends import TorchEmbedder
+from edge_agent.config import UnlockSettings, load_agent_config, load_unlock_settings, update_unlock_settings
+from edge_agent.unlock.analyzer import ModelRef, load_model
+from edge_agent.unlock.commands import CommandError, _threshold
+from edge_agent.unlock.decision import DecisionRules
+from edge_agent.unlock.liveness import NoChallenge
+from edge_agent.unlock.session import UnlockSession
 from edge_agent.unlock.reembed import global_model_path, reembed_enrolment
 from edge_agent.unlock.sources import open_source
 from edge_agent.unlock.store import Enrolment, StoreError, TemplateStore
@@ -23,13 +29,15 @@ from model_zoo.faceapi.loader import default_models_dir
 from model_zoo.vision import default_models_dir as mediapipe_dir
 
 REF = ModelRef(path=None, sha256="0" * 64, backend="torch")
+L2_REF = ModelRef(path=None, sha256="0" * 64, backend="torch", score="l2")  # the pretrained descriptor, raw
 
 
-def enrolment(name: str = "alice", n: int = 3, dim: int = 128) -> Enrolment:
+def enrolment(name: str = "alice", n: int = 3, dim: int = 128, model: ModelRef = REF) -> Enrolment:
     rng = np.random.default_rng(0)
     embeddings = rng.normal(size=(n, dim)).astype(np.float32)
-    embeddings /= np.linalg.norm(embeddings, axis=1, keepdims=True)
-    return Enrolment(name, rng.integers(0, 256, (n, 112, 112, 3), dtype=np.uint8), embeddings, REF)
+    if model.score == "cosine":
+        embeddings /= np.linalg.norm(embeddings, axis=1, keepdims=True)
+    return Enrolment(name, rng.integers(0, 256, (n, 112, 112, 3), dtype=np.uint8), embeddings, model)
 
 
 def test_store_writes_owner_only_files_and_reads_them_back(tmp_path):
@@ -50,6 +58,54 @@ def test_store_writes_owner_only_files_and_reads_them_back(tmp_path):
     assert json.loads((store.root / "alice.json").read_text())["format"] == "facefed-unlock-templates"
     template = loaded.template()
     assert template.shape == (128,) and np.linalg.norm(template) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_l2_enrolment_round_trips_and_a_score_mismatch_is_refused(tmp_path):
+    store = TemplateStore(tmp_path / "store")
+    store.save(enrolment(model=L2_REF))
+    loaded = store.load("alice")
+    assert loaded.model == L2_REF and json.loads((store.root / "alice.json").read_text())["model"]["score"] == "l2"
+    np.testing.assert_allclose(loaded.template(), loaded.embeddings.mean(axis=0), atol=1e-6)  # raw mean, unnormalised
+    # A store written before scores were declared holds cosine embeddings.
+    meta = json.loads((store.root / "alice.json").read_text())
+    del meta["model"]["score"]
+    (store.root / "alice.json").write_text(json.dumps(meta))
+    assert store.load("alice").model.score == "cosine"
+    # Templates or a threshold made under one score are never used under the other.
+    analyzer = SimpleNamespace(model=L2_REF)
+    with pytest.raises(ValueError, match=r"made for cosine scores, but .* compares by l2: enrol again"):
+        UnlockSession(analyzer, [store.load("alice")], DecisionRules(-0.5, score="l2"), NoChallenge())
+    with pytest.raises(ValueError, match=r"threshold is a cosine score, .* run `facefed-agent calibrate` again"):
+        UnlockSession(analyzer, [enrolment(model=L2_REF)], DecisionRules(0.94), NoChallenge())
+    settings = UnlockSettings(threshold=0.94)  # a config calibrated before: a cosine threshold
+    with pytest.raises(CommandError, match="unlock.threshold is a cosine score"):
+        _threshold(SimpleNamespace(threshold=None), settings, analyzer)
+    assert _threshold(SimpleNamespace(threshold=None), UnlockSettings(threshold=-0.5, threshold_score="l2"),
+                      analyzer) == -0.5
+
+
+@pytest.mark.skipif(not (default_models_dir() / "face_recognition_model.bin").is_file(),
+                    reason="needs the face-api weights in ../shared/models/faceapi (set FACEFED_FACEAPI_DIR)")
+def test_each_model_declares_its_score():
+    from model_zoo.backbones import PRETRAINED_FACEAPI, build_backbone, model_score
+
+    # Measured per use (BENCHMARKS.md): raw L2 for the pretrained descriptor's image pairs, cosine for its unlock
+    # templates; checkpoints and exports give normalised outputs and compare by cosine everywhere.
+    assert model_score(PRETRAINED_FACEAPI) == model_score(None) == "l2"
+    assert model_score(PRETRAINED_FACEAPI, "unlock") == "cosine"
+    assert {model_score(f"m{suffix}", use) for suffix in (".safetensors", ".onnx", ".tflite")
+            for use in ("evaluate", "unlock")} == {"cosine"}
+    embedder, ref = load_model(PRETRAINED_FACEAPI)
+    assert embedder.score == ref.score == "cosine"
+    with pytest.raises(ValueError, match="only the pretrained face-api descriptor"):
+        load_model("model.onnx", score="l2")
+    embedder, ref = load_model(PRETRAINED_FACEAPI, score="l2")
+    assert embedder.score == ref.score == "l2"
+    faces = np.random.default_rng(0).integers(0, 256, (2, 112, 112, 3), dtype=np.uint8)
+    raw = embedder.embed(faces)
+    assert not np.allclose(np.linalg.norm(raw, axis=1), 1.0, atol=0.05)  # face-api's descriptor as is
+    normalised = TorchEmbedder(build_backbone("faceapi-resnet")).embed(faces)  # the backbone's own (cosine) output
+    np.testing.assert_allclose(raw / np.linalg.norm(raw, axis=1, keepdims=True), normalised, atol=1e-5)
 
 
 def test_store_refuses_files_others_can_read_and_bad_names(tmp_path):
@@ -108,7 +164,10 @@ def test_unlock_section_is_validated_and_updated(tmp_path):
     updated = update_unlock_settings(config, {"threshold": 0.91, "target_far": 1e-4})
     assert (updated.threshold, updated.k) == (0.91, 2)
     assert yaml.safe_load(config.read_text())["device_id"] == "cam-01"  # the rest of the file is kept
+    assert update_unlock_settings(config, {"threshold": -0.48, "threshold_score": "l2"}).threshold == -0.48
     for bad, field in [({"k": 6, "n": 5}, "unlock.k"), ({"threshold": 2}, "unlock.threshold"),
+                       ({"threshold": 0.9, "threshold_score": "l2"}, "unlock.threshold"),
+                       ({"threshold_score": "dot"}, "unlock.threshold_score"),
                        ({"liveness": "smile"}, "unlock.liveness"), ({"target_far": 0}, "unlock.target_far")]:
         config.write_text(yaml.safe_dump({"unlock": bad}))
         with pytest.raises(ConfigError) as info:
@@ -163,7 +222,7 @@ def test_agent_reembeds_the_enrolment_with_a_new_global_model(tmp_path):
     config.write_text(yaml.safe_dump({"device_id": "cam-01", "data": "faces", "state_dir": "state"}))
     agent = EdgeAgent(load_agent_config(config), trainer=None)
     store = TemplateStore(tmp_path / "state" / "unlock")
-    before = enrolment()
+    before = enrolment(model=L2_REF)  # enrolled with the pretrained descriptor, compared by l2
     store.save(before)
     tensors = shared_tensors(build_backbone("mobilefacenet", embedding_size=64))
     agent.global_model = GlobalModel(3, tensors, "")
@@ -173,6 +232,7 @@ def test_agent_reembeds_the_enrolment_with_a_new_global_model(tmp_path):
     np.testing.assert_array_equal(after.chips, before.chips)  # the chips stay; the embeddings are the new model's
     assert after.embeddings.shape == (3, 64) and after.model_version == 3
     assert after.model.path == str(global_model_path(store.root, 3).resolve())
+    assert after.model.score == "cosine"  # a FaceFed checkpoint: re-embedded as its own score wants
     # The same model again changes nothing; a later one replaces the saved checkpoint.
     assert reembed_enrolment(store.root, {"arch": "mobilefacenet", "embedding_size": 64}, tensors, 3) == 0
     assert reembed_enrolment(store.root, {"arch": "mobilefacenet", "embedding_size": 64}, tensors, 4) == 1

@@ -7,7 +7,8 @@ import pytest
 
 from edge_agent.unlock.calibration import (calibrate_threshold, draw_enrolments, mean_template, template_scores,
                                            template_trials)
-from edge_agent.unlock.decision import DecisionRules, Event, LockState, UnlockStateMachine, Verdict, frame_verdict
+from edge_agent.unlock.decision import (MULTI_FACE_MARGINS, DecisionRules, Event, LockState, UnlockStateMachine, Verdict,
+                                        frame_verdict)
 from edge_agent.unlock.geometry import eye_aspect_ratio, mean_eye_aspect_ratio, roll_degrees, yaw_ratio
 from edge_agent.unlock.liveness import BlinkChallenge, MotionChallenge, NoChallenge, make_challenge
 
@@ -162,6 +163,22 @@ def test_rules_are_validated():
         DecisionRules(threshold=1.5)
 
 
+def test_rules_take_an_l2_threshold_and_refuse_nonsense():
+    rules = DecisionRules(threshold=-0.48, score="l2")
+    assert rules.multi_face_margin == MULTI_FACE_MARGINS["l2"] > MULTI_FACE_MARGINS["cosine"]
+    assert DecisionRules(threshold=0.9).multi_face_margin == MULTI_FACE_MARGINS["cosine"]
+    # Higher is more alike under l2 too: a face at distance 0.3 matches, one at 0.6 does not.
+    assert frame_verdict([-0.3], rules) is Verdict.MATCH and frame_verdict([-0.6], rules) is Verdict.NO_MATCH
+    # Two faces: the owner's lead must clear the margin in distance units.
+    assert frame_verdict([-0.25, -0.7], rules) is Verdict.MATCH
+    assert frame_verdict([-0.45, -0.7], rules) is Verdict.AMBIGUOUS
+    for bad in (0.9, -5.0, float("nan")):  # a cosine threshold, or one that accepts everyone, or none at all
+        with pytest.raises(ValueError, match="minus a euclidean distance"):
+            DecisionRules(threshold=bad, score="l2")
+    with pytest.raises(ValueError, match="unknown score"):
+        DecisionRules(threshold=-0.5, score="manhattan")
+
+
 def test_calibrated_threshold_by_hand():
     # 4 genuine and 10 impostor scores; FAR 0.1 allows 1 false accept.
     genuine_scores = [0.95, 0.9, 0.8, 0.6]
@@ -200,6 +217,20 @@ def test_template_trials_by_hand():
     np.testing.assert_allclose(template_scores(embeddings, [np.array([3])]), [[0.6, 0.8, 0.8, 1.0, -0.6]], rtol=1e-6)
     with pytest.raises(ValueError, match="one identity"):
         template_trials(embeddings, labels, [np.array([1, 3])])
+
+
+def test_l2_templates_and_calibration_by_hand():
+    # Under l2 the template is the mean of the raw descriptors (not renormalised) and a trial scores minus the
+    # euclidean distance to it.
+    embeddings = np.array([[2.0, 0.0], [0.0, 2.0], [1.0, 1.0], [4.0, 1.0]])
+    labels = np.array([0, 0, 0, 1])
+    np.testing.assert_allclose(mean_template(embeddings[:2], "l2"), [1.0, 1.0])
+    scores, genuine = template_trials(embeddings, labels, [np.array([0, 1])], "l2")
+    np.testing.assert_allclose(scores, [0.0, -3.0])
+    assert genuine.tolist() == [True, False]
+    result = calibrate_threshold(scores, genuine, target_far=0.5, score="l2")
+    assert (result.threshold, result.score, result.false_accepts) == (0.0, "l2", 0)
+    assert calibrate_threshold(scores, genuine, target_far=0.5).score == "cosine"
 
 
 def test_enrolment_draws_are_seeded_and_leave_a_genuine_probe():

@@ -16,13 +16,15 @@ import numpy as np
 
 from edge_agent.backends import Embedder, TorchEmbedder, load_embedder
 from model_zoo import align
+from model_zoo.backbones import PRETRAINED_FACEAPI, has_raw_descriptor, model_score
 from model_zoo.exported import sha256_file
 from model_zoo.faceapi.loader import default_models_dir
+from model_zoo.metrics import SCORES
 from model_zoo.pipeline import FacePipeline, whole_image_box
 from model_zoo.vision import Detection
 
 
-PRETRAINED = "faceapi"  # --model value for the pretrained face-api descriptor (faceapi-resnet backbone)
+PRETRAINED = PRETRAINED_FACEAPI  # --model value for the pretrained face-api descriptor (faceapi-resnet backbone)
 MAX_FACES = 4  # faces per frame that get landmarks and an embedding: bounds the frame time in a crowd
 STAGES = ("detect", "landmarks", "align", "embed")
 RECOGNITION_WEIGHTS = "face_recognition_model.bin"
@@ -35,6 +37,9 @@ class ModelRef:
     path: str | None  # None: the pretrained face-api descriptor
     sha256: str
     backend: str
+    # How its embeddings compare (model_zoo.backbones.model_score); stores written before scores were declared
+    # hold cosine embeddings.
+    score: str = "cosine"
 
     @property
     def label(self) -> str:
@@ -47,7 +52,7 @@ class AnalyzedFace:
     detector_score: float
     landmarks: np.ndarray  # float64 frame pixels: [68, 2] or mesh [468, 3]
     chip: np.ndarray  # uint8 [112, 112, 3] RGB, ArcFace-aligned
-    embedding: np.ndarray  # float32 [D], L2-normalised
+    embedding: np.ndarray  # float32 [D], L2-normalised under cosine, the raw descriptor under l2
 
 
 @dataclass
@@ -122,20 +127,31 @@ def _ms_since(start: float) -> float:
     return (time.perf_counter() - start) * 1000.0
 
 
-def load_model(model: str | Path | None, threads: int = 1, backend: str | None = None) -> tuple[Embedder, ModelRef]:
+def load_model(model: str | Path | None, threads: int = 1, backend: str | None = None,
+               score: str | None = None) -> tuple[Embedder, ModelRef]:
     """The embedder for --model: a .safetensors checkpoint, an .onnx / .tflite export, or None / 'faceapi' for the
-    pretrained face-api descriptor (faceapi-resnet backbone, weights from $FACEFED_FACEAPI_DIR)."""
-    if model is None or str(model) == PRETRAINED:
-        from model_zoo.backbones import build_backbone
+    pretrained face-api descriptor (faceapi-resnet backbone, weights from $FACEFED_FACEAPI_DIR). score: how its
+    embeddings will be compared, cosine (L2-normalised) or l2 (raw descriptors, the pretrained descriptor only);
+    None: the model's declared score for unlock (model_zoo.backbones.model_score)."""
+    score = model_score(model, "unlock") if score is None else score
+    if score not in SCORES:
+        raise ValueError(f"unknown score {score!r}; available: {', '.join(SCORES)}")
+    if score == "l2" and not has_raw_descriptor(model):
+        raise ValueError(f"score l2 needs raw descriptors, which only the pretrained face-api descriptor ({PRETRAINED}) "
+                         f"gives; {model} gives L2-normalised embeddings: use cosine")
+    if has_raw_descriptor(model):
+        from model_zoo.backbones import RawDescriptor, build_backbone
 
         weights = default_models_dir() / RECOGNITION_WEIGHTS
         if not weights.is_file():
             raise FileNotFoundError(f"pretrained face-api weights not found at {weights}: set FACEFED_FACEAPI_DIR "
                                     "or pass --model FILE")
         digest = hashlib.sha256(b"faceapi-resnet:" + sha256_file(weights).encode()).hexdigest()
-        return TorchEmbedder(build_backbone("faceapi-resnet"), threads), ModelRef(None, digest, "torch")
+        backbone = build_backbone("faceapi-resnet")
+        embedder = TorchEmbedder(RawDescriptor(backbone) if score == "l2" else backbone, threads, score)
+        return embedder, ModelRef(None, digest, "torch", score)
     path = Path(model)
     if not path.is_file():
         raise FileNotFoundError(f"no such model file: {path}")
     embedder = load_embedder(path, backend, threads)
-    return embedder, ModelRef(str(path.resolve()), sha256_file(path), embedder.backend)
+    return embedder, ModelRef(str(path.resolve()), sha256_file(path), embedder.backend, embedder.score)

@@ -18,7 +18,7 @@ from .calibration import (ENROL_IMAGES, ENROLMENT_DRAWS, Calibration, calibrate_
 
 @dataclass
 class LabelledEmbeddings:
-    embeddings: np.ndarray  # float32 [N, D], L2-normalised
+    embeddings: np.ndarray  # float32 [N, D], as the model's score wants them (raw under l2)
     labels: np.ndarray  # int64 [N]
     identities: list[str]
 
@@ -47,13 +47,14 @@ def embed_labelled(analyzer: FaceAnalyzer, samples: list[tuple[str, Path]],
     return LabelledEmbeddings(embeddings, labels, identities)
 
 
-def calibrate_embeddings(data: LabelledEmbeddings, target_far: float, enrol_images: int = ENROL_IMAGES,
-                         draws: int = ENROLMENT_DRAWS, seed: int = 0) -> tuple[Calibration, np.ndarray, np.ndarray]:
-    """(calibration, scores, is-genuine) over template trials: `draws` random enrolments of `enrol_images`
-    images per identity, each template against every image outside its enrolment."""
+def calibrate_embeddings(data: LabelledEmbeddings, target_far: float, score: str = "cosine",
+                         enrol_images: int = ENROL_IMAGES, draws: int = ENROLMENT_DRAWS,
+                         seed: int = 0) -> tuple[Calibration, np.ndarray, np.ndarray]:
+    """(calibration, scores, is-genuine) over template trials under `score` (the model's): `draws` random
+    enrolments of `enrol_images` images per identity, each template against every image outside its enrolment."""
     scores, genuine = template_trials(data.embeddings, data.labels,
-                                      draw_enrolments(data.labels, enrol_images, draws, seed))
-    return calibrate_threshold(scores, genuine, target_far), scores, genuine
+                                      draw_enrolments(data.labels, enrol_images, draws, seed), score)
+    return calibrate_threshold(scores, genuine, target_far, score), scores, genuine
 
 
 def plot_roc_det(scores: np.ndarray, genuine: np.ndarray, calibration: Calibration, path: Path, title: str) -> None:
@@ -75,7 +76,7 @@ def plot_roc_det(scores: np.ndarray, genuine: np.ndarray, calibration: Calibrati
     roc.plot(point[0], 1.0 - calibration.frr, "o", color="C3")
     roc.set(xscale="log", xlabel="false accept rate", ylabel="true accept rate", title="ROC")
     det.plot(far, frr)
-    det.plot(*point, "o", color="C3", label=f"threshold {calibration.threshold:.3f}: FAR {calibration.far:.2g}, "
+    det.plot(*point, "o", color="C3", label=f"{calibration.score} threshold {calibration.threshold:.3f}: FAR {calibration.far:.2g}, "
                                              f"FRR {calibration.frr:.2g}")
     det.set(xscale="log", yscale="log", xlabel="false accept rate", ylabel="false reject rate", title="DET")
     det.legend(loc="upper right", fontsize=8)

@@ -18,11 +18,10 @@ from .store import StoreError, TemplateStore
 
 log = logging.getLogger("facefed.unlock")
 
-# Cosine threshold of the pretrained face-api descriptor at FAR 1e-3 on template trials of 25 ORL + celeb-dev
-# calibration people (bench/unlock_bench.py, int8 export): 0.9400 through BlazeFace + mesh, 0.9382 through the tiny
-# detector + 68 points; the higher, rounded up, serves both routes. Used only when the config has no calibrated
-# threshold.
-PRETRAINED_THRESHOLD = 0.940
+# Thresholds of the pretrained face-api descriptor at FAR 1e-3 on template trials of 25 ORL + celeb-dev calibration
+# people through BlazeFace + mesh (bench/unlock_score.py: cosine 0.9389 float, 0.9400 int8 export; l2 -0.4829), each
+# rounded up (stricter). Used only when the config has no calibrated threshold.
+PRETRAINED_THRESHOLDS = {"cosine": 0.940, "l2": -0.482}
 
 
 class CommandError(Exception):
@@ -46,8 +45,9 @@ def _store(args: argparse.Namespace, configured: Path | None) -> TemplateStore:
     return TemplateStore(root)
 
 
-def _analyzer(args: argparse.Namespace, model) -> FaceAnalyzer:
-    """The unlock path for --model with --detector and --landmarks, else the device profile's in --config."""
+def _analyzer(args: argparse.Namespace, model, score: str | None = None) -> FaceAnalyzer:
+    """The unlock path for --model with --detector and --landmarks, else the device profile's in --config; score:
+    how embeddings compare (None: the model's declared score for unlock)."""
     import torch
 
     from model_zoo.pipeline import FacePipeline
@@ -62,7 +62,7 @@ def _analyzer(args: argparse.Namespace, model) -> FaceAnalyzer:
         profile = load_device_profile(args.config)
         detector, landmarks = profile.detector, profile.landmarks
     detector, landmarks = args.detector or detector, args.landmarks or landmarks
-    embedder, ref = load_model(model, args.threads)
+    embedder, ref = load_model(model, args.threads, score=score)
     return FaceAnalyzer(embedder, ref, FacePipeline(detector=detector, landmarks=landmarks, threads=args.threads))
 
 
@@ -81,14 +81,14 @@ def enroll_command(args: argparse.Namespace) -> int:
 
     settings, configured_store = _settings(args)
     store = _store(args, configured_store)
-    analyzer = _analyzer(args, args.model or settings.model or PRETRAINED)
+    analyzer = _analyzer(args, args.model or settings.model or PRETRAINED, _score_option(args))
     with open_source(args.source, args.fps) as source:
         result = enroll(args.name, source, analyzer, store, args.templates, args.max_frames, aligned=args.aligned)
     for label, reason in result.rejections:
         print(f"rejected {label}: {reason}")
     rejected = ", ".join(f"{k} {v}" for k, v in result.rejected.most_common()) or "none"
     print(f"enrolled {args.name}: {len(result.enrolment.chips)} template(s) from {result.frames} frame(s) "
-          f"(rejected: {rejected}) with {analyzer.model.label}, stored in {store.root}")
+          f"(rejected: {rejected}) with {analyzer.model.label} ({analyzer.model.score} score), stored in {store.root}")
     return 0
 
 
@@ -100,9 +100,9 @@ def unlock_command(args: argparse.Namespace) -> int:
     store = _store(args, configured_store)
     enrolments = store.load_all()
     model = args.model or _enrolment_model(enrolments)
-    analyzer = _analyzer(args, model)
+    analyzer = _analyzer(args, model, _enrolment_score(enrolments))
     rules = DecisionRules(
-        threshold=_threshold(args, settings, analyzer), k=args.k or settings.k, n=args.n or settings.n,
+        threshold=_threshold(args, settings, analyzer), score=analyzer.model.score, k=args.k or settings.k, n=args.n or settings.n,
         timeout_s=settings.timeout_s if args.timeout is None else args.timeout,
         lockout_failures=settings.lockout_failures, lockout_s=settings.lockout_s,
         relock_after_s=settings.relock_after_s if args.relock_after is None else args.relock_after)
@@ -110,8 +110,8 @@ def unlock_command(args: argparse.Namespace) -> int:
     session = UnlockSession(analyzer, enrolments, rules, make_challenge(liveness, analyzer.pipeline.landmarks_name),
                             aligned=args.aligned)
     with open_source(args.source, args.fps) as source:
-        log.info("unlock on %s with %s: threshold %.3f, %d of %d frames, liveness %s, relock after %.1f s",
-                 source.info.description, analyzer.model.label, rules.threshold, rules.k, rules.n, liveness,
+        log.info("unlock on %s with %s: threshold %.3f (%s), %d of %d frames, liveness %s, relock after %.1f s",
+                 source.info.description, analyzer.model.label, rules.threshold, rules.score, rules.k, rules.n, liveness,
                  rules.relock_after_s)
         summary = run_unlock(session, source, args.save, args.json_log, show_window=not args.no_window,
                              on_frame=_ReasonPrinter())
@@ -153,17 +153,34 @@ def _enrolment_model(enrolments) -> str:
     return path or PRETRAINED
 
 
+def _score_option(args: argparse.Namespace) -> str | None:
+    return None if args.score == "auto" else args.score
+
+
+def _enrolment_score(enrolments) -> str:
+    """The score the templates compare by: unlock embeds the frames the same way."""
+    scores = {e.model.score for e in enrolments}
+    if len(scores) > 1:
+        raise CommandError(f"the enrolments compare by different scores ({', '.join(sorted(scores))}): enrol again "
+                           "with one --score")
+    return scores.pop()
+
+
 def _threshold(args: argparse.Namespace, settings, analyzer: FaceAnalyzer) -> float:
     if args.threshold is not None:
         return args.threshold
     if settings.threshold is not None:
+        if settings.threshold_score != analyzer.model.score:
+            raise CommandError(f"unlock.threshold is a {settings.threshold_score} score, but {analyzer.model.label} "
+                               f"compares by {analyzer.model.score}: run `facefed-agent calibrate` again")
         if settings.calibrated_model_sha256 not in (None, analyzer.model.sha256):
             log.warning("unlock.threshold was calibrated on another model: run `facefed-agent calibrate` again")
         return settings.threshold
     if analyzer.model.path is None:
-        log.info("no calibrated threshold in the config: using %.3f, the pretrained descriptor's at FAR 1e-3",
-                 PRETRAINED_THRESHOLD)
-        return PRETRAINED_THRESHOLD
+        threshold = PRETRAINED_THRESHOLDS[analyzer.model.score]
+        log.info("no calibrated threshold in the config: using %.3f (%s), the pretrained descriptor's at FAR 1e-3",
+                 threshold, analyzer.model.score)
+        return threshold
     raise CommandError(f"no threshold for {analyzer.model.label}: run `facefed-agent calibrate --faces DIR --config "
                        "agent.yaml --model ...` or pass --threshold")
 
@@ -176,18 +193,19 @@ def calibrate_command(args: argparse.Namespace) -> int:
 
     settings, _ = _settings(args)
     samples = labelled_images(args.faces)
-    analyzer = _analyzer(args, args.model or settings.model or PRETRAINED)
+    analyzer = _analyzer(args, args.model or settings.model or PRETRAINED, _score_option(args))
     data = embed_labelled(analyzer, samples)
     too_few = [name for label, name in enumerate(data.identities) if (data.labels == label).sum() <= ENROL_IMAGES]
     if too_few:
         log.warning("%d of %d people have %d images or fewer, so only serve as impostors: %s", len(too_few),
                     len(data.identities), ENROL_IMAGES, ", ".join(too_few))
-    calibration, scores, genuine = calibrate_embeddings(data, args.target_far)
+    calibration, scores, genuine = calibrate_embeddings(data, args.target_far, analyzer.model.score)
     trials = f"template trials (mean of {ENROL_IMAGES} images, {ENROLMENT_DRAWS} random enrolments per person)"
     plot = args.plot or Path(args.config).with_name("unlock-calibration.png")
     plot_roc_det(scores, genuine, calibration, plot,
                  f"{analyzer.model.label} on {args.faces.name}, template of {ENROL_IMAGES} vs image")
     update_unlock_settings(args.config, {"threshold": round(calibration.threshold, 6),
+                                         "threshold_score": calibration.score,
                                          "target_far": calibration.target_far,
                                          "calibrated_model_sha256": analyzer.model.sha256})
     if args.json:
@@ -195,7 +213,7 @@ def calibrate_command(args: argparse.Namespace) -> int:
                                          "images": len(samples), "identities": len(data.identities),
                                          "trials": "template", "enrol_images": ENROL_IMAGES,
                                          "enrolment_draws": ENROLMENT_DRAWS}, indent=2))
-    print(f"threshold {calibration.threshold:.4f} for FAR {calibration.target_far:g} on {trials}: "
+    print(f"threshold {calibration.threshold:.4f} ({calibration.score} score) for FAR {calibration.target_far:g} on {trials}: "
           f"FAR {calibration.far:.2e} ({calibration.false_accepts}/{calibration.impostor_trials} impostor trials), "
           f"FRR {calibration.frr:.3f} ({calibration.false_rejects}/{calibration.genuine_trials} genuine trials), "
           f"EER {calibration.eer:.3f}; written to {args.config}, curves in {plot}")

@@ -1,6 +1,8 @@
 """The unlock decision: a verdict per frame, then a lock state machine over time. Pure, no I/O.
 
 Rules (DecisionRules):
+- score: the model's (model_zoo.backbones.model_score), higher = more alike: a cosine in [-1, 1], or l2, minus
+  the euclidean distance of raw descriptors (<= 0). threshold and multi_face_margin are in that score's units.
 - frame verdict: one face scoring >= threshold matches. With several faces, a frame matches only when the
   best scores >= threshold + multi_face_margin and every other face scores below threshold (so a crowd
   with the owner somewhere in it does not unlock, and neither does one of two look-alikes).
@@ -15,6 +17,7 @@ Times are seconds on the caller's clock: wall time for a camera, frame index / f
 from __future__ import annotations
 
 from collections import deque
+import math
 from dataclasses import dataclass
 from enum import Enum
 
@@ -44,20 +47,35 @@ class Event(str, Enum):
 CHALLENGE_RESET_EVENTS = frozenset({Event.RELOCKED, Event.ATTEMPT_FAILED, Event.LOCKED_OUT, Event.LOCKOUT_ENDED})
 
 
+# The range a threshold can sensibly take per score. l2: the raw face-api descriptors have norm about 1, so
+# distances lie in [0, 2]; a threshold below -2 would accept everyone.
+THRESHOLD_RANGES = {"cosine": (-1.0, 1.0), "l2": (-2.0, 0.0)}
+# The best face's lead over the threshold with several faces in view. cosine: 0.05; l2: the same share of the
+# gap between the median genuine and impostor template scores (bench/unlock_bench.py, BENCHMARKS.md).
+MULTI_FACE_MARGINS = {"cosine": 0.05, "l2": 0.11}
+
+
 @dataclass(frozen=True)
 class DecisionRules:
-    threshold: float  # cosine similarity to the owner's template, calibrated for a stated FAR
+    threshold: float  # score against the owner's template, calibrated for a stated FAR
+    score: str = "cosine"  # what threshold is on (THRESHOLD_RANGES)
     k: int = 3
     n: int = 5
     timeout_s: float = 10.0
     lockout_failures: int = 5
     lockout_s: float = 30.0
     relock_after_s: float = 2.0
-    multi_face_margin: float = 0.05
+    multi_face_margin: float | None = None  # None: MULTI_FACE_MARGINS[score]
 
     def __post_init__(self) -> None:
-        if not -1.0 <= self.threshold <= 1.0:
-            raise ValueError(f"threshold is a cosine similarity in [-1, 1], got {self.threshold}")
+        if self.score not in THRESHOLD_RANGES:
+            raise ValueError(f"unknown score {self.score!r}; available: {', '.join(THRESHOLD_RANGES)}")
+        low, high = THRESHOLD_RANGES[self.score]
+        if not (math.isfinite(self.threshold) and low <= self.threshold <= high):
+            what = "a cosine similarity" if self.score == "cosine" else "minus a euclidean distance (l2 score)"
+            raise ValueError(f"threshold is {what} in [{low:g}, {high:g}], got {self.threshold}")
+        if self.multi_face_margin is None:
+            object.__setattr__(self, "multi_face_margin", MULTI_FACE_MARGINS[self.score])  # frozen dataclass
         if not 1 <= self.k <= self.n:
             raise ValueError(f"need 1 <= k <= n, got k={self.k}, n={self.n}")
         if self.timeout_s <= 0 or self.lockout_s < 0 or self.relock_after_s < 0 or self.multi_face_margin < 0:

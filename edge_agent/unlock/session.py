@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from model_zoo.metrics import score_matrix
+
 from .analyzer import FaceAnalyzer
 from .decision import (CHALLENGE_RESET_EVENTS, Decision, DecisionRules, LockState, UnlockStateMachine, Verdict,
                        frame_verdict)
@@ -28,7 +30,7 @@ log = logging.getLogger("facefed.unlock")
 class FaceRecord:
     box: list[float]
     name: str  # the enrolled person it is closest to
-    score: float  # cosine similarity to that person's template
+    score: float  # to that person's template, in the model's score (DecisionRules.score)
     ear: float  # eye aspect ratio, for the liveness trace
 
 
@@ -86,6 +88,13 @@ class UnlockSession:
                     f"{enrolment.name}'s templates were made by {enrolment.model.label} (sha256 "
                     f"{enrolment.model.sha256[:12]}), but unlock runs {analyzer.model.label} (sha256 "
                     f"{analyzer.model.sha256[:12]}): enrol again with this --model")
+            if enrolment.model.score != analyzer.model.score:
+                raise ValueError(f"{enrolment.name}'s templates were made for {enrolment.model.score} scores, but "
+                                 f"{analyzer.model.label} compares by {analyzer.model.score}: enrol again "
+                                 f"(`facefed-agent enroll --name {enrolment.name}`)")
+        if rules.score != analyzer.model.score:
+            raise ValueError(f"the threshold is a {rules.score} score, but {analyzer.model.label} compares by "
+                             f"{analyzer.model.score}: run `facefed-agent calibrate` again or pass --threshold")
         self.analyzer = analyzer
         self.names = [e.name for e in enrolments]
         self.templates = np.stack([e.template() for e in enrolments])  # [people, D]
@@ -99,7 +108,7 @@ class UnlockSession:
         start = time.perf_counter()
         records = []
         for face in faces:
-            similarity = self.templates @ face.embedding
+            similarity = score_matrix(self.templates, face.embedding[None], self.rules.score)[0]
             best = int(np.argmax(similarity))
             records.append(FaceRecord([round(v, 1) for v in face.box], self.names[best], float(similarity[best]),
                                       mean_eye_aspect_ratio(face.landmarks)))

@@ -1,5 +1,5 @@
 """The owner's templates on the device: <store>/<name>.safetensors (aligned chips and embeddings) plus
-<name>.json (who, which model made the embeddings, when). Never a pickle, never uploaded.
+<name>.json (who, which model made the embeddings and the score they compare by, when). Never a pickle, never uploaded.
 
 The folder is 0700 and every file 0600, written through a temporary file and renamed so a reader never sees
 half a template. Loading refuses a store that other users can read, as ssh refuses a readable key. The
@@ -43,7 +43,7 @@ def validate_name(name: str) -> str:
 class Enrolment:
     name: str
     chips: np.ndarray  # uint8 [N, 112, 112, 3] RGB ArcFace-aligned crops
-    embeddings: np.ndarray  # float32 [N, D], L2-normalised, made by `model`
+    embeddings: np.ndarray  # float32 [N, D] made by `model`: L2-normalised, or raw when model.score is l2
     model: ModelRef
     model_version: int | None = None  # set when a federated global model re-embedded the chips
     updated: str = ""  # ISO 8601 UTC
@@ -58,7 +58,7 @@ class Enrolment:
                              f"for {len(self.chips)} chips")
 
     def template(self) -> np.ndarray:
-        return mean_template(self.embeddings)
+        return mean_template(self.embeddings, self.model.score)
 
 
 class TemplateStore:

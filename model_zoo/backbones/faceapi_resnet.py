@@ -151,3 +151,22 @@ class FaceApiResNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_tail(self.trunk_features(x))
+
+    def descriptor(self, x: torch.Tensor) -> torch.Tensor:
+        """face-api's own unnormalised 128-d descriptor: forward without the final L2 normalisation."""
+        *blocks, projection = self.tail
+        features = self.trunk_features(x)
+        for block in blocks:
+            features = block(features)
+        return projection.descriptor(features)
+
+
+class RawDescriptor(nn.Module):
+    """A FaceApiResNet whose forward is its raw descriptor (for embedders of a model scored by "l2")."""
+
+    def __init__(self, net: FaceApiResNet) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net.descriptor(x)
