@@ -104,7 +104,8 @@ class LocalTrainer:
         """What the first train_round would compute once, done ahead: the frozen-trunk features of the local images
         (kept across rounds) and the head (imprinted on a pretrained backbone as built), stored."""
         backbone = self._backbone_for(settings.model)
-        self._trunk_cache.get(backbone, self.dataset.images, mirrored=self.augment)
+        if has_frozen_trunk(backbone):  # a backbone trained whole has no trunk features to keep
+            self._trunk_cache.get(backbone, self.dataset.images, mirrored=self.augment)
         embedding_size = settings.model.get("embedding_size", 128)
         self._save_head(self._load_head(backbone, embedding_size, settings.margin, settings.negative_anchors,
                                         settings.anchor_seed), embedding_size)
@@ -185,12 +186,14 @@ class LocalTrainer:
         """This device's head; with anchors > 0, followed by that many announced negative anchors (which are
         generated here from anchor_seed and never stored: see model_zoo/losses/anchors.py)."""
         num_classes = len(self.dataset.identities)
-        torch.manual_seed(self.seed)  # a fresh head is reproducible for a given device seed
+        # A fresh head is reproducible for a given device seed, from this trainer's own generator: trainers
+        # running side by side in one process (facefed/inprocess.py) never shift each other's draws.
+        gen = torch.Generator().manual_seed(self.seed)
         if anchors > 0:
             head = AnchoredArcFaceHead(embedding_size, num_classes, negative_anchors(anchors, embedding_size, anchor_seed),
-                                       margin=margin)
+                                       margin=margin, generator=gen)
         else:
-            head = ArcFaceHead(embedding_size, num_classes, margin=margin)
+            head = ArcFaceHead(embedding_size, num_classes, margin=margin, generator=gen)
         stored = self._stored_head(embedding_size)
         if stored is not None:
             try:

@@ -1,13 +1,17 @@
 """The in-process federation: the round engine with the devices' own LocalTrainers, no broker."""
 
 import numpy as np
+import torch
+from safetensors.torch import load_file
 
 from aggregator.config import AggregatorConfig
+from aggregator.models import train_settings
 from edge_agent.trainer import LocalTrainer
 from facefed.inprocess import Device, run_inprocess
 from fedwire.config import parse_config
-from model_zoo.checkpoint import load_checkpoint
+from model_zoo.checkpoint import load_checkpoint, shared_tensors
 from model_zoo.data import FaceDataset
+from model_zoo.losses import ArcFaceHead
 
 
 def _faces(seed: int) -> FaceDataset:
@@ -36,3 +40,42 @@ def test_devices_train_through_the_engine_and_a_bad_update_is_left_out(tmp_path)
     assert [a.state for a in engine.publisher.announcements] == ["open", "statistics"]
     _, meta = load_checkpoint(engine.state.checkpoint_path(1))  # what an agent loads
     assert meta["round"] == 1 and (tmp_path / "dev-0" / "head.safetensors").exists()
+
+
+def _alone_config(state_dir, rounds: int):
+    return parse_config(AggregatorConfig, {
+        "state_dir": str(state_dir), "rounds": rounds, "min_clients": 1, "model": {"embedding_size": 8},
+        "train": {"local_epochs": 1, "lr": 0.05}})
+
+
+def test_a_lone_device_through_the_engine_trains_as_it_would_alone(tmp_path):
+    """The experiment's centralized and local arms: FedAvg over one device adds nothing to its training."""
+    config = _alone_config(tmp_path / "aggregator", rounds=2)
+    engine = run_inprocess(config, [Device("dev", LocalTrainer(_faces(3), tmp_path / "dev", 4, True, 7))])
+    federated, _ = load_checkpoint(engine.state.checkpoint_path(2))
+
+    trainer, settings = LocalTrainer(_faces(3), tmp_path / "alone", 4, True, 7), train_settings(config)
+    tensors = shared_tensors(load_checkpoint(engine.state.checkpoint_path(0))[0])
+    for round_number in (1, 2):
+        tensors = trainer.train_round(round_number, tensors, settings).tensors
+    assert tensors.keys() == shared_tensors(federated).keys()
+    assert all(np.array_equal(tensors[k], v) for k, v in shared_tensors(federated).items())
+
+
+def test_a_trainers_fresh_head_ignores_torchs_global_generator(tmp_path):
+    """Trainers side by side in one process (parallel experiment arms) cannot shift each other's heads, and the
+    head is the one a device seeded torch for before (the federated figures stand)."""
+    settings = train_settings(_alone_config(tmp_path / "aggregator", rounds=1))
+    heads = []
+    for k, global_seed in enumerate((1, 2)):
+        torch.manual_seed(global_seed)
+        trainer = LocalTrainer(_faces(3), tmp_path / f"dev-{k}", 4, False, 7)
+        trainer.prepare(settings)
+        heads.append(load_file(str(trainer.head_path))["weight"])
+    torch.manual_seed(7)
+    assert torch.equal(heads[0], heads[1]) and torch.equal(heads[0], ArcFaceHead(8, 2).weight.detach())
+    torch.manual_seed(1)
+    expected = torch.rand(3)
+    torch.manual_seed(1)
+    head = ArcFaceHead(8, 2, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(head.weight.detach(), heads[0]) and torch.equal(torch.rand(3), expected)  # global untouched

@@ -43,8 +43,8 @@ class AnchoredArcFaceHead(ArcFaceHead):
     """
 
     def __init__(self, embedding_size: int, num_classes: int, anchors: torch.Tensor, scale: float = 32.0,
-                 margin: float = 0.5, spreadout_weight: float = 1.0) -> None:
-        super().__init__(embedding_size, num_classes, scale, margin)
+                 margin: float = 0.5, spreadout_weight: float = 1.0, generator: torch.Generator | None = None) -> None:
+        super().__init__(embedding_size, num_classes, scale, margin, generator)
         if anchors.ndim != 2 or anchors.shape[1] != embedding_size or len(anchors) < 1:
             raise ValueError(f"anchors must be [A >= 1, {embedding_size}], got {tuple(anchors.shape)}")
         if spreadout_weight < 0:

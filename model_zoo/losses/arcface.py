@@ -11,7 +11,9 @@ from torch import nn
 class ArcFaceHead(nn.Module):
     """Class centres on the unit sphere; forward gives s*cos(theta + m) for the target, s*cos(theta) elsewhere."""
 
-    def __init__(self, embedding_size: int, num_classes: int, scale: float = 32.0, margin: float = 0.5) -> None:
+    def __init__(self, embedding_size: int, num_classes: int, scale: float = 32.0, margin: float = 0.5,
+                 generator: torch.Generator | None = None) -> None:
+        """generator: where the initial class centres are drawn from (None: torch's global generator)."""
         super().__init__()
         if num_classes < 1 or embedding_size < 1:
             raise ValueError(f"need positive sizes, got embedding_size={embedding_size} num_classes={num_classes}")
@@ -22,7 +24,7 @@ class ArcFaceHead(nn.Module):
         self.scale = scale
         self.margin = margin
         self.weight = nn.Parameter(torch.empty(num_classes, embedding_size))
-        nn.init.xavier_uniform_(self.weight)
+        nn.init.xavier_uniform_(self.weight, generator=generator)
         self._cos_m = math.cos(margin)
         self._sin_m = math.sin(margin)
         # Past theta = pi - m, cos(theta + m) stops decreasing in theta; there the target logit falls back to
