@@ -78,7 +78,8 @@ class DeviceProfile:
 
 @dataclass
 class UnlockSettings:
-    """Face unlock (`facefed-agent enroll | unlock | calibrate`); `calibrate` writes threshold and target_far."""
+    """Face unlock (`facefed-agent enroll | unlock | calibrate`); `calibrate` writes threshold, threshold_score and
+    target_far."""
 
     model: Path | None = None  # the deployed model unlock runs; None: the pretrained face-api descriptor
     store: Path | None = None  # the owner's templates; None: <state_dir>/unlock

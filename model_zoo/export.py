@@ -26,7 +26,7 @@ import torch
 from safetensors.numpy import save as safetensors_bytes
 from torch import nn
 
-from .backbones import backbone_spec, build_backbone
+from .backbones import PRETRAINED_FACEAPI, backbone_spec, build_backbone
 from .checkpoint import load_checkpoint, shared_tensors
 from .data import IMAGE_EXTENSIONS, IMAGE_SIZE, letterbox, load_dataset, read_image, to_model_input, to_rgb
 from .exported import (AgreementCheck, ExportCard, InputSpec, Quantization, check_faces, embed_batches,
@@ -34,7 +34,7 @@ from .exported import (AgreementCheck, ExportCard, InputSpec, Quantization, chec
 from .metrics import verification_report
 from .train import embed_images
 
-PRETRAINED = "faceapi"  # export_model's name for the pretrained face-api descriptor, unmodified
+PRETRAINED = PRETRAINED_FACEAPI  # export_model's name for the pretrained face-api descriptor, unmodified
 FORMATS = ("onnx", "onnx-int8", "tflite", "tflite-int8")
 SUFFIXES = {"onnx": ".onnx", "onnx-int8": ".onnx", "tflite": ".tflite", "tflite-int8": ".tflite"}
 INPUT_NAME, OUTPUT_NAME = "pixels", "embedding"

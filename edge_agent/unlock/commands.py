@@ -172,7 +172,7 @@ def _threshold(args: argparse.Namespace, settings, analyzer: FaceAnalyzer) -> fl
     if settings.threshold is not None:
         if settings.threshold_score != analyzer.model.score:
             raise CommandError(f"unlock.threshold is a {settings.threshold_score} score, but {analyzer.model.label} "
-                               f"compares by {analyzer.model.score}: run `facefed-agent calibrate` again")
+                               f"compares by {analyzer.model.score}: run `facefed-agent calibrate --score {analyzer.model.score}` again")
         if settings.calibrated_model_sha256 not in (None, analyzer.model.sha256):
             log.warning("unlock.threshold was calibrated on another model: run `facefed-agent calibrate` again")
         return settings.threshold
