@@ -51,7 +51,7 @@ def main() -> None:
     start = time.perf_counter()
     calibration, held_out = split(shared_datasets_root(), args.celeb_per_person)
     groups = {"cal": calibration, "held": held_out}
-    embedder, ref = load_model(PRETRAINED, threads=1)
+    embedder, ref = load_model(PRETRAINED, threads=1, score="l2")  # raw descriptors: both scores come from them
     analyzer = FaceAnalyzer(embedder, ref, FacePipeline(detector="blazeface", landmarks="mesh", threads=1))
     samples = [(group, kind, name, path) for group, sets in groups.items() for kind, people in sets.items()
                for name, path in people]
