@@ -179,8 +179,9 @@ class DpStrategy:
         return budget is not None and self.epsilon(rounds_done + 1) > budget
 
 
-def with_dp(strategy, config: AggregatorConfig):
-    """The strategy wrapped in DP-FedAvg when config.dp is set, else unchanged."""
+def with_dp(strategy, config: AggregatorConfig, rng: np.random.Generator | None = None):
+    """The strategy wrapped in DP-FedAvg when config.dp is set, else unchanged. rng: the noise's generator, a
+    seeded one for benches only (None: seeded from the OS's CSPRNG, as production must be)."""
     if config.dp is None:
         return strategy
-    return DpStrategy(strategy, config.dp, config.fraction_fit)
+    return DpStrategy(strategy, config.dp, config.fraction_fit, rng=rng)

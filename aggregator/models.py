@@ -36,10 +36,11 @@ def train_settings(config: AggregatorConfig) -> TrainSettings:
     )
 
 
-def strategy_for(config: AggregatorConfig):
-    """(strategy, its DpStrategy wrapper or None): the config's strategy, with differential privacy if asked."""
+def strategy_for(config: AggregatorConfig, dp_rng: np.random.Generator | None = None):
+    """(strategy, its DpStrategy wrapper or None): the config's strategy, with differential privacy if asked
+    (dp_rng: see with_dp)."""
     strategy = with_dp(build_strategy(config.strategy, train_settings(config).to_dict(), config.clip_norm,
-                                      config.trim_fraction, config.server_lr), config)
+                                      config.trim_fraction, config.server_lr), config, dp_rng)
     return strategy, strategy if isinstance(strategy, DpStrategy) else None
 
 

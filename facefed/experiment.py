@@ -19,8 +19,11 @@ over MQTT) and also scores the model with the averaged statistics, kept in resul
 Which scores higher on held-out identities depends on the clients (BENCHMARKS.md, issue 4): measured where
 their images differ in kind (the full preset), averaged where they are alike (ORL alone, the quick preset).
 
-The centralized and local arms call the devices' own code (model_zoo.train.train_local, one call of
-local_epochs per round, head kept and optimizer restarted between calls, as a device does) in this process.
+The centralized and local arms are one-device federations in this process (facefed.inprocess.run_inprocess):
+the aggregator's round engine with one edge_agent LocalTrainer, device k's own data, seed and head for local
+client k (as facefed.simulate gives agent k), one device holding every client's data for centralized. Each
+trains exactly as a device does, and the FedAvg of one update is that update, so these arms are what the device
+would reach alone; their per-round curves are the engine's evaluations.
 """
 from __future__ import annotations
 
@@ -28,7 +31,6 @@ import json
 import logging
 import os
 import sys
-import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -39,16 +41,20 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from aggregator.config import AggregatorConfig
+from aggregator.models import FaceModels
 from aggregator.rounds import AVERAGED_BN_SUFFIX
+from edge_agent.trainer import LocalTrainer
+from facefed.inprocess import Device, InProcessModels, run_inprocess
 from facefed.simulate import SimulationConfig, SimulationError, run_simulation
+from fedwire.config import parse_config
 from model_zoo.backbones import build_backbone
-from model_zoo.checkpoint import load_checkpoint
+from model_zoo.checkpoint import load_checkpoint, load_shared_tensors
 from model_zoo.data import FaceDataset, load_datasets
-from model_zoo.losses import ArcFaceHead
 from model_zoo.metrics import far_key, rank1_accuracy, verification_report
 from model_zoo.partition import (cap_per_identity, partition_by_identity, partition_dirichlet, skewed_weights,
                                  split_holdout)
-from model_zoo.train import TrainConfig, embed_images, train_local
+from model_zoo.train import embed_images
 
 log = logging.getLogger("facefed.experiment")
 
@@ -202,21 +208,12 @@ def prepare_setup(cfg: ExperimentConfig) -> Setup:
     return Setup([train.subset(p) for p in parts], dataset.subset(holdout_idx), single, num_ids, len(dataset))
 
 
-_SEEDING = threading.Lock()  # torch's global generator is shared by the threads of concurrent arms
-
-
-def initial_backbone(seed: int) -> torch.nn.Module:
-    """The federation's round-0 model: the aggregator seeds torch the same way before building it."""
-    with _SEEDING:
-        torch.manual_seed(seed)
-        return build_backbone("mobilefacenet", act="relu")
-
-
-def device_head(device_seed: int, num_classes: int, margin: float) -> ArcFaceHead:
-    """A fresh head as edge_agent.trainer.LocalTrainer makes one (torch seeded with the device seed)."""
-    with _SEEDING:
-        torch.manual_seed(device_seed)
-        return ArcFaceHead(128, num_classes, margin=margin)
+def alone_config(cfg: ExperimentConfig, state_dir: Path) -> AggregatorConfig:
+    """The aggregator of a one-device arm: the federated arms' model, seed and train settings, a quorum of one."""
+    return parse_config(AggregatorConfig, {
+        "state_dir": str(state_dir), "rounds": cfg.rounds, "min_clients": 1,
+        "model": {"arch": "mobilefacenet", "act": "relu", "seed": cfg.seed},
+        "train": {"local_epochs": cfg.local_epochs, "lr": cfg.lr, "margin": cfg.margin}})
 
 
 def evaluate(backbone: torch.nn.Module, holdout: FaceDataset) -> tuple[dict, tuple[np.ndarray, np.ndarray]]:
@@ -246,6 +243,9 @@ class Runner:
         self.results: dict[str, dict] = {}
         self.rocs: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self._uncalibrated: dict[str, tuple[dict, list[dict]]] = {}  # federated arm -> scores with averaged BN
+        # The round-0 model of the in-process arms, built once here: it seeds torch's global generator, which
+        # the arms' threads must not do (the federated arms' aggregators build the same one in their processes).
+        self.initial = FaceModels(alone_config(cfg, cfg.out / "runs")).initial_tensors()
 
     def run(self) -> None:
         cfg, setup = self.cfg, self.setup
@@ -297,22 +297,32 @@ class Runner:
                  f"EER {metrics['eer']:.3f} | TAR@1e-2 {metrics[f'tar_at_far_{TAR_KEY}']:.3f}{extra}")
 
     def _train_alone(self, name: str, data: FaceDataset, device_seed: int) -> Outcome:
-        """What one device would do with this data and no federation: rounds x local_epochs of train_local."""
-        cfg = self.cfg
+        """What one device would do with this data and no federation: a federation of that device alone."""
+        cfg, holdout = self.cfg, self.setup.holdout
         start = time.time()
-        backbone = initial_backbone(cfg.seed)
-        head = device_head(device_seed, data.num_classes, cfg.margin)
-        metrics, roc = evaluate(backbone, self.setup.holdout)
-        curve = [_curve_point(0, metrics)]
+        home = cfg.out / "runs" / name.replace(" ", "-")
+        config = alone_config(cfg, home / "aggregator")
+        backbone = build_backbone("mobilefacenet", act="relu")  # weights replaced by each round's
+        scored: dict[int, tuple[dict, tuple]] = {}  # round -> (metrics, ROC)
         bar = self._bar(name, cfg.rounds)
-        for r in range(1, cfg.rounds + 1):
-            train = TrainConfig(epochs=cfg.local_epochs, batch_size=cfg.batch_size, lr=cfg.lr, seed=device_seed + r)
-            result = train_local(backbone, head, data, train)
-            metrics, roc = evaluate(backbone, self.setup.holdout)
-            curve.append({**_curve_point(r, metrics), "train_loss": result.loss})
-            bar.update()
-            self._line(name, r, curve[-1], f" | train loss {result.loss:.3f}")
-        bar.close()
+
+        def evaluate_round(round_number: int, tensors: dict[str, np.ndarray]) -> dict[str, float]:
+            load_shared_tensors(backbone, tensors)
+            scored[round_number] = evaluate(backbone, holdout)
+            point = _curve_point(round_number, scored[round_number][0])
+            if round_number:
+                bar.update()
+                self._line(name, round_number, point)
+            return {k: v for k, v in point.items() if k != "round"}
+
+        device = Device("device", LocalTrainer(data, home / "device", cfg.batch_size, augment=True, seed=device_seed))
+        try:
+            engine = run_inprocess(config, [device], InProcessModels(config, self.initial, evaluate_round))
+        finally:
+            bar.close()
+        curve = [{"round": e["round"], **{k: e[k] for k in ("val_accuracy", "eer", f"tar_at_far_{TAR_KEY}")},
+                  **({"train_loss": e["train_loss"]} if e["round"] else {})} for e in engine.state.read_log()]
+        metrics, roc = scored[cfg.rounds]
         return metrics, curve, roc, time.time() - start
 
     def _record_local(self, runs: list[Outcome]) -> None:

@@ -6,8 +6,9 @@ and every device trains as edge_agent's agent does (LocalTrainer.train_round on 
 its own ArcFace head kept in its state dir, its update encoded with the announced codec and its own
 quantization residual). What is left out is the transport: signing, acks, the broker; the bytes each
 transfer would put on the wire are counted all the same.
-The benches run their federations through `run_inprocess` (bench/dp_utility.py and the experiment's
-centralized and local arms do not yet: BENCHMARKS.md, issue 15).
+The benches and the experiment's centralized and local arms (one-device federations) run through
+`run_inprocess`; bench/dp_utility.py does not yet (BENCHMARKS.md, issue 15). Devices are registered online, so
+fraction_fit < 1 samples among them; dp_rng seeds a bench's DP noise (production keeps the CSPRNG).
 """
 
 from __future__ import annotations
@@ -83,14 +84,20 @@ class InProcessModels(FaceModels):
         return self._evaluate(round_number, tensors)
 
 
-def run_inprocess(config: AggregatorConfig, devices: list[Device], models: InProcessModels | None = None
-                  ) -> RoundEngine:
+def run_inprocess(config: AggregatorConfig, devices: list[Device], models: InProcessModels | None = None,
+                  dp_rng: np.random.Generator | None = None) -> RoundEngine:
     """Run `config.rounds` rounds (fewer if a DP budget stops them); returns the engine, whose state dir holds
-    the checkpoints and rounds.jsonl and whose publisher (a Recorder) the summaries. Each phase closes once
-    every device answered: by quorum, or as at its deadline with what was accepted."""
-    strategy, dp = strategy_for(config)
+    the checkpoints and rounds.jsonl and whose publisher (a Recorder) the summaries. Every device is online from
+    the start, so fraction_fit < 1 samples among them as the engine samples a live fleet. Each phase closes once
+    every sampled device answered: by quorum, or as at its deadline with what was accepted.
+
+    dp_rng: the DP noise's generator, seeded for a bench's repeatable runs (None: the engine's cryptographic one).
+    """
+    strategy, dp = strategy_for(config, dp_rng)
     engine = RoundEngine(config, strategy, models or InProcessModels(config), Recorder(), dp=dp)
     engine.restore_or_init()
+    for device in devices:
+        engine.device_state(device.device_id, "online")
     engine.start()
     while not engine.done:
         ann = engine.current.announcement

@@ -9,6 +9,7 @@ from aggregator.models import train_settings
 from edge_agent.trainer import LocalTrainer
 from facefed.inprocess import Device, run_inprocess
 from fedwire.config import parse_config
+from fedwire.dp import secure_generator
 from model_zoo.checkpoint import load_checkpoint, shared_tensors
 from model_zoo.data import FaceDataset
 from model_zoo.losses import ArcFaceHead
@@ -79,3 +80,23 @@ def test_a_trainers_fresh_head_ignores_torchs_global_generator(tmp_path):
     torch.manual_seed(1)
     head = ArcFaceHead(8, 2, generator=torch.Generator().manual_seed(7))
     assert torch.equal(head.weight.detach(), heads[0]) and torch.equal(torch.rand(3), expected)  # global untouched
+
+
+def test_the_driver_samples_among_its_devices_and_a_seeded_dp_generator_repeats_its_noise(tmp_path):
+    def run(name: str, noise_seed: int):
+        config = parse_config(AggregatorConfig, {
+            "state_dir": str(tmp_path / name / "aggregator"), "rounds": 1, "min_clients": 1, "fraction_fit": 0.5,
+            "model": {"embedding_size": 8}, "train": {"local_epochs": 1, "lr": 0.05},
+            "dp": {"noise_multiplier": 1.0, "clip": 1.0, "delta": 1e-3}})
+        devices = [Device(f"dev-{k}", LocalTrainer(_faces(k), tmp_path / name / f"dev-{k}", 4, False, k))
+                   for k in range(2)]
+        engine = run_inprocess(config, devices, dp_rng=secure_generator(noise_seed))
+        return engine, shared_tensors(load_checkpoint(engine.state.checkpoint_path(1))[0])
+
+    engine, first = run("a", 5)
+    (announced,) = engine.publisher.announcements
+    assert len(announced.participants) == 1 and engine.publisher.summaries[0].clients == announced.participants
+    _, again = run("b", 5)
+    _, other = run("c", 6)
+    assert all(np.array_equal(first[k], again[k]) for k in first)
+    assert not all(np.array_equal(first[k], other[k]) for k in first)
