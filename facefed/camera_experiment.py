@@ -36,6 +36,7 @@ from edge_agent.trainer import RoundResult, TrainingDiverged
 from facefed.inprocess import Device as InProcessDevice
 from facefed.inprocess import run_inprocess
 from fedwire.messages import TrainSettings
+from model_zoo.backbones import PRETRAINED_FACEAPI, model_score
 from model_zoo.camera import CameraSpec, capture_frames, draw_device_camera, parse_camera
 from model_zoo.camera_adapt import (AdaptConfig, AdaptDiverged, DeviceData, Teacher, adapt, build_model, embed,
                                     get_tensors, part_names, set_tensors, teacher_for)
@@ -50,6 +51,7 @@ ARMS = ("version0", "local", "fedavg", "fedavg_personal", "pooled")
 # frames; exact in this simulation); "domain", only the domain's nominal camera; "none", no camera model
 # (its synthetic pairs and strangers stay clean: only its owner's frames show it the camera).
 CAMERA_MODELS = ("own", "domain", "none")
+SCORE = model_score(PRETRAINED_FACEAPI, "evaluate")  # gallery-vs-probe image pairs of the face-api descriptor: raw L2
 FAR = far_key(1e-3)
 PRESETS = {
     "camera-quick": {"rounds": 3, "steps": 12, "batch": 6, "train_frames": 60, "test_frames": 30, "unseen_probes": 30},
@@ -218,13 +220,13 @@ def evaluate_fleet(fleet: Fleet, load_device: Callable[[int], torch.nn.Module], 
         gallery = embed(model, dev.data.enrolment)
         probes = embed(model, np.concatenate([dev.test_frames, dev.impostor_frames]))
         names = np.concatenate([[dev.owner] * len(dev.test_frames), dev.impostor_names])
-        owner.append(gallery_pair_scores(gallery, [dev.owner] * len(gallery), probes, names, "l2"))
+        owner.append(gallery_pair_scores(gallery, [dev.owner] * len(gallery), probes, names, SCORE))
         if unseen:
             unseen_gallery = embed(model, fleet.unseen_gallery)
             clean.append(gallery_pair_scores(unseen_gallery, fleet.unseen_gallery_names,
-                                             embed(model, fleet.unseen_probes), fleet.unseen_names, "l2"))
+                                             embed(model, fleet.unseen_probes), fleet.unseen_names, SCORE))
             camera.append(gallery_pair_scores(unseen_gallery, fleet.unseen_gallery_names,
-                                              probes[len(dev.test_frames):], dev.impostor_names, "l2"))
+                                              probes[len(dev.test_frames):], dev.impostor_names, SCORE))
     out = {"owner": _report(owner)}
     if unseen:
         out.update({"unseen_clean": _report(clean), "unseen_camera": _report(camera)})
