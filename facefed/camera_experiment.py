@@ -265,7 +265,7 @@ class CameraDeviceTrainer:
     def __init__(self, runner: Runner, index: int, cfg: AdaptConfig, personal: bool) -> None:
         self.runner, self.index, self.cfg = runner, index, cfg
         self.names = runner.shared + (runner.personal if personal else [])
-        self.personal = get_tensors(runner._put(), runner.personal) if personal else {}
+        self.personal = {n: runner.version0[n].copy() for n in runner.personal} if personal else {}
         self.num_samples = len(runner.fleet.devices[index].data.frames)  # the n_k it claims
         self.losses: list[float] = []
         self.cpu_seconds: list[float] = []
@@ -371,7 +371,7 @@ class Runner:
                                       min_clients=len(devices), round_timeout_s=3600.0,
                                       model=ModelConfig(arch="faceapi-resnet", options={"trainable": "all"}))
         hooks = CameraModels(spec_of(self.model), train_settings(engine_cfg),
-                             get_tensors(self._put(), self.shared), on_round)
+                             {n: self.version0[n].copy() for n in self.shared}, on_round)
         engine = run_inprocess(engine_cfg, devices, hooks)
         shared = engine.global_tensors
         uploads = [b for d in devices for b in d.upload_bytes]

@@ -104,12 +104,7 @@ def set_tensors(model: nn.Module, tensors: dict[str, np.ndarray]) -> None:
 
 def raw_descriptors(model: FaceApiResNet, images: np.ndarray | torch.Tensor) -> torch.Tensor:
     """Unnormalised 128-d descriptors (face-api's own output) of uint8 crops or model-input tensors."""
-    x = to_model_input(images) if isinstance(images, np.ndarray) else images
-    out = model.trunk_features(x)
-    *blocks, projection = model.tail.children()
-    for block in blocks:
-        out = block(out)
-    return projection.descriptor(out)
+    return model.descriptor(to_model_input(images) if isinstance(images, np.ndarray) else images)
 
 
 @torch.no_grad()
