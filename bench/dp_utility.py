@@ -5,16 +5,21 @@ Setup. celeb-dev split by identity: `--holdout` people are never trained on and 
 on; the other people's images are dealt out `--images-per-device` at a time, one person per device, so the
 N = 100 fleet is the first 100 devices of the N = 1,000 one. The model is the pretrained face-api ResNet with
 only its 256 -> 128 projection trained (32,768 parameters); the frozen trunk's features are computed once per
-image and cached, as devices do (model_zoo.train.TrunkFeatureCache). Each device trains with the kit's
-train_local: its own head, one imprinted class plus `--negative-anchors` fixed random negatives (the kit's
-single-identity remedy), `--local-epochs` local epochs. Each round samples `--per-round` devices (fraction_fit = per_round / N, which the accountant
-amplifies by): the same noise per round at every N, so a larger fleet spends less epsilon for it.
+image and cached by each device (model_zoo.train.TrunkFeatureCache). Each device trains as the agent does
+(edge_agent's LocalTrainer): its own head, one imprinted class plus `--negative-anchors` fixed random negatives
+(the kit's single-identity remedy), `--local-epochs` local epochs. Each round samples `--per-round` devices
+(fraction_fit = per_round / N, which the accountant amplifies by): the same noise per round at every N, so a
+larger fleet spends less epsilon for it.
 
-Aggregation is the aggregator's own code, in this process: aggregator.strategies.FedAvg, wrapped for DP by
-aggregator.dp.DpStrategy (central mode: clip each update to C, N(0, (z C)^2) on the sum, uniform weights), and
-epsilon from aggregator.dp.epsilon_after (dp-accounting's RDP accountant with Poisson sampling at fraction_fit).
+Every run is the aggregator's round engine with the devices' own LocalTrainers, in this process
+(facefed/inprocess.py): the engine samples the round's devices (seeded by the config's seed, so every run of
+a fleet samples the same devices), and screens, clips, noises and averages their updates. DP is the aggregator config's `dp:` section
+(central mode: aggregator.dp.DpStrategy clips each update to C and adds N(0, (z C)^2) to the sum, uniform
+weights), with the noise from a seeded generator so that a run repeats; epsilon is the engine's own, as the
+round line and rounds.jsonl report it (dp-accounting's RDP accountant with Poisson sampling at fraction_fit).
 The non-private run is plain FedAvg with the same devices, sampling and seeds. C defaults to the median
-update norm of the non-private run's first round (`--clip` overrides it).
+update norm of the non-private run's first round (`--clip` overrides it). Each device frees its backbone
+after its turn (Device.unload), so the fleet of 1,000 fits in memory.
 
     python -m bench.dp_utility                       # N = 100 and 1,000, noise multipliers 0.5 and 1.0
     python -m bench.dp_utility --fleets 1000 --noise 1.0 --rounds 10   # a quick look
@@ -24,25 +29,25 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from aggregator.config import DpConfig
-from aggregator.dp import DpStrategy, epsilon_after
-from aggregator.strategies import FedAvg
-from fedwire.dp import delta_of, l2_norm, secure_generator
+from aggregator.config import AggregatorConfig
+from edge_agent.trainer import LocalTrainer
+from facefed.inprocess import Device, InProcessModels, run_inprocess
+from fedwire.config import parse_config
+from fedwire.dp import delta_of, l2_norm
 from model_zoo.backbones import build_backbone
 from model_zoo.checkpoint import load_shared_tensors, shared_tensors
 from model_zoo.data import FaceDataset, load_dataset, shared_datasets_root
 from model_zoo.evaluate import evaluate_embeddings
-from model_zoo.losses import AnchoredArcFaceHead, negative_anchors
 from model_zoo.partition import split_holdout
-from model_zoo.train import TrainConfig, TrunkFeatureCache, TrunkFeatures, imprint_head, train_local, trunk_features
+from model_zoo.train import trunk_features
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -71,81 +76,71 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-class PrecomputedTrunk(TrunkFeatureCache):
-    """A device's trunk features, computed for the whole fleet in one batched pass (what each device's own cache
-    would hold after its first round; batching only saves this benchmark's time)."""
-
-    def __init__(self, features: TrunkFeatures) -> None:
-        super().__init__()
-        self.features = features
-
-    def get(self, backbone, images, mirrored):
-        return self.features, 0.0
-
-
-@dataclass
-class Device:
-    data: FaceDataset
-    cache: PrecomputedTrunk
-    head: AnchoredArcFaceHead
-
-
-def build_fleet(backbone, train: FaceDataset, size: int, per_device: int, people_per_device: int, anchors: int,
-                margin: float, seed: int) -> list[Device]:
-    """`size` devices, each holding `per_device` images of each of its `people_per_device` people, dealt
+def fleet_datasets(train: FaceDataset, size: int, per_device: int, people_per_device: int,
+                   seed: int) -> list[FaceDataset]:
+    """`size` devices' images, each `per_device` images of each of its `people_per_device` people, dealt
     greedily from the people with the most images left."""
     rng = np.random.default_rng(seed)
     pools = [list(rng.permutation(np.flatnonzero(train.labels == label))) for label in range(train.num_classes)]
-    chosen, labels = [], []
-    for k in range(size):
+    fleet = []
+    for _ in range(size):
         # the people with the most images left, so that unequal people still fill the fleet
         people = sorted(range(len(pools)), key=lambda p: -len(pools[p]))[:people_per_device]
         if any(len(pools[p]) < per_device for p in people):
             raise SystemExit(f"not enough images for {size} devices of {per_device}; lower --images-per-device")
-        chosen.append([pools[p].pop() for p in people for _ in range(per_device)])
-        labels.append(np.repeat(np.arange(people_per_device), per_device))
-    flat = np.concatenate(chosen)
-    features = torch.cat([trunk_features(backbone, train.images[flat[i:i + 256]])
-                          for i in tqdm(range(0, len(flat), 256), desc="trunk features", unit="batch", leave=False)])
-    devices, n = [], per_device * people_per_device
-    for k, idx in enumerate(chosen):
-        data = FaceDataset(train.images[idx], labels[k], [train.identities[train.labels[i]] for i in idx[::per_device]])
-        own = TrunkFeatures(backbone.trunk, data.images, features[k * n:(k + 1) * n], None)
-        head = AnchoredArcFaceHead(128, people_per_device, negative_anchors(anchors, 128, seed), margin=margin)
+        idx = [pools[p].pop() for p in people for _ in range(per_device)]
+        fleet.append(FaceDataset(train.images[idx], np.repeat(np.arange(people_per_device), per_device),
+                                 [train.identities[p] for p in people]))
+    return fleet
+
+
+class HeldOutScore:
+    """The engine's evaluation: held-out scores of each global model from the held-out people's trunk features
+    (computed once), and how far the model moved from version 0 (L2), noise included."""
+
+    def __init__(self, holdout: FaceDataset) -> None:
+        self.backbone = build_backbone("faceapi-resnet", trainable="projection")
+        self.start = shared_tensors(self.backbone)
+        self.features = trunk_features(self.backbone, holdout.images)
+        self.labels = holdout.labels
+        self.bar = None
+
+    def __call__(self, round_number: int, tensors) -> dict[str, float]:
+        load_shared_tensors(self.backbone, tensors)
         with torch.no_grad():
-            imprint_head(head, backbone.forward_tail(own.plain).numpy(), data.labels)
-        devices.append(Device(data, PrecomputedTrunk(own), head))
-    return devices
+            report = evaluate_embeddings(self.backbone.forward_tail(self.features).numpy(), self.labels)
+        if round_number and self.bar is not None:
+            self.bar.update()
+        return {"accuracy": report["accuracy"], "tar_at_far_1e-3": report["tar_at_far"]["1e-3"],
+                "eer": report["eer"], "moved": l2_norm(delta_of(tensors, self.start))}
 
 
-def score(backbone, tensors, start, holdout_features: torch.Tensor, labels: np.ndarray) -> dict:
-    """Held-out scores, and how far the model moved from version 0 (L2), noise included."""
-    load_shared_tensors(backbone, tensors)
-    with torch.no_grad():
-        report = evaluate_embeddings(backbone.forward_tail(holdout_features).numpy(), labels)
-    return {"accuracy": report["accuracy"], "tar_at_far_1e-3": report["tar_at_far"]["1e-3"], "eer": report["eer"],
-            "moved": l2_norm(delta_of(tensors, start))}
+def federate(fleet: list[FaceDataset], score: HeldOutScore, args, dp: dict | None, desc: str):
+    """`args.rounds` rounds over `fleet` on the round engine: (the engine, the first round's update norms)."""
+    fraction_fit = min(1.0, args.per_round / len(fleet))
+    with tempfile.TemporaryDirectory(prefix="dp-utility-") as tmp:
+        config = parse_config(AggregatorConfig, {
+            "state_dir": str(Path(tmp) / "aggregator"), "rounds": args.rounds,
+            "min_clients": min(args.per_round, len(fleet)), "fraction_fit": fraction_fit, "seed": args.seed,
+            "model": {"arch": "faceapi-resnet", "options": {"trainable": "projection"}},
+            "train": {"local_epochs": args.local_epochs, "lr": args.lr, "margin": args.margin,
+                      "negative_anchors": args.negative_anchors, "anchor_seed": args.seed},
+            **({"dp": dp} if dp else {})})
+        devices = [Device(f"device-{k:04d}", LocalTrainer(data, Path(tmp) / f"device-{k:04d}", len(data), False,
+                                                         args.seed * 100_003 + 1000 * k), unload=True)
+                   for k, data in enumerate(fleet)]
+        with tqdm(total=args.rounds, desc=desc, unit="round", leave=False) as score.bar:
+            engine = run_inprocess(config, devices, InProcessModels(config, score.start, score),
+                                   dp_rng=np.random.default_rng(args.seed))
+    first = set(engine.publisher.announcements[0].participants or [d.device_id for d in devices])
+    return engine, [d.update_norms[0] for d in devices if d.device_id in first]
 
 
-def federate(backbone, devices: list[Device], strategy, start, args, seed: int, desc: str) -> tuple[dict, list]:
-    """`args.rounds` rounds; returns the final tensors and the update norms of round 1."""
-    rng = np.random.default_rng(seed)
-    tensors, first_norms = dict(start), []
-    per_round = min(args.per_round, len(devices))
-    for r in tqdm(range(1, args.rounds + 1), desc=desc, unit="round", leave=False):
-        strategy.begin_round(tensors)
-        for k in rng.choice(len(devices), size=per_round, replace=False):
-            device = devices[k]
-            load_shared_tensors(backbone, tensors)
-            cfg = TrainConfig(epochs=args.local_epochs, batch_size=len(device.data), lr=args.lr,
-                              augment=False, seed=seed * 100_003 + r * 1009 + int(k))
-            train_local(backbone, device.head, device.data, cfg, trunk_cache=device.cache)
-            update = shared_tensors(backbone)
-            if r == 1:
-                first_norms.append(l2_norm(delta_of(update, tensors)))
-            strategy.accumulate(update, len(device.data))
-        tensors = strategy.aggregate()
-    return tensors, first_norms
+def final_row(fleet: int, run: str, engine, seconds: float, **extra) -> dict:
+    """The final model's held-out scores and epsilon, as the engine's last round summary reports them."""
+    metrics = engine.publisher.summaries[-1].metrics
+    return {"fleet": fleet, "run": run, "epsilon": metrics.get("epsilon", float("inf")), **extra,
+            **{k: metrics[k] for k in ("accuracy", "tar_at_far_1e-3", "eer", "moved")}, "seconds": seconds}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -156,32 +151,22 @@ def main(argv: list[str] | None = None) -> None:
     train_idx, holdout_idx = split_holdout(dataset.labels, args.holdout, args.seed)
     train = dataset.subset(train_idx)
     holdout = dataset.subset(holdout_idx).first_per_identity(args.holdout_images)
-    backbone = build_backbone("faceapi-resnet", trainable="projection")
-    start = shared_tensors(backbone)
-    holdout_features = trunk_features(backbone, holdout.images)
-    fleet = build_fleet(backbone, train, max(args.fleets), args.images_per_device, args.people_per_device,
-                        args.negative_anchors, args.margin, args.seed)
+    score = HeldOutScore(holdout)
+    fleet = fleet_datasets(train, max(args.fleets), args.images_per_device, args.people_per_device, args.seed)
     print(f"celeb-dev: {train.num_classes} people in training, {len(holdout.identities)} held out "
-          f"({len(holdout)} images); features of {sum(len(d.data) for d in fleet) + len(holdout)} images "
-          f"in {time.time() - started:.0f} s")
-    pretrained = score(backbone, start, start, holdout_features, holdout.labels)
-    rows = [{"fleet": 0, "run": "pretrained (version 0)", "z": None, "epsilon": 0.0, **pretrained, "seconds": 0.0}]
+          f"({len(holdout)} images); {len(fleet)} devices of {len(fleet[0])} images")
+    rows = [{"fleet": 0, "run": "pretrained (version 0)", "z": None, "epsilon": 0.0,
+             **score(0, score.start), "seconds": 0.0}]
     for size in args.fleets:
-        devices = fleet[:size]
-        fraction_fit = min(1.0, args.per_round / size)
         t = time.time()
-        plain, norms = federate(backbone, devices, FedAvg(), start, args, args.seed, f"N={size} no DP")
-        rows.append({"fleet": size, "run": "FedAvg, no DP", "z": None, "epsilon": float("inf"),
-                     **score(backbone, plain, start, holdout_features, holdout.labels), "seconds": time.time() - t})
+        engine, norms = federate(fleet[:size], score, args, None, f"N={size} no DP")
+        rows.append(final_row(size, "FedAvg, no DP", engine, time.time() - t, z=None))
         clip = args.clip if args.clip is not None else float(np.median(norms))
         for z in args.noise:
             t = time.time()
-            dp = DpConfig(noise_multiplier=z, clip=clip, delta=args.delta)
-            strategy = DpStrategy(FedAvg(), dp, fraction_fit, rng=secure_generator(args.seed))
-            tensors, _ = federate(backbone, devices, strategy, start, args, args.seed, f"N={size} z={z}")
-            rows.append({"fleet": size, "run": f"DP-FedAvg C={clip:.3g}", "z": z,
-                         "clip": clip, "epsilon": epsilon_after(args.rounds, z, fraction_fit, args.delta),
-                         **score(backbone, tensors, start, holdout_features, holdout.labels), "seconds": time.time() - t})
+            dp = {"noise_multiplier": z, "clip": clip, "delta": args.delta}
+            engine, _ = federate(fleet[:size], score, args, dp, f"N={size} z={z}")
+            rows.append(final_row(size, f"DP-FedAvg C={clip:.3g}", engine, time.time() - t, z=z, clip=clip))
     print(f"\n{args.rounds} rounds, {args.per_round} devices per round, {args.local_epochs} local epochs, "
           f"{args.images_per_device} images per device, delta {args.delta:g}; total {time.time() - started:.0f} s\n")
     print("| N | run | z | epsilon | held-out accuracy | TAR@FAR=1e-3 | EER | moved from v0 (L2) | seconds |")

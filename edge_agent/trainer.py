@@ -119,6 +119,15 @@ class LocalTrainer:
         load_shared_tensors(backbone, global_tensors)
         return measure_batchnorm_statistics(backbone, self.dataset.images, self.batch_size, self.seed)
 
+    def unload(self) -> None:
+        """Free the backbone and its trunk features until the next round rebuilds them (what a device short of
+        memory does between rounds; a fleet of simulated devices in one process needs it). The head, version 0
+        and everything else on disk stay; the next round trains exactly as it would have."""
+        self._backbone = None
+        self._model_spec = None
+        self._built_tensors = None
+        self._trunk_cache = TrunkFeatureCache()
+
     def _backbone_for(self, model_spec: dict[str, Any]):
         # Where this device keeps pretrained weights is its own business, whatever the announcement says.
         spec = {k: v for k, v in model_spec.items() if k not in MACHINE_LOCAL_KWARGS}

@@ -6,9 +6,10 @@ and every device trains as edge_agent's agent does (LocalTrainer.train_round on 
 its own ArcFace head kept in its state dir, its update encoded with the announced codec and its own
 quantization residual). What is left out is the transport: signing, acks, the broker; the bytes each
 transfer would put on the wire are counted all the same.
-The benches and the experiment's centralized and local arms (one-device federations) run through
-`run_inprocess`; bench/dp_utility.py does not yet (BENCHMARKS.md, issue 15). Devices are registered online, so
-fraction_fit < 1 samples among them; dp_rng seeds a bench's DP noise (production keeps the CSPRNG).
+Every bench that federates in process and the experiment's centralized and local arms (one-device federations)
+run through `run_inprocess`. Devices are registered online, so fraction_fit < 1 samples among them; dp_rng seeds
+a bench's DP noise (production keeps the CSPRNG); a device with `unload` frees its backbone after each turn, so
+that a fleet of 1,000 fits in memory.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from aggregator.rounds import GlobalModel, RoundEngine
 from edge_agent.trainer import LocalTrainer, TrainingDiverged
 from fedwire.chunking import DEFAULT_MAX_CHUNK_BYTES, CompletedTransfer, build_transfer
 from fedwire.compression import DEFAULT_TOPK_FRACTION, PLAIN, encode_update
+from fedwire.dp import delta_of, l2_norm
 from fedwire.messages import RoundAnnouncement, RoundSummary
 
 log = logging.getLogger("facefed.inprocess")
@@ -43,6 +45,8 @@ class Device:
     tamper: Tamper | None = None  # sees each honest update, returns what is sent (bench/robust_aggregation.py)
     residual: Tensors = field(default_factory=dict)  # compressed codecs: the error carried to the next round
     upload_bytes: list[int] = field(default_factory=list)  # per upload: what the transfer puts on the wire
+    update_norms: list[float] = field(default_factory=list)  # per update: L2 distance of the sent model from the global
+    unload: bool = False  # free the trainer's backbone after each turn (LocalTrainer.unload)
 
 
 @dataclass
@@ -111,6 +115,14 @@ def run_inprocess(config: AggregatorConfig, devices: list[Device], models: InPro
 
 def _upload(engine: RoundEngine, device: Device, ann: RoundAnnouncement) -> bool:
     """One device's turn in the phase `ann` announces, as edge_agent's agent takes it; True if accepted."""
+    try:
+        return _turn(engine, device, ann)
+    finally:
+        if device.unload:
+            device.trainer.unload()
+
+
+def _turn(engine: RoundEngine, device: Device, ann: RoundAnnouncement) -> bool:
     start = time.perf_counter()
     if ann.state == "statistics":
         kind, metrics = "statistics", {}
@@ -128,6 +140,7 @@ def _upload(engine: RoundEngine, device: Device, ann: RoundAnnouncement) -> bool
         tensors = outcome.tensors
         if device.tamper is not None:
             tensors = device.tamper(ann, tensors, engine.global_tensors)
+        device.update_norms.append(l2_norm(delta_of(tensors, engine.global_tensors)))
         tensors, device.residual = encode_update(tensors, engine.global_tensors, ann.train.codec, device.residual,
                                                  ann.train.codec_topk or DEFAULT_TOPK_FRACTION)
     codec = ann.train.codec if kind == "update" else PLAIN

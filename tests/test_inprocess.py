@@ -100,3 +100,20 @@ def test_the_driver_samples_among_its_devices_and_a_seeded_dp_generator_repeats_
     _, other = run("c", 6)
     assert all(np.array_equal(first[k], again[k]) for k in first)
     assert not all(np.array_equal(first[k], other[k]) for k in first)
+
+
+def test_a_device_that_unloads_after_each_turn_trains_exactly_as_one_that_keeps_its_backbone(tmp_path):
+    """bench/dp_utility.py's fleet of 1,000 frees every backbone after its turn; its figures must not move."""
+    finals = []
+    for unload in (False, True):
+        home = tmp_path / str(unload)
+        devices = [Device(f"dev-{k}", LocalTrainer(_faces(k), home / f"dev-{k}", 4, True, k), unload=unload)
+                   for k in range(2)]
+        config = parse_config(AggregatorConfig, {
+            "state_dir": str(home / "aggregator"), "rounds": 2, "min_clients": 2, "model": {"embedding_size": 8},
+            "train": {"local_epochs": 1, "lr": 0.05}})
+        engine = run_inprocess(config, devices)
+        assert all((d.trainer._backbone is None) == unload for d in devices)
+        assert all(len(d.update_norms) == 2 and all(n > 0 for n in d.update_norms) for d in devices)
+        finals.append(shared_tensors(load_checkpoint(engine.state.checkpoint_path(2))[0]))
+    assert all(np.array_equal(finals[0][k], finals[1][k]) for k in finals[0])
