@@ -17,7 +17,7 @@ from aggregator.connection import Connection, Event, handle
 from aggregator.intake import Intake
 from aggregator.models import FaceModels, strategy_for
 from aggregator.publisher import MqttPublisher
-from aggregator.rounds import RoundEngine, Verdict
+from aggregator.rounds import ModelHooks, RoundEngine, Verdict
 from fedwire.signing import load_signing_key
 
 log = logging.getLogger("facefed.aggregator")
@@ -42,8 +42,9 @@ class Parts:
 
 
 def assemble(config: AggregatorConfig, on_round_open: Callable[[], None] | None = None,
-             on_verdict: Callable[[Verdict], None] | None = None) -> Parts:
-    """The parts of `config`: its strategy (with DP if asked), face model, state dir, broker connection."""
+             on_verdict: Callable[[Verdict], None] | None = None, models: ModelHooks | None = None) -> Parts:
+    """The parts of `config`: its strategy (with DP if asked), face model (or the `models` hooks an experiment
+    federates instead, e.g. the camera adaptation's shared part), state dir, broker connection."""
     signing_key = load_signing_key(config.signing_key) if config.signing_key else None
     publisher = MqttPublisher(config.topics, config.max_chunk_bytes, signing_key)
     strategy, dp = strategy_for(config)
@@ -53,7 +54,8 @@ def assemble(config: AggregatorConfig, on_round_open: Callable[[], None] | None 
         if on_round_open is not None:
             on_round_open()
 
-    engine = RoundEngine(config, strategy, FaceModels(config), publisher, dp=dp, on_round_open=round_opened)
+    engine = RoundEngine(config, strategy, models or FaceModels(config), publisher, dp=dp,
+                         on_round_open=round_opened)
     connection = Connection(config, engine.models.update_bytes())
     intake = Intake(engine, config.topics, publisher.ack, revoked=lambda device_id: device_id in connection.budget.revoked,
                     on_verdict=on_verdict)
@@ -63,9 +65,9 @@ def assemble(config: AggregatorConfig, on_round_open: Callable[[], None] | None 
 class AggregatorService:
     """Announce a round, collect updates, aggregate, publish, repeat: until all configured rounds are done."""
 
-    def __init__(self, config: AggregatorConfig) -> None:
+    def __init__(self, config: AggregatorConfig, models: ModelHooks | None = None) -> None:
         self.config = config
-        self.parts = assemble(config)
+        self.parts = assemble(config, models=models)
         self.engine, self.connection, self.intake, self.publisher = (self.parts.engine, self.parts.connection,
                                                                      self.parts.intake, self.parts.publisher)
 

@@ -14,14 +14,16 @@ unlock compares, gallery (clean enrolment) against probes, with raw L2 distance:
 Arms: version0; local (each device adapts shared + personal parts alone); fedavg (shared part only,
 FedAvg over devices each round); fedavg_personal (shared part averaged, personal part kept on the device);
 pooled (one model on every device's data, steps = devices x steps, each step drawing one device: the
-upper bound nobody may do). The federated arms run on the aggregator's round engine through the in-process
-driver (facefed.inprocess): the same verdicts, bounds on each device's claimed n_k, FedAvg and journal as the
-service, with each device's upload built as the wire would carry it (its bytes are what bytes_per_round reports).
+upper bound nobody may do). The federated arms run over the real MQTT path by default (facefed.over_broker: the
+aggregator service and an EdgeAgent per device on an embedded broker, each device training with its
+CameraDeviceTrainer); `transport: inprocess` runs the same rounds on the round engine alone (facefed.inprocess).
+bytes_per_round is what each accepted upload put on the wire, from the aggregator's journal.
 """
 
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -35,6 +37,7 @@ from aggregator.models import train_settings
 from edge_agent.trainer import RoundResult, TrainingDiverged
 from facefed.inprocess import Device as InProcessDevice
 from facefed.inprocess import run_inprocess
+from facefed.over_broker import run_over_broker
 from fedwire.messages import TrainSettings
 from model_zoo.backbones import PRETRAINED_FACEAPI, model_score
 from model_zoo.camera import CameraSpec, capture_frames, draw_device_camera, parse_camera
@@ -51,6 +54,9 @@ ARMS = ("version0", "local", "fedavg", "fedavg_personal", "pooled")
 # frames; exact in this simulation); "domain", only the domain's nominal camera; "none", no camera model
 # (its synthetic pairs and strangers stay clean: only its owner's frames show it the camera).
 CAMERA_MODELS = ("own", "domain", "none")
+# mqtt: the aggregator service and an EdgeAgent per device on a real broker (facefed.over_broker); inprocess:
+# the round engine alone with the same trainers (facefed.inprocess), the same figures without the wire.
+TRANSPORTS = ("mqtt", "inprocess")
 SCORE = model_score(PRETRAINED_FACEAPI, "evaluate")  # gallery-vs-probe image pairs of the face-api descriptor: raw L2
 FAR = far_key(1e-3)
 PRESETS = {
@@ -86,6 +92,7 @@ class CameraExperimentConfig:
     bank_per_identity: int = 4
     arms: tuple[str, ...] = ARMS
     camera_model: str = "own"  # CAMERA_MODELS
+    transport: str = "mqtt"  # TRANSPORTS: how the federated arms' rounds travel
     preset: str | None = None
 
     def check(self) -> CameraExperimentConfig:
@@ -97,6 +104,8 @@ class CameraExperimentConfig:
         if self.camera_model not in CAMERA_MODELS:
             raise CameraExperimentError(f"camera_model must be one of {', '.join(CAMERA_MODELS)}, "
                                         f"got {self.camera_model!r}")
+        if self.transport not in TRANSPORTS:
+            raise CameraExperimentError(f"transport must be one of {', '.join(TRANSPORTS)}, got {self.transport!r}")
         unknown = sorted(set(self.arms) - set(ARMS))
         if unknown:
             raise CameraExperimentError(f"unknown arms {unknown}; known: {', '.join(ARMS)}")
@@ -271,20 +280,21 @@ class CameraDeviceTrainer:
         self.cpu_seconds: list[float] = []
 
     def train_round(self, round_number: int, global_tensors: dict[str, np.ndarray],
-                    settings: TrainSettings) -> RoundResult:
+                    settings: TrainSettings, progress: bool = False) -> RoundResult:
         runner = self.runner
-        model = runner._put(global_tensors, self.personal)
-        try:
-            stats = adapt(model, self.names, runner.version0, runner.fleet.devices[self.index].data,
-                          runner.teachers[self.index], self.cfg, runner._rng(round_number, self.index))
-        except AdaptDiverged as exc:
-            raise TrainingDiverged(str(exc)) from None
-        if self.personal:
-            self.personal = get_tensors(model, runner.personal)
+        with runner.lock:  # the devices share the runner's one model: agents in threads take turns
+            model = runner._put(global_tensors, self.personal)
+            try:
+                stats = adapt(model, self.names, runner.version0, runner.fleet.devices[self.index].data,
+                              runner.teachers[self.index], self.cfg, runner._rng(round_number, self.index))
+            except AdaptDiverged as exc:
+                raise TrainingDiverged(str(exc)) from None
+            if self.personal:
+                self.personal = get_tensors(model, runner.personal)
+            shared = get_tensors(model, runner.shared)
         self.losses.append(stats.loss)
         self.cpu_seconds.append(stats.cpu_seconds)
-        return RoundResult(get_tensors(model, runner.shared),
-                           TrainResult(stats.loss, 0.0, self.num_samples, stats.cpu_seconds, 1))
+        return RoundResult(shared, TrainResult(stats.loss, 0.0, self.num_samples, stats.cpu_seconds, 1))
 
 
 @dataclass
@@ -300,6 +310,9 @@ class CameraModels:
     def initial_tensors(self) -> dict[str, np.ndarray]:
         return dict(self.initial)
 
+    def update_bytes(self) -> int:
+        return sum(value.nbytes for value in self.initial.values())
+
     def evaluate(self, round_number: int, tensors: dict[str, np.ndarray]) -> dict[str, float]:
         return self.on_round(round_number, tensors)
 
@@ -310,6 +323,7 @@ class CameraModels:
 class Runner:
     def __init__(self, cfg: CameraExperimentConfig, fleet: Fleet, say: Callable[[str], None]) -> None:
         self.cfg, self.fleet, self.say = cfg, fleet, say
+        self.lock = threading.Lock()  # held while a device trains or the fleet is scored on the one model
         self.model = build_model()
         self.version0 = {n: p.detach().numpy().copy() for n, p in self.model.named_parameters()}
         self.shared, self.personal = part_names(self.model, "scale_shift", cfg.personal)
@@ -364,7 +378,8 @@ class Runner:
             if round_number == 0:  # version 0: its own arm
                 return {}
             losses = [t.losses[-1] for t in trainers if len(t.losses) == round_number]
-            curve.append(self._curve_point(round_number, load_device(shared), losses))
+            with self.lock:
+                curve.append(self._curve_point(round_number, load_device(shared), losses))
             return {"owner_camera_eer": curve[-1]["owner_camera_eer"]}
 
         engine_cfg = AggregatorConfig(state_dir=self.cfg.out / "rounds" / name, rounds=self.cfg.rounds,
@@ -372,10 +387,15 @@ class Runner:
                                       model=ModelConfig(arch="faceapi-resnet", options={"trainable": "all"}))
         hooks = CameraModels(spec_of(self.model), train_settings(engine_cfg),
                              {n: self.version0[n].copy() for n in self.shared}, on_round)
-        engine = run_inprocess(engine_cfg, devices, hooks)
+        if self.cfg.transport == "mqtt":
+            engine = run_over_broker(engine_cfg, devices, hooks, self.cfg.out / "devices" / name)
+        else:
+            engine = run_inprocess(engine_cfg, devices, hooks)
         shared = engine.global_tensors
-        uploads = [b for d in devices for b in d.upload_bytes]
-        return ArmResult(name, evaluate_fleet(self.fleet, load_device(shared)), curve, int(np.mean(uploads)),
+        # what each accepted upload put on the wire, as the aggregator's journal counts it
+        rounds = engine.state.read_log()[1:]
+        sent = sum(r["bytes_up"] for r in rounds) / sum(r["clients"] for r in rounds)
+        return ArmResult(name, evaluate_fleet(self.fleet, load_device(shared)), curve, int(round(sent)),
                          float(np.mean([s for t in trainers for s in t.cpu_seconds])), shared)
 
     def pooled(self) -> ArmResult:
@@ -497,7 +517,8 @@ def main(args) -> int:
     try:
         arms = tuple(a.strip() for a in args.methods.split(",")) if args.methods else None
         cfg = preset_config(args.preset, args.out, data=args.data, camera=args.camera, rounds=args.rounds,
-                            seed=args.seed, arms=arms, camera_model=args.camera_model).check()
+                            seed=args.seed, arms=arms, camera_model=args.camera_model,
+                            transport=args.transport).check()
     except (CameraExperimentError, ValueError) as exc:
         print(f"facefed experiment: {exc}", file=sys.stderr)
         return 2

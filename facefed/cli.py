@@ -256,6 +256,9 @@ def _add_experiment_parser(sub) -> None:
     exp.add_argument("--camera-model", choices=["own", "domain", "none"],
                      help="camera presets: what each device knows of its camera for its synthetic pairs: its own "
                      "(default), only the domain's nominal one, or none (only its owner's frames show it)")
+    exp.add_argument("--transport", choices=["mqtt", "inprocess"],
+                     help="camera presets: the federated arms over a real MQTT broker, the aggregator service and an "
+                     "agent per device (default), or on the round engine alone in this process (same figures)")
     exp.add_argument("--data", action="append", type=Path,
                      help="dataset folder (repeat to mix); default: the preset's under ../shared/datasets, "
                      "else $FACEFED_DATA or ../shared/datasets/orl")
@@ -307,6 +310,12 @@ def _experiment(args: argparse.Namespace) -> int:
         from facefed.camera_experiment import main as camera_main
 
         return camera_main(args)
+    camera_only = [flag for flag, value in (("--camera", args.camera), ("--camera-model", args.camera_model),
+                                            ("--transport", args.transport)) if value is not None]
+    if camera_only:
+        print(f"facefed experiment: {', '.join(camera_only)} apply to the camera presets only "
+              "(--preset camera-quick or camera)", file=sys.stderr)
+        return 2
     overrides = {key: getattr(args, key) for key in EXPERIMENT_FIELDS}
     if args.methods:
         overrides["methods"] = tuple(m.strip() for m in args.methods.split(",") if m.strip())

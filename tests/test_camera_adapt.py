@@ -77,9 +77,20 @@ def test_camera_quick_plumbing_with_tiny_settings(celeb_small, tmp_path, monkeyp
     # One upload on the wire: the shared part's float32 tensors, plus their safetensors header and the manifest.
     payload = 4 * results["setup"]["shared_floats"]
     assert payload < results["arms"]["fedavg"]["bytes_per_round"] < 2 * payload
-    # The federated arms ran on the round engine: its journal has round 0 and one round of all 3 devices.
+    # The federated arms ran over MQTT (an agent per device, the service's journal: round 0, then all 3 devices)...
     journal = [json.loads(line) for line in (out / "rounds" / "fedavg" / "rounds.jsonl").read_text().splitlines()]
     assert [entry["clients"] for entry in journal] == [0, 3]
+    assert sorted(p.name for p in (out / "devices" / "fedavg").iterdir()) == ["camera-0", "camera-1", "camera-2"]
+    # ... and on the round engine alone they give the same figures and wire bytes.
+    assert facefed.cli.main(["experiment", "--preset", "camera-quick", "--data", str(tmp_path / "fleet"),
+                             "--camera", "corridor,face_px=24", "--methods", "fedavg,fedavg_personal",
+                             "--transport", "inprocess", "--out", str(tmp_path / "inprocess")]) == 0
+    alone = json.loads((tmp_path / "inprocess" / "results.json").read_text())["arms"]
+    for arm in ("fedavg", "fedavg_personal"):
+        assert alone[arm]["bytes_per_round"] == results["arms"][arm]["bytes_per_round"]
+        for key in ("owner_camera_eer", "unseen_clean_eer", "unseen_camera_eer"):
+            assert alone[arm][key] == pytest.approx(results["arms"][arm][key], abs=1e-6)
+    assert not (tmp_path / "inprocess" / "devices").exists()
     assert (out / "report.md").is_file() and (out / "owner_eer_per_round.png").is_file()
     backbone, meta = load_checkpoint(out / "models" / "fedavg_personal.safetensors")
     assert meta["arm"] == "fedavg_personal"
@@ -88,6 +99,9 @@ def test_camera_quick_plumbing_with_tiny_settings(celeb_small, tmp_path, monkeyp
     assert facefed.cli.main(["experiment", "--preset", "camera-quick", "--camera", "corridor,jpeg=500",
                              "--out", str(tmp_path / "bad")]) == 2
     assert "jpeg" in capsys.readouterr().err
+    assert facefed.cli.main(["experiment", "--preset", "quick", "--transport", "inprocess",
+                             "--out", str(tmp_path / "not-camera")]) == 2
+    assert "camera presets only" in capsys.readouterr().err
 
 
 def test_camera_model_is_what_the_device_knows_not_the_camera_it_has(celeb_small, tmp_path):
