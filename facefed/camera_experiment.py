@@ -49,7 +49,11 @@ from model_zoo.data import FaceDataset, detect_layout, load_datasets, shared_dat
 from model_zoo.metrics import far_key, gallery_pair_scores, report_from_scores
 from model_zoo.train import TrainResult
 
-ARMS = ("version0", "local", "fedavg", "fedavg_personal", "pooled")
+ARMS = ("version0", "local", "fedavg", "fedavg_personal", "pooled", "version0_int8", "fedavg_personal_int8")
+# The int8-trunk device profile: a device that runs face-api's trunk in int8 (model_zoo.export.quantize_trunk,
+# calibrated on its own images, as the int8 export deploys) cannot adapt inside it; it adapts the fp32 stage
+# after it: that stage's scale/shift shared, the projection personal (with the projection's step size).
+INT8_PROFILE = {"trainable": "last", "personal": "projection", "personal_lr": 1e-4}
 # What a device knows of its own camera, for its synthetic pairs: "own", the camera it has (measured on its
 # frames; exact in this simulation); "domain", only the domain's nominal camera; "none", no camera model
 # (its synthetic pairs and strangers stay clean: only its owner's frames show it the camera).
@@ -271,10 +275,12 @@ class CameraDeviceTrainer:
     """One device of a federated arm as the in-process driver drives it (edge_agent's LocalTrainer surface):
     each round it trains the announced shared part and its own personal part, which never leaves it."""
 
-    def __init__(self, runner: Runner, index: int, cfg: AdaptConfig, personal: bool) -> None:
-        self.runner, self.index, self.cfg = runner, index, cfg
-        self.names = runner.shared + (runner.personal if personal else [])
-        self.personal = {n: runner.version0[n].copy() for n in runner.personal} if personal else {}
+    def __init__(self, runner: Runner, index: int, cfg: AdaptConfig, personal: bool, int8: bool = False) -> None:
+        self.runner, self.index, self.cfg, self.int8 = runner, index, cfg, int8
+        shared, personal_names = runner.parts(int8)
+        self.shared = shared
+        self.names = shared + (personal_names if personal else [])
+        self.personal = {n: runner.version0[n].copy() for n in personal_names} if personal else {}
         self.num_samples = len(runner.fleet.devices[index].data.frames)  # the n_k it claims
         self.losses: list[float] = []
         self.cpu_seconds: list[float] = []
@@ -283,15 +289,15 @@ class CameraDeviceTrainer:
                     settings: TrainSettings, progress: bool = False) -> RoundResult:
         runner = self.runner
         with runner.lock:  # the devices share the runner's one model: agents in threads take turns
-            model = runner._put(global_tensors, self.personal)
+            model = runner.put(self.int8, self.index, global_tensors, self.personal)
             try:
                 stats = adapt(model, self.names, runner.version0, runner.fleet.devices[self.index].data,
                               runner.teachers[self.index], self.cfg, runner._rng(round_number, self.index))
             except AdaptDiverged as exc:
                 raise TrainingDiverged(str(exc)) from None
             if self.personal:
-                self.personal = get_tensors(model, runner.personal)
-            shared = get_tensors(model, runner.shared)
+                self.personal = get_tensors(model, list(self.personal))
+            shared = get_tensors(model, self.shared)
         self.losses.append(stats.loss)
         self.cpu_seconds.append(stats.cpu_seconds)
         return RoundResult(shared, TrainResult(stats.loss, 0.0, self.num_samples, stats.cpu_seconds, 1))
@@ -327,14 +333,49 @@ class Runner:
         self.model = build_model()
         self.version0 = {n: p.detach().numpy().copy() for n, p in self.model.named_parameters()}
         self.shared, self.personal = part_names(self.model, "scale_shift", cfg.personal)
+        # Version 0's descriptors (the teachers) come from the fp32 model: shipped with it for the bank, computed
+        # once at enrolment for the owner's photos, on every device profile alike.
         bank = torch.from_numpy(embed(self.model, fleet.bank))
         self.teachers = [teacher_for(self.model, d.data, fleet.bank, bank) for d in fleet.devices]
+        self._int8: tuple[torch.nn.Module, list, list[str], list[str]] | None = None  # built for the int8 arms
 
     def _put(self, *parts: dict[str, np.ndarray]) -> torch.nn.Module:
         set_tensors(self.model, self.version0)
         for tensors in parts:
             set_tensors(self.model, tensors)
         return self.model
+
+    def parts(self, int8: bool) -> tuple[list[str], list[str]]:
+        """(shared, personal) names of the fp32 profile or of the int8-trunk one (only its fp32 tail trains)."""
+        if not int8:
+            return self.shared, self.personal
+        return self._int8_model()[2:]
+
+    def put(self, int8: bool, device: int, *parts: dict[str, np.ndarray]) -> torch.nn.Module:
+        """Device `device`'s model with these tensors over version 0: the fp32 net, or the int8-trunk profile
+        (this device's own int8 trunk under the fp32 tail)."""
+        if not int8:
+            return self._put(*parts)
+        model, trunks, _, _ = self._int8_model()
+        if trunks[device] is None:
+            from model_zoo.export import quantize_trunk
+
+            data = self.fleet.devices[device].data
+            quantize_trunk(model, np.concatenate([data.enrolment, data.frames]))  # calibrated on its own images
+            trunks[device] = model.trunk_runtime
+        model.trunk_runtime = trunks[device]
+        set_tensors(model, {n: self.version0[n] for n, _ in model.tail.named_parameters(prefix="tail")})
+        for tensors in parts:
+            set_tensors(model, tensors)
+        return model
+
+    def _int8_model(self):
+        if self._int8 is None:
+            model = build_model(trainable=INT8_PROFILE["trainable"])
+            shared, personal = part_names(model, "scale_shift", INT8_PROFILE["personal"])
+            shared = [n for n in shared if n.startswith("tail.")]  # the int8 trunk's own affines cannot train
+            self._int8 = (model, [None] * len(self.fleet.devices), shared, personal)
+        return self._int8
 
     def _curve_point(self, round_number: int, load_device, losses: list[float]) -> dict:
         owner = evaluate_fleet(self.fleet, load_device, unseen=False)["owner"]
@@ -344,8 +385,9 @@ class Runner:
                  f"{owner['tar_at_far_1e-3']:.2f}, loss {point['train_loss']:.3f}")
         return point
 
-    def version0_arm(self) -> ArmResult:
-        return ArmResult("version0", evaluate_fleet(self.fleet, lambda i: self._put()), [], 0, 0.0)
+    def version0_arm(self, int8: bool = False) -> ArmResult:
+        return ArmResult("version0_int8" if int8 else "version0",
+                         evaluate_fleet(self.fleet, lambda i: self.put(int8, i)), [], 0, 0.0)
 
     def local(self) -> ArmResult:
         cfg = self.cfg.adapt_config()
@@ -364,15 +406,18 @@ class Runner:
         return ArmResult("local", evaluate_fleet(self.fleet, lambda i: self._put(states[i])), curve, 0,
                          float(np.mean(cpu)))
 
-    def federated(self, personal: bool) -> ArmResult:
-        name = "fedavg_personal" if personal else "fedavg"
+    def federated(self, personal: bool, int8: bool = False) -> ArmResult:
+        name = ("fedavg_personal" if personal else "fedavg") + ("_int8" if int8 else "")
         cfg = self.cfg.adapt_config(personal=self.cfg.personal if personal else "none")
-        trainers = [CameraDeviceTrainer(self, i, cfg, personal) for i in range(len(self.fleet.devices))]
+        if int8:
+            cfg = replace(cfg, personal=INT8_PROFILE["personal"], personal_lr=INT8_PROFILE["personal_lr"])
+        trainers = [CameraDeviceTrainer(self, i, cfg, personal, int8) for i in range(len(self.fleet.devices))]
         devices = [InProcessDevice(f"camera-{i}", trainer) for i, trainer in enumerate(trainers)]
+        shared_names = self.parts(int8)[0]
         curve: list[dict] = []
 
         def load_device(shared: dict[str, np.ndarray]) -> Callable[[int], torch.nn.Module]:
-            return lambda i: self._put(shared, trainers[i].personal)
+            return lambda i: self.put(int8, i, shared, trainers[i].personal)
 
         def on_round(round_number: int, shared: dict[str, np.ndarray]) -> dict[str, float]:
             if round_number == 0:  # version 0: its own arm
@@ -382,11 +427,12 @@ class Runner:
                 curve.append(self._curve_point(round_number, load_device(shared), losses))
             return {"owner_camera_eer": curve[-1]["owner_camera_eer"]}
 
+        model = self.put(int8, 0)
         engine_cfg = AggregatorConfig(state_dir=self.cfg.out / "rounds" / name, rounds=self.cfg.rounds,
                                       min_clients=len(devices), round_timeout_s=3600.0,
-                                      model=ModelConfig(arch="faceapi-resnet", options={"trainable": "all"}))
-        hooks = CameraModels(spec_of(self.model), train_settings(engine_cfg),
-                             {n: self.version0[n].copy() for n in self.shared}, on_round)
+                                      model=ModelConfig(arch="faceapi-resnet", options=dict(model.arch_kwargs)))
+        hooks = CameraModels(spec_of(model), train_settings(engine_cfg),
+                             {n: self.version0[n].copy() for n in shared_names}, on_round)
         if self.cfg.transport == "mqtt":
             engine = run_over_broker(engine_cfg, devices, hooks, self.cfg.out / "devices" / name)
         else:
@@ -422,7 +468,17 @@ class Runner:
 
     def run(self, arm: str) -> ArmResult:
         return {"version0": self.version0_arm, "local": self.local, "fedavg": lambda: self.federated(False),
-                "fedavg_personal": lambda: self.federated(True), "pooled": self.pooled}[arm]()
+                "fedavg_personal": lambda: self.federated(True), "pooled": self.pooled,
+                "version0_int8": lambda: self.version0_arm(int8=True),
+                "fedavg_personal_int8": lambda: self.federated(True, int8=True)}[arm]()
+
+    def checkpoint_model(self, arm: str, tensors: dict[str, np.ndarray]) -> torch.nn.Module:
+        """The arm's model to save: fp32 throughout (an int8 trunk is machine-local, like its calibration)."""
+        if arm.endswith("_int8"):
+            model = self.put(True, 0, tensors)
+            model.trunk_runtime = None
+            return model
+        return self._put(tensors)
 
 
 # --- the experiment -----------------------------------------------------------------------------------
@@ -441,7 +497,12 @@ def run_camera_experiment(cfg: CameraExperimentConfig, say: Callable[[str], None
                                      for d in fleet.devices],
                          "unseen_people": sorted(set(fleet.unseen_names.tolist())),
                          "shared_floats": int(sum(runner.version0[n].size for n in runner.shared)),
-                         "personal_floats": int(sum(runner.version0[n].size for n in runner.personal))},
+                         "personal_floats": int(sum(runner.version0[n].size for n in runner.personal)),
+                         **({"int8_profile": {**INT8_PROFILE, **{f"{part}_floats": int(sum(runner.version0[n].size
+                                                                                          for n in names))
+                                                                 for part, names in zip(("shared", "personal"),
+                                                                                        runner.parts(True))}}}
+                            if any(a.endswith("_int8") for a in cfg.arms) else {})},
                "arms": {}}
     (cfg.out / "models").mkdir()
     for arm in cfg.arms:
@@ -454,7 +515,7 @@ def run_camera_experiment(cfg: CameraExperimentConfig, say: Callable[[str], None
             f"unseen clean {s['unseen_clean_eer']:.3f}, camera {s['unseen_camera_eer']:.3f}, "
             f"{s['seconds']:.0f} s")
         if result.global_tensors is not None:
-            save_checkpoint(cfg.out / "models" / f"{arm}.safetensors", runner._put(result.global_tensors),
+            save_checkpoint(cfg.out / "models" / f"{arm}.safetensors", runner.checkpoint_model(arm, result.global_tensors),
                             {"arm": arm, "experiment": "camera", "seed": cfg.seed, "camera": cfg.camera})
     results["setup"]["seconds"] = time.time() - start
     (cfg.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")

@@ -76,8 +76,9 @@ class AdaptConfig:
         return self
 
 
-def build_model(weights_dir=None) -> FaceApiResNet:
-    return FaceApiResNet(trainable="all", weights_dir=weights_dir)
+def build_model(weights_dir=None, trainable: str = "all") -> FaceApiResNet:
+    """The whole net trainable; "last" for a device whose trunk runs int8 (only the tail can adapt)."""
+    return FaceApiResNet(trainable=trainable, weights_dir=weights_dir)
 
 
 def part_names(model: nn.Module, shared: str, personal: str) -> tuple[list[str], list[str]]:

@@ -77,6 +77,10 @@ def test_camera_quick_plumbing_with_tiny_settings(celeb_small, tmp_path, monkeyp
     # One upload on the wire: the shared part's float32 tensors, plus their safetensors header and the manifest.
     payload = 4 * results["setup"]["shared_floats"]
     assert payload < results["arms"]["fedavg"]["bytes_per_round"] < 2 * payload
+    # The int8-trunk profile shares only the fp32 stage after its trunk: conv256_down_out's two scale/shift pairs.
+    int8 = results["setup"]["int8_profile"]
+    assert int8["shared_floats"] == 4 * 256 and int8["personal_floats"] == 256 * 128
+    assert 4 * int8["shared_floats"] < results["arms"]["fedavg_personal_int8"]["bytes_per_round"] < payload
     # The federated arms ran over MQTT (an agent per device, the service's journal: round 0, then all 3 devices)...
     journal = [json.loads(line) for line in (out / "rounds" / "fedavg" / "rounds.jsonl").read_text().splitlines()]
     assert [entry["clients"] for entry in journal] == [0, 3]
@@ -94,6 +98,8 @@ def test_camera_quick_plumbing_with_tiny_settings(celeb_small, tmp_path, monkeyp
     assert (out / "report.md").is_file() and (out / "owner_eer_per_round.png").is_file()
     backbone, meta = load_checkpoint(out / "models" / "fedavg_personal.safetensors")
     assert meta["arm"] == "fedavg_personal"
+    backbone, meta = load_checkpoint(out / "models" / "fedavg_personal_int8.safetensors")
+    assert meta["arm"] == "fedavg_personal_int8" and backbone.arch_kwargs["trainable"] == "last"
     assert facefed.cli.main(["evaluate", "--model", str(out / "models" / "fedavg.safetensors"),
                              "--data", str(tmp_path / "bank")]) == 0
     assert facefed.cli.main(["experiment", "--preset", "camera-quick", "--camera", "corridor,jpeg=500",
