@@ -96,6 +96,7 @@ class CameraExperimentConfig:
     bank_per_identity: int = 4
     arms: tuple[str, ...] = ARMS
     camera_model: str = "own"  # CAMERA_MODELS
+    household: str = "1"  # people per device: "1" (one owner) or a range such as "2-5" (household devices)
     transport: str = "mqtt"  # TRANSPORTS: how the federated arms' rounds travel
     preset: str | None = None
 
@@ -108,6 +109,7 @@ class CameraExperimentConfig:
         if self.camera_model not in CAMERA_MODELS:
             raise CameraExperimentError(f"camera_model must be one of {', '.join(CAMERA_MODELS)}, "
                                         f"got {self.camera_model!r}")
+        parse_household(self.household)
         if self.transport not in TRANSPORTS:
             raise CameraExperimentError(f"transport must be one of {', '.join(TRANSPORTS)}, got {self.transport!r}")
         unknown = sorted(set(self.arms) - set(ARMS))
@@ -158,12 +160,17 @@ def aligned_crops(dataset: FaceDataset, roots: list[Path]) -> FaceDataset:
 
 @dataclass
 class Device:
-    owner: str
+    owners: list[str]  # one owner, or a household's members (data.people() indexes them)
     data: DeviceData
-    test_frames: np.ndarray  # held-out camera frames of the owner
+    test_frames: np.ndarray  # held-out camera frames of the owners
+    test_names: np.ndarray  # whose each test frame is
     impostor_frames: np.ndarray  # off-device people through this device's camera
     impostor_names: np.ndarray
     camera: CameraSpec  # the camera that took its frames (data.camera: what the device knows of it)
+
+    @property
+    def enrolment_names(self) -> np.ndarray:
+        return np.asarray(self.owners)[self.data.people()[0]]
 
 
 @dataclass
@@ -186,11 +193,15 @@ def build_fleet(cfg: CameraExperimentConfig, say: Callable[[str], None] = print)
     off = max(3, len(people) // 4)
     order = rng.permutation(people)
     unseen, owners = order[:off], [p for p in order[off:] if counts[p] >= need_owner]
-    if len(owners) < 2:
+    households = _households(owners, cfg.household, cfg.seed)
+    if len(households) < 2:
         raise CameraExperimentError(f"{len(owners)} people have the {need_owner} images a device needs "
-                                    f"(enrol + train_frames + test_frames); lower them or give more data")
+                                    f"(enrol + train_frames + test_frames), too few for two devices of "
+                                    f"{cfg.household} people; lower them or give more data")
     domain = parse_camera(cfg.camera)
-    say(f"{len(owners)} devices (one owner each), {off} people on no device; camera {domain.describe()}")
+    per_device = "one owner each" if cfg.household == "1" else f"households of {cfg.household} people"
+    say(f"{len(households)} devices ({per_device}, {len(owners)} people), {off} people on no device; "
+        f"camera {domain.describe()}")
     bank_set = load_datasets(cfg.bank)
     keep = np.concatenate([np.flatnonzero(bank_set.labels == k)[:cfg.bank_per_identity]
                            for k in range(bank_set.num_classes)])
@@ -204,17 +215,52 @@ def build_fleet(cfg: CameraExperimentConfig, say: Callable[[str], None] = print)
         unseen_names += [dataset.identities[person]] * cfg.unseen_probes
     unseen_probes_arr = np.concatenate(unseen_probes)
     devices = []
-    for person in owners:
-        idx = rng.permutation(np.flatnonzero(dataset.labels == person))
-        camera = draw_device_camera(domain, rng)
-        enrol = dataset.images[idx[:cfg.enrol]]
-        frames = capture_frames(dataset.images[idx[cfg.enrol:cfg.enrol + cfg.train_frames]], camera, rng)
-        test = capture_frames(dataset.images[idx[cfg.enrol + cfg.train_frames:need_owner]], camera, rng)
+    for members in households:
+        camera, enrol, frames, test = None, [], [], []
+        for person in members:
+            idx = rng.permutation(np.flatnonzero(dataset.labels == person))
+            if camera is None:  # one camera per device, drawn after its first member's images (the old order)
+                camera = draw_device_camera(domain, rng)
+            enrol.append(dataset.images[idx[:cfg.enrol]])
+            frames.append(capture_frames(dataset.images[idx[cfg.enrol:cfg.enrol + cfg.train_frames]], camera, rng))
+            test.append(capture_frames(dataset.images[idx[cfg.enrol + cfg.train_frames:need_owner]], camera, rng))
         known = {"own": camera, "domain": domain, "none": CameraSpec()}[cfg.camera_model]
-        devices.append(Device(dataset.identities[person], DeviceData(enrol, frames, known), test,
+        member = np.arange(len(members))
+        data = DeviceData(np.concatenate(enrol), np.concatenate(frames), known, np.repeat(member, cfg.enrol),
+                          np.repeat(member, cfg.train_frames))
+        names = [dataset.identities[p] for p in members]
+        devices.append(Device(names, data, np.concatenate(test), np.repeat(names, cfg.test_frames),
                               capture_frames(unseen_probes_arr, camera, rng), np.asarray(unseen_names), camera))
     return Fleet(devices, np.concatenate(unseen_gallery), np.asarray(unseen_gallery_names), unseen_probes_arr,
                  np.asarray(unseen_names), bank, domain)
+
+
+def _households(owners: list[int], household: str, seed: int) -> list[list[int]]:
+    """The people on each device: one each, or households of a drawn size in the range ("2-5"), a smaller last
+    one folded into the one before (its own generator: the one-owner fleet's draws stay as they were)."""
+    low, high = parse_household(household)
+    if high == 1:
+        return [[p] for p in owners]
+    rng, groups, rest = np.random.default_rng([seed, 1]), [], list(owners)
+    while rest:
+        size = int(rng.integers(low, high + 1))
+        groups.append(rest[:size])
+        rest = rest[size:]
+    if len(groups) > 1 and len(groups[-1]) < low:
+        groups[-2] += groups.pop()
+    return groups
+
+
+def parse_household(text: str) -> tuple[int, int]:
+    """"1" (one owner per device) or "LOW-HIGH" people per device, 1 <= LOW <= HIGH <= 5."""
+    try:
+        low, _, high = text.partition("-")
+        low, high = int(low), int(high or low)
+    except ValueError:
+        raise CameraExperimentError(f"household must be 1 or a range like 2-5, got {text!r}") from None
+    if not 1 <= low <= high <= 5:
+        raise CameraExperimentError(f"household must be within 1-5 people per device, got {text!r}")
+    return low, high
 
 
 # --- evaluation ---------------------------------------------------------------------------------------
@@ -232,8 +278,9 @@ def evaluate_fleet(fleet: Fleet, load_device: Callable[[int], torch.nn.Module], 
         model = load_device(i)
         gallery = embed(model, dev.data.enrolment)
         probes = embed(model, np.concatenate([dev.test_frames, dev.impostor_frames]))
-        names = np.concatenate([[dev.owner] * len(dev.test_frames), dev.impostor_names])
-        owner.append(gallery_pair_scores(gallery, [dev.owner] * len(gallery), probes, names, SCORE))
+        # A household member's frame against another member's enrolment is an impostor pair too.
+        names = np.concatenate([dev.test_names, dev.impostor_names])
+        owner.append(gallery_pair_scores(gallery, dev.enrolment_names, probes, names, SCORE))
         if unseen:
             unseen_gallery = embed(model, fleet.unseen_gallery)
             clean.append(gallery_pair_scores(unseen_gallery, fleet.unseen_gallery_names,
@@ -493,7 +540,7 @@ def run_camera_experiment(cfg: CameraExperimentConfig, say: Callable[[str], None
     results = {"setup": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()
                             if k not in ("data", "out", "bank")},
                          "data": [str(d) for d in cfg.data], "bank": [str(b) for b in cfg.bank],
-                         "devices": [{"owner": d.owner, "camera": asdict(d.camera), "camera_model": asdict(d.data.camera)}
+                         "devices": [{"owners": d.owners, "camera": asdict(d.camera), "camera_model": asdict(d.data.camera)}
                                      for d in fleet.devices],
                          "unseen_people": sorted(set(fleet.unseen_names.tolist())),
                          "shared_floats": int(sum(runner.version0[n].size for n in runner.shared)),
@@ -535,7 +582,8 @@ def report_markdown(results: dict, fleet: Fleet) -> str:
     setup = results["setup"]
     lines = [f"# Camera-domain experiment ({setup['preset'] or 'custom'}, seed {setup['seed']})", "",
              f"Camera: {setup['camera']} ({fleet.domain.describe()}); devices' camera model: {setup['camera_model']}; "
-             f"{len(fleet.devices)} devices, one owner each; "
+             f"{len(fleet.devices)} devices, "
+             f"{'one owner each' if setup['household'] == '1' else 'households of ' + setup['household'] + ' people'}; "
              f"{len(setup['unseen_people'])} people on no device; {setup['rounds']} rounds x {setup['steps']} steps "
              f"per device; shared part {setup['shared_floats']} floats, personal part {setup['personal_floats']}.",
              "Scores: raw L2 distance, gallery (clean enrolment) vs probes.", "",
@@ -579,7 +627,7 @@ def main(args) -> int:
         arms = tuple(a.strip() for a in args.methods.split(",")) if args.methods else None
         cfg = preset_config(args.preset, args.out, data=args.data, camera=args.camera, rounds=args.rounds,
                             seed=args.seed, arms=arms, camera_model=args.camera_model,
-                            transport=args.transport).check()
+                            transport=args.transport, household=args.household).check()
     except (CameraExperimentError, ValueError) as exc:
         print(f"facefed experiment: {exc}", file=sys.stderr)
         return 2

@@ -256,6 +256,8 @@ def _add_experiment_parser(sub) -> None:
     exp.add_argument("--camera-model", choices=["own", "domain", "none"],
                      help="camera presets: what each device knows of its camera for its synthetic pairs: its own "
                      "(default), only the domain's nominal one, or none (only its owner's frames show it)")
+    exp.add_argument("--household", help="camera presets: people per device, 1 (one owner, default) or a range "
+                     "such as 2-5 (household devices; each member's frames against their own enrolment)")
     exp.add_argument("--transport", choices=["mqtt", "inprocess"],
                      help="camera presets: the federated arms over a real MQTT broker, the aggregator service and an "
                      "agent per device (default), or on the round engine alone in this process (same figures)")
@@ -311,7 +313,8 @@ def _experiment(args: argparse.Namespace) -> int:
 
         return camera_main(args)
     camera_only = [flag for flag, value in (("--camera", args.camera), ("--camera-model", args.camera_model),
-                                            ("--transport", args.transport)) if value is not None]
+                                            ("--transport", args.transport), ("--household", args.household))
+                   if value is not None]
     if camera_only:
         print(f"facefed experiment: {', '.join(camera_only)} apply to the camera presets only "
               "(--preset camera-quick or camera)", file=sys.stderr)

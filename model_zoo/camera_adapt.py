@@ -121,6 +121,16 @@ class DeviceData:
     enrolment: np.ndarray  # uint8 [E, 112, 112, 3] clean
     frames: np.ndarray  # uint8 [F, 112, 112, 3] camera frames of the owner
     camera: CameraSpec  # the device's own camera, as it measures it on its frames
+    # A household device (2-5 people): which member each enrolment photo and frame shows, as unlock knows from
+    # the template it matched. None: one owner.
+    enrolment_people: np.ndarray | None = None
+    frame_people: np.ndarray | None = None
+
+    def people(self) -> tuple[np.ndarray, np.ndarray]:
+        """(member of each enrolment photo, member of each frame): all 0 for a one-owner device."""
+        if self.enrolment_people is None:
+            return np.zeros(len(self.enrolment), int), np.zeros(len(self.frames), int)
+        return self.enrolment_people, self.frame_people
 
 
 @dataclass
@@ -190,17 +200,22 @@ def adapt(model: FaceApiResNet, names: list[str], reference: dict[str, np.ndarra
         batch = np.concatenate([capture_frames(clean, d.camera, rng), d.frames[f], d.enrolment, strangers])
         out = raw_descriptors(model, batch)
         n, m = cfg.batch, len(d.enrolment)
-        prototype = t.enrolment.mean(0)
+        # Each member's prototype: version 0's mean descriptor of their enrolment (one row for a one-owner device).
+        enrolment_people, frame_people = d.people()
+        people = torch.from_numpy(enrolment_people)
+        prototypes = torch.stack([t.enrolment[people == k].mean(0) for k in range(int(people.max()) + 1)])
+        frame_targets = prototypes[torch.from_numpy(frame_people[f])]
         strangers = out[2 * n + m:]
         # A mirrored face's descriptor is close to the original's: the teacher of a flipped photo is its own.
         terms = {
             "pairs": (out[:n] - t.enrolment[e]).pow(2).sum(1).mean(),
-            "align": (out[n:2 * n] - prototype).pow(2).sum(1).mean(),
+            "align": (out[n:2 * n] - frame_targets).pow(2).sum(1).mean(),
             "clean": (out[2 * n:2 * n + m] - t.enrolment).pow(2).sum(1).mean(),
             "bank": (strangers - t.bank[b]).pow(2).sum(1).mean(),
-            # A stranger in this camera must stay at least as far from the owner as their clean photo is.
-            "push": torch.relu((t.bank[b] - prototype).norm(dim=1) - (strangers - prototype).norm(dim=1)).pow(2).mean(),
-            "spread": _similarity_matching(out, torch.cat([t.enrolment[e], prototype.expand(n, -1), t.enrolment,
+            # A stranger in this camera must stay at least as far from each member as their clean photo is.
+            "push": torch.relu((t.bank[b][:, None] - prototypes[None]).norm(dim=2)
+                               - (strangers[:, None] - prototypes[None]).norm(dim=2)).pow(2).mean(),
+            "spread": _similarity_matching(out, torch.cat([t.enrolment[e], frame_targets, t.enrolment,
                                                            t.bank[b]]), t.bank),
             "l2sp": sum((p - a).pow(2).sum() for p, a in zip(trained, anchor)),
         }

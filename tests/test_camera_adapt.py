@@ -130,3 +130,40 @@ def test_camera_model_is_what_the_device_knows_not_the_camera_it_has(celeb_small
     with pytest.raises(ce.CameraExperimentError, match="camera_model"):
         ce.CameraExperimentConfig(data=[tmp_path / "fleet"], out=tmp_path / "bad", bank=[tmp_path / "bank"],
                                   camera_model="exact").check()
+
+
+def test_a_household_device_scores_each_member_against_their_own_enrolment_and_trains_towards_it(celeb_small, tmp_path):
+    import facefed.camera_experiment as ce
+
+    save_folders(celeb_small.subset(np.flatnonzero(celeb_small.labels < 7)), tmp_path / "fleet")
+    save_folders(celeb_small.subset(np.flatnonzero(celeb_small.labels == 7)), tmp_path / "bank")
+    cfg = ce.CameraExperimentConfig(data=[tmp_path / "fleet"], out=tmp_path / "run", bank=[tmp_path / "bank"],
+                                    enrol=2, train_frames=4, test_frames=3, unseen_probes=2, bank_per_identity=2,
+                                    household="2-2").check()
+    fleet = ce.build_fleet(cfg, say=lambda line: None)  # 7 people: 3 on no device, 4 in two households
+    assert [len(d.owners) for d in fleet.devices] == [2, 2]
+    dev = fleet.devices[0]
+    assert list(dev.enrolment_names) == [dev.owners[0]] * 2 + [dev.owners[1]] * 2
+    assert list(dev.data.people()[1]) == [0] * 4 + [1] * 4 and list(dev.test_names[::3]) == dev.owners
+    model = build_model()
+    owner = ce.evaluate_fleet(fleet, lambda i: model, unseen=False)["owner"]
+    # genuine: each member's 3 frames x their own 2 photos; impostor: the other member's and 6 off-device frames
+    assert owner["genuine_pairs"] == 2 * (2 * 3 * 2)
+    assert owner["impostor_pairs"] == 2 * (4 * (6 + 6) - 2 * 3 * 2)
+
+    version0 = {n: p.detach().numpy().copy() for n, p in model.named_parameters()}
+    teacher = teacher_for(model, dev.data, fleet.bank)
+    people = dev.data.people()
+    prototypes = np.stack([teacher.enrolment.numpy()[people[0] == k].mean(0) for k in (0, 1)])
+
+    def distance_to_own_prototype() -> float:
+        return float(np.linalg.norm(embed(model, dev.data.frames) - prototypes[people[1]], axis=1).mean())
+
+    before = distance_to_own_prototype()
+    shared, personal = part_names(model, "scale_shift", "last")
+    adapt(model, shared + personal, version0, dev.data, teacher, AdaptConfig(steps=12, batch=4),
+          np.random.default_rng(0))
+    assert distance_to_own_prototype() < before
+    for bad in ("0", "6", "2-x", "4-2"):
+        with pytest.raises(ce.CameraExperimentError, match="household"):
+            ce.parse_household(bad)
