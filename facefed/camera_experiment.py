@@ -1,7 +1,8 @@
 """Camera-domain experiment (issue 16): does federation make each device's unlock better in its own camera?
 
-One owner per device. The fleet's people are split: a quarter (at least 3) are on no device and serve as
-impostors and unseen people; each of the others owns one device, which holds `enrol` clean enrolment photos
+One owner per device (or a household of 2-5: `household`). The fleet's people are split: a quarter (at least
+3; or the `unseen` people named) are on no device and serve as impostors and unseen people; each of the others
+owns one device, which holds `enrol` clean enrolment photos
 and `train_frames` camera frames of its owner, through its own camera (drawn around the domain,
 model_zoo.camera). Every arm starts from version 0 (the pretrained face-api descriptor), runs the same
 `rounds` x `steps` Adam steps per device on the same data (model_zoo.camera_adapt), and is scored the way
@@ -14,7 +15,8 @@ unlock compares, gallery (clean enrolment) against probes, with raw L2 distance:
 Arms: version0; local (each device adapts shared + personal parts alone); fedavg (shared part only,
 FedAvg over devices each round); fedavg_personal (shared part averaged, personal part kept on the device);
 pooled (one model on every device's data, steps = devices x steps, each step drawing one device: the
-upper bound nobody may do). The federated arms run over the real MQTT path by default (facefed.over_broker: the
+upper bound nobody may do); version0_int8 and fedavg_personal_int8, the int8-trunk device profile
+(INT8_PROFILE). The federated arms run over the real MQTT path by default (facefed.over_broker: the
 aggregator service and an EdgeAgent per device on an embedded broker, each device training with its
 CameraDeviceTrainer); `transport: inprocess` runs the same rounds on the round engine alone (facefed.inprocess).
 bytes_per_round is what each accepted upload put on the wire, from the aggregator's journal.
@@ -97,6 +99,12 @@ class CameraExperimentConfig:
     arms: tuple[str, ...] = ARMS
     camera_model: str = "own"  # CAMERA_MODELS
     household: str = "1"  # people per device: "1" (one owner) or a range such as "2-5" (household devices)
+    # The people kept off every device (identity names as loaded); empty: a quarter of them, drawn by the seed.
+    unseen: tuple[str, ...] = ()
+    # People with fewer photos than enrol + train_frames + test_frames join too: their frames are re-captured
+    # from the photos they have (each capture a new draw of the camera's noise and compression); their
+    # photos after enrolment are split between training and test in the train_frames : test_frames ratio.
+    reuse_photos: bool = False
     transport: str = "mqtt"  # TRANSPORTS: how the federated arms' rounds travel
     preset: str | None = None
 
@@ -192,7 +200,17 @@ def build_fleet(cfg: CameraExperimentConfig, say: Callable[[str], None] = print)
     people = np.flatnonzero(counts >= cfg.enrol + cfg.unseen_probes)
     off = max(3, len(people) // 4)
     order = rng.permutation(people)
-    unseen, owners = order[:off], [p for p in order[off:] if counts[p] >= need_owner]
+    unseen = order[:off]
+    if cfg.unseen:
+        unknown = sorted(set(cfg.unseen) - set(dataset.identities[p] for p in people))
+        if unknown:
+            raise CameraExperimentError(f"unseen people {unknown} are not in the data with the "
+                                        f"{cfg.enrol + cfg.unseen_probes} photos they need (enrol + unseen_probes)")
+        unseen = np.array([dataset.identities.index(name) for name in cfg.unseen])
+        off = len(unseen)
+    enough = cfg.enrol + 2 if cfg.reuse_photos else need_owner  # reused: one photo for training, one for test
+    owners = [p for p in rng.permutation(dataset.num_classes) if p not in unseen and counts[p] >= enough] \
+        if cfg.unseen else [p for p in order[off:] if counts[p] >= enough]
     households = _households(owners, cfg.household, cfg.seed)
     if len(households) < 2:
         raise CameraExperimentError(f"{len(owners)} people have the {need_owner} images a device needs "
@@ -222,8 +240,9 @@ def build_fleet(cfg: CameraExperimentConfig, say: Callable[[str], None] = print)
             if camera is None:  # one camera per device, drawn after its first member's images (the old order)
                 camera = draw_device_camera(domain, rng)
             enrol.append(dataset.images[idx[:cfg.enrol]])
-            frames.append(capture_frames(dataset.images[idx[cfg.enrol:cfg.enrol + cfg.train_frames]], camera, rng))
-            test.append(capture_frames(dataset.images[idx[cfg.enrol + cfg.train_frames:need_owner]], camera, rng))
+            train_idx, test_idx = frame_sources(idx[cfg.enrol:], cfg)
+            frames.append(capture_frames(dataset.images[train_idx], camera, rng))
+            test.append(capture_frames(dataset.images[test_idx], camera, rng))
         known = {"own": camera, "domain": domain, "none": CameraSpec()}[cfg.camera_model]
         member = np.arange(len(members))
         data = DeviceData(np.concatenate(enrol), np.concatenate(frames), known, np.repeat(member, cfg.enrol),
@@ -233,6 +252,15 @@ def build_fleet(cfg: CameraExperimentConfig, say: Callable[[str], None] = print)
                               capture_frames(unseen_probes_arr, camera, rng), np.asarray(unseen_names), camera))
     return Fleet(devices, np.concatenate(unseen_gallery), np.asarray(unseen_gallery_names), unseen_probes_arr,
                  np.asarray(unseen_names), bank, domain)
+
+
+def frame_sources(photos: np.ndarray, cfg: CameraExperimentConfig) -> tuple[np.ndarray, np.ndarray]:
+    """The photos (after enrolment) each training and test frame is captured from: distinct photos while there
+    are enough, else (reuse_photos) the photos split by the train : test ratio and cycled."""
+    if len(photos) >= cfg.train_frames + cfg.test_frames:
+        return photos[:cfg.train_frames], photos[cfg.train_frames:cfg.train_frames + cfg.test_frames]
+    split = min(len(photos) - 1, max(1, round(len(photos) * cfg.train_frames / (cfg.train_frames + cfg.test_frames))))
+    return np.resize(photos[:split], cfg.train_frames), np.resize(photos[split:], cfg.test_frames)
 
 
 def _households(owners: list[int], household: str, seed: int) -> list[list[int]]:
@@ -319,7 +347,7 @@ class ArmResult:
 
 
 class CameraDeviceTrainer:
-    """One device of a federated arm as the in-process driver drives it (edge_agent's LocalTrainer surface):
+    """One device of a federated arm, as an EdgeAgent or the in-process driver drives it (LocalTrainer's surface):
     each round it trains the announced shared part and its own personal part, which never leaves it."""
 
     def __init__(self, runner: Runner, index: int, cfg: AdaptConfig, personal: bool, int8: bool = False) -> None:

@@ -167,3 +167,25 @@ def test_a_household_device_scores_each_member_against_their_own_enrolment_and_t
     for bad in ("0", "6", "2-x", "4-2"):
         with pytest.raises(ce.CameraExperimentError, match="household"):
             ce.parse_household(bad)
+
+
+def test_named_off_device_people_and_frames_recaptured_from_few_photos(celeb_small, tmp_path):
+    """bench/camera_fleet_size.py's fleets: the same people off every device at each size, and people with a few
+    photos (ORL, Yale) on devices, their frames re-captured from photos the test frames never come from."""
+    import facefed.camera_experiment as ce
+
+    save_folders(celeb_small.subset(np.flatnonzero(celeb_small.labels < 7)), tmp_path / "fleet")
+    save_folders(celeb_small.subset(np.flatnonzero(celeb_small.labels == 7)), tmp_path / "bank")
+    names = [f"fleet_{celeb_small.identities[k]}" for k in (1, 4, 6)]
+    cfg = ce.CameraExperimentConfig(data=[tmp_path / "fleet"], out=tmp_path / "run", bank=[tmp_path / "bank"],
+                                    enrol=2, train_frames=20, test_frames=10, unseen_probes=2, bank_per_identity=2,
+                                    unseen=tuple(names), reuse_photos=True).check()
+    fleet = ce.build_fleet(cfg, say=lambda line: None)
+    assert sorted(set(fleet.unseen_names)) == sorted(names)
+    assert len(fleet.devices) == 4 and not {o for d in fleet.devices for o in d.owners} & set(names)
+    assert all(len(d.data.frames) == 20 and len(d.test_frames) == 10 for d in fleet.devices)
+    train, test = ce.frame_sources(np.arange(10), cfg)  # 12 photos, 2 enrolled: 7 for training, 3 for test
+    assert len(train) == 20 and len(test) == 10 and set(train) == set(range(7)) and set(test) == {7, 8, 9}
+    with pytest.raises(ce.CameraExperimentError, match="unseen people"):
+        ce.build_fleet(ce.CameraExperimentConfig(data=[tmp_path / "fleet"], out=tmp_path / "bad",
+                                                 bank=[tmp_path / "bank"], unseen=("nobody",)), say=lambda line: None)
