@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import logging
 import os
 import tempfile
 from dataclasses import dataclass
@@ -215,6 +216,8 @@ def export_onnx(backbone: nn.Module, path: Path, input_shape: tuple[int, ...] = 
     """One-file ONNX with a dynamic batch; input_shape excludes the batch dimension."""
     import onnx
 
+    # Every export warns that torchvision's ops are not registered; the face models use none of them.
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     # A batch of 2 in the example: torch.export specialises a batch of 1 into a constant.
     example = torch.zeros(2, *input_shape)
     torch.onnx.export(backbone, (example,), str(path), dynamo=True, external_data=False,
