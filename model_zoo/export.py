@@ -18,6 +18,7 @@ import hashlib
 import logging
 import os
 import tempfile
+import warnings
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -220,9 +221,11 @@ def export_onnx(backbone: nn.Module, path: Path, input_shape: tuple[int, ...] = 
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     # A batch of 2 in the example: torch.export specialises a batch of 1 into a constant.
     example = torch.zeros(2, *input_shape)
-    torch.onnx.export(backbone, (example,), str(path), dynamo=True, external_data=False,
-                      input_names=[input_name], output_names=[output_name],
-                      dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False)
+    with warnings.catch_warnings():  # torch.export's own deprecation notice (LeafSpec), not ours to act on
+        warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+        torch.onnx.export(backbone, (example,), str(path), dynamo=True, external_data=False,
+                          input_names=[input_name], output_names=[output_name],
+                          dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False)
     # When the forward pins the batch size, the exporter falls back to a fixed batch without failing.
     batch = onnx.load(str(path)).graph.input[0].type.tensor_type.shape.dim[0]
     if not batch.dim_param:
