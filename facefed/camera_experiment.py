@@ -198,9 +198,7 @@ def build_fleet(cfg: CameraExperimentConfig, say: Callable[[str], None] = print)
     need_owner = cfg.enrol + cfg.train_frames + cfg.test_frames
     counts = np.bincount(dataset.labels, minlength=dataset.num_classes)
     people = np.flatnonzero(counts >= cfg.enrol + cfg.unseen_probes)
-    off = max(3, len(people) // 4)
-    order = rng.permutation(people)
-    unseen = order[:off]
+    enough = cfg.enrol + 2 if cfg.reuse_photos else need_owner  # reused: one photo for training, one for test
     if cfg.unseen:
         unknown = sorted(set(cfg.unseen) - set(dataset.identities[p] for p in people))
         if unknown:
@@ -208,9 +206,14 @@ def build_fleet(cfg: CameraExperimentConfig, say: Callable[[str], None] = print)
                                         f"{cfg.enrol + cfg.unseen_probes} photos they need (enrol + unseen_probes)")
         unseen = np.array([dataset.identities.index(name) for name in cfg.unseen])
         off = len(unseen)
-    enough = cfg.enrol + 2 if cfg.reuse_photos else need_owner  # reused: one photo for training, one for test
-    owners = [p for p in rng.permutation(dataset.num_classes) if p not in unseen and counts[p] >= enough] \
-        if cfg.unseen else [p for p in order[off:] if counts[p] >= enough]
+        # Owners in an order of their own: the named people's photo draws come first from `rng`, so fleets of
+        # other sizes split them alike (bench/camera_fleet_size.py compares them).
+        owners = [p for p in np.random.default_rng([cfg.seed, 2]).permutation(dataset.num_classes)
+                  if p not in unseen and counts[p] >= enough]
+    else:
+        off = max(3, len(people) // 4)
+        order = rng.permutation(people)
+        unseen, owners = order[:off], [p for p in order[off:] if counts[p] >= enough]
     households = _households(owners, cfg.household, cfg.seed)
     if len(households) < 2:
         raise CameraExperimentError(f"{len(owners)} people have the {need_owner} images a device needs "
