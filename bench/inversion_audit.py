@@ -59,8 +59,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--scenarios", nargs="+", choices=["one-step", "kit"], default=["one-step", "kit"],
                         help="which updates to invert (each also with DP)")
     parser.add_argument("--tv-weight", type=float, default=1e-2)
-    parser.add_argument("--signed", action=argparse.BooleanOptionalAction, default=True,
-                        help="step on the sign of the pixels' gradient (Geiping et al.'s default; --no-signed: raw)")
+    parser.add_argument("--signed", action=argparse.BooleanOptionalAction, default=False,
+                        help="step on the sign of the pixels' gradient (an option of Geiping et al.'s; default raw)")
+    parser.add_argument("--probe-noise", type=float, nargs="*", default=[1.0, 2.0, 5.0, 20.0],
+                        help="landscape probe: pixel noise levels (of 255) around the true faces")
     parser.add_argument("--noise", type=float, default=1.0, help="DP noise multiplier z")
     parser.add_argument("--shares", type=int, default=100, help="DP: devices splitting the noise (m)")
     parser.add_argument("--enrol", type=int, default=5, help="images in each person's template")
@@ -122,6 +124,31 @@ def invert(backbone, head, observed: dict[str, np.ndarray], labels: torch.Tensor
     return (x.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8), cosine
 
 
+def gradient_cosine(backbone, head, pixels: torch.Tensor, labels: torch.Tensor, target: list[torch.Tensor],
+                    params: list) -> float:
+    """The attack's own similarity, 1 - its loss without TV: cosine of the batch's gradient to the target."""
+    grads = torch.autograd.grad(device_loss(backbone, head, pixels, labels), params)
+    dot = sum((g * t).sum() for g, t in zip(grads, target))
+    return float(dot / (torch.sqrt(sum((g * g).sum() for g in grads)) * torch.sqrt(sum((t * t).sum() for t in target))))
+
+
+def landscape(backbone, head, originals: np.ndarray, observed: dict[str, np.ndarray], labels: torch.Tensor,
+              noise: list[float], seed: int) -> dict[str, float]:
+    """How wide the attack's basin is: its similarity at the true faces, and at the true faces plus Gaussian
+    pixel noise of each level (of 255). Where even small noise scores near 0, descent from a random start has
+    no slope to follow."""
+    params = [p for name, p in backbone.named_parameters() if name in observed]
+    target = [torch.from_numpy(np.asarray(observed[name], np.float32)) for name, _ in backbone.named_parameters()
+              if name in observed]
+    pixels = torch.from_numpy(originals).permute(0, 3, 1, 2).float()
+    gen = torch.Generator().manual_seed(seed)
+    out = {"0": gradient_cosine(backbone, head, pixels, labels, target, params)}
+    for sigma in noise:
+        noisy = (pixels + sigma * torch.randn(pixels.shape, generator=gen)).clamp(0, 255)
+        out[f"{sigma:g}"] = gradient_cosine(backbone, head, noisy, labels, target, params)
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -179,6 +206,7 @@ def main(argv: list[str] | None = None) -> None:
         backbone.train()
         # The attacker inverts the direction the update moved the weights: -(update - start) ~ the gradient.
         direction = {n: -(np.asarray(update[n], np.float64) - start[n]) for n in names}
+        probe = landscape(backbone, head, originals, direction, labels, args.probe_noise, args.seed)
         t = time.time()
         recon, cosine = invert(backbone, head, direction, labels, args, name)
         seconds = time.time() - t
@@ -189,7 +217,7 @@ def main(argv: list[str] | None = None) -> None:
                                       data_range=255.0) for o, r in zip(originals, recon)]
         rows.append({"scenario": name, "ssim": [round(s, 4) for s in ssim], "cosine_to_true": cos_true.round(4).tolist(),
                      "matched": int((cos_true >= PRETRAINED_THRESHOLDS["cosine"]).sum()), "faces": args.batch,
-                     "gradient_cosine": round(cosine, 4),
+                     "gradient_cosine": round(cosine, 4), "landscape": {k: round(v, 4) for k, v in probe.items()},
                      "seconds": round(seconds, 1)})
         recons.append(recon)
 
@@ -207,6 +235,11 @@ def main(argv: list[str] | None = None) -> None:
         print(f"| {row['scenario']} | {row['gradient_cosine']:.3f} | {', '.join(f'{s:.3f}' for s in row['ssim'])} | "
               f"{', '.join(f'{c:.3f}' for c in row['cosine_to_true'])} | {row['matched']} of {row['faces']} | "
               f"{row['seconds']:.0f} |")
+    print("\nThe attack's similarity around the true faces (pixel noise of 255; 1 = a perfect match):\n")
+    print("| scenario | " + " | ".join(f"noise {k}" for k in rows[0]["landscape"]) + " |")
+    print("|---|" + "---|" * len(rows[0]["landscape"]))
+    for row in rows:
+        print(f"| {row['scenario']} | " + " | ".join(f"{v:.3f}" for v in row["landscape"].values()) + " |")
     write_png(args.png, originals, recons, [r["scenario"] for r in rows])
     print(f"\nreconstructions: {args.png}")
     if args.json is not None:
