@@ -9,8 +9,8 @@ amqtt one on a free loopback port unless `broker` names another (e.g. a Mosquitt
 
 from __future__ import annotations
 
-import logging
 import threading
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -22,7 +22,6 @@ from edge_agent.config import load_agent_config
 from facefed.inprocess import Device
 from fedwire.broker import EmbeddedBroker
 
-log = logging.getLogger("facefed.over_broker")
 AGENTS_FOLLOW_S = 60.0  # how long agents may take to see the end once the service is done
 
 
@@ -55,8 +54,9 @@ def run_over_broker(config: AggregatorConfig, devices: list[Device], models: Mod
     for thread in threads:
         thread.start()
     threads[0].join(timeout_s)  # the service ends the federation; the agents follow its "finished" announcement
+    follow_until = time.monotonic() + (0 if errors or threads[0].is_alive() else AGENTS_FOLLOW_S)
     for thread in threads[1:]:
-        thread.join(AGENTS_FOLLOW_S if not threads[0].is_alive() else 0)
+        thread.join(max(0.0, follow_until - time.monotonic()))
     if errors:
         raise errors[0]
     stalled = [t.name for t in threads if t.is_alive()]
