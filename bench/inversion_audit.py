@@ -19,9 +19,12 @@ of different people. Scenarios:
 Score of each reconstruction: SSIM against the original (skimage, on grey), and whether the pretrained face-api
 descriptor matches it to the true person at the unlock threshold (cosine >= edge_agent's PRETRAINED_THRESHOLDS
 to the person's template: the normalised mean of `--enrol` other images, as `facefed-agent enroll` builds it).
-Writes a PNG: originals on top, one row of reconstructions per scenario.
+Writes a PNG: originals on top, one row of reconstructions per scenario. Each row also reports the gradient
+cosine the attack reached, and a landscape probe: the attack's similarity at the true faces plus pixel noise,
+which says whether there is a basin to descend into (BENCHMARKS.md, "Inversion audit").
 
-    python -m bench.inversion_audit --png runs/inversion.png        # ~10 min on 2 shared cores
+    python -m bench.inversion_audit --png runs/inversion.png        # defaults (300 iterations at 28x28): ~10 min
+    python -m bench.inversion_audit --iterations 2000 --resolution 112 --threads 1 --png DIR/audit.png  # ~54 min
 """
 
 from __future__ import annotations
