@@ -91,7 +91,8 @@ def test_camera_quick_plumbing_with_tiny_settings(celeb_small, tmp_path, monkeyp
                              "--transport", "inprocess", "--out", str(tmp_path / "inprocess")]) == 0
     alone = json.loads((tmp_path / "inprocess" / "results.json").read_text())["arms"]
     for arm in ("fedavg", "fedavg_personal"):
-        assert alone[arm]["bytes_per_round"] == results["arms"][arm]["bytes_per_round"]
+        # the same upload, to a few bytes: its manifest carries the measured training seconds as a float
+        assert abs(alone[arm]["bytes_per_round"] - results["arms"][arm]["bytes_per_round"]) <= 8
         for key in ("owner_camera_eer", "unseen_clean_eer", "unseen_camera_eer"):
             assert alone[arm][key] == pytest.approx(results["arms"][arm][key], abs=1e-6)
     assert not (tmp_path / "inprocess" / "devices").exists()
