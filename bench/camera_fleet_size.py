@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from facefed.camera_experiment import PRESETS, CameraExperimentConfig, aligned_crops, run_camera_experiment
+from facefed.camera_experiment import PRESETS, aligned_crops, preset_config, run_camera_experiment
 from model_zoo.data import load_datasets, save_folders, shared_datasets_root
 
 ARMS = ("version0", "fedavg")
@@ -79,11 +79,10 @@ def main(argv: list[str] | None = None) -> None:
             people = unseen + joining[:size - len(unseen)]
             data = Path(tmp) / f"fleet-{size}"
             save_folders(pool.of_identities(people), data)
-            cfg = CameraExperimentConfig(
-                data=[data], out=args.out / f"people-{size}", camera=args.camera, seed=args.seed,
-                **{k: v for k, v in PRESETS[args.preset].items()}, bank=[Path(tmp) / "bank"],
-                bank_per_identity=args.bank_per_identity, arms=ARMS, transport=args.transport,
-                unseen=tuple(f"{data.name}_{name}" for name in unseen), reuse_photos=True, preset=args.preset)
+            cfg = preset_config(args.preset, args.out / f"people-{size}", data=[data], camera=args.camera,
+                                seed=args.seed, bank=[Path(tmp) / "bank"], bank_per_identity=args.bank_per_identity,
+                                arms=ARMS, transport=args.transport, reuse_photos=True,
+                                unseen=tuple(f"{data.name}_{name}" for name in unseen))
             print(f"fleet of {size} people ({size - len(unseen)} on devices) -> {cfg.out}", flush=True)
             results = run_camera_experiment(cfg)
             for arm, a in results["arms"].items():

@@ -96,10 +96,7 @@ def invert(backbone, head, observed: dict[str, np.ndarray], labels: torch.Tensor
     """Geiping et al.'s cosine attack: (uint8 NHWC reconstructions, the gradient cosine it reached; 1 is a
     perfect match, so a low value says the attack did not fit, a high one with no face says the match is
     not unique)."""
-    params = [p for name, p in backbone.named_parameters() if name in observed]
-    target = [torch.from_numpy(np.asarray(observed[name], np.float32)) for name, _ in backbone.named_parameters()
-              if name in observed]
-    target_norm = torch.sqrt(sum((t * t).sum() for t in target))
+    params, target = gradient_target(backbone, observed)
     gen = torch.Generator().manual_seed(args.seed)
     # Pixels searched at --resolution and upsampled: far fewer unknowns, so a short budget gets further.
     z = torch.rand(len(labels), 3, args.resolution, args.resolution, generator=gen).requires_grad_(True)
@@ -111,13 +108,11 @@ def invert(backbone, head, observed: dict[str, np.ndarray], labels: torch.Tensor
         optimizer.zero_grad()
         x = F.interpolate(z, size=(112, 112), mode="bilinear", align_corners=False)
         grads = torch.autograd.grad(device_loss(backbone, head, x * 255.0, labels), params, create_graph=True)
-        dot = sum((g * t).sum() for g, t in zip(grads, target))
-        norm = torch.sqrt(sum((g * g).sum() for g in grads))
-        similarity = dot / (norm * target_norm + 1e-12)
+        similarity = cosine_to(grads, target)
         loss = 1 - similarity + args.tv_weight * total_variation(x)
         loss.backward()
         cosine = float(similarity.detach())
-        if args.signed:  # Geiping et al.'s default: Adam on the gradient's sign, steadier on this landscape
+        if args.signed:  # an option of Geiping et al.'s: Adam on the sign of the pixels' gradient
             z.grad.sign_()
         optimizer.step()
         schedule.step()
@@ -127,12 +122,17 @@ def invert(backbone, head, observed: dict[str, np.ndarray], labels: torch.Tensor
     return (x.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8), cosine
 
 
-def gradient_cosine(backbone, head, pixels: torch.Tensor, labels: torch.Tensor, target: list[torch.Tensor],
-                    params: list) -> float:
-    """The attack's own similarity, 1 - its loss without TV: cosine of the batch's gradient to the target."""
-    grads = torch.autograd.grad(device_loss(backbone, head, pixels, labels), params)
+def gradient_target(backbone, observed: dict[str, np.ndarray]) -> tuple[list, list[torch.Tensor]]:
+    """(the parameters the update covers, the update's tensors in the same order)."""
+    named = [(name, p) for name, p in backbone.named_parameters() if name in observed]
+    return [p for _, p in named], [torch.from_numpy(np.asarray(observed[name], np.float32)) for name, _ in named]
+
+
+def cosine_to(grads, target: list[torch.Tensor]) -> torch.Tensor:
+    """The attack's similarity (1 - its loss without TV): cosine of a gradient to the target, over all tensors."""
     dot = sum((g * t).sum() for g, t in zip(grads, target))
-    return float(dot / (torch.sqrt(sum((g * g).sum() for g in grads)) * torch.sqrt(sum((t * t).sum() for t in target))))
+    norms = torch.sqrt(sum((g * g).sum() for g in grads)) * torch.sqrt(sum((t * t).sum() for t in target))
+    return dot / (norms + 1e-12)
 
 
 def landscape(backbone, head, originals: np.ndarray, observed: dict[str, np.ndarray], labels: torch.Tensor,
@@ -140,15 +140,16 @@ def landscape(backbone, head, originals: np.ndarray, observed: dict[str, np.ndar
     """How wide the attack's basin is: its similarity at the true faces, and at the true faces plus Gaussian
     pixel noise of each level (of 255). Where even small noise scores near 0, descent from a random start has
     no slope to follow."""
-    params = [p for name, p in backbone.named_parameters() if name in observed]
-    target = [torch.from_numpy(np.asarray(observed[name], np.float32)) for name, _ in backbone.named_parameters()
-              if name in observed]
+    params, target = gradient_target(backbone, observed)
     pixels = torch.from_numpy(originals).permute(0, 3, 1, 2).float()
     gen = torch.Generator().manual_seed(seed)
-    out = {"0": gradient_cosine(backbone, head, pixels, labels, target, params)}
+
+    def at(x: torch.Tensor) -> float:
+        return float(cosine_to(torch.autograd.grad(device_loss(backbone, head, x, labels), params), target))
+
+    out = {"0": at(pixels)}
     for sigma in noise:
-        noisy = (pixels + sigma * torch.randn(pixels.shape, generator=gen)).clamp(0, 255)
-        out[f"{sigma:g}"] = gradient_cosine(backbone, head, noisy, labels, target, params)
+        out[f"{sigma:g}"] = at((pixels + sigma * torch.randn(pixels.shape, generator=gen)).clamp(0, 255))
     return out
 
 

@@ -404,6 +404,16 @@ class CameraModels:
         """Nothing to export per round: the arm's final model goes to DIR/models/<arm>.safetensors."""
 
 
+@dataclass
+class Int8Profile:
+    """The int8-trunk device profile's one model, each device's int8 trunk (quantized on first use) and its parts."""
+
+    model: torch.nn.Module
+    trunks: list  # per device: its Int8Trunk, or None until it first trains or is scored
+    shared: list[str]
+    personal: list[str]
+
+
 class Runner:
     def __init__(self, cfg: CameraExperimentConfig, fleet: Fleet, say: Callable[[str], None]) -> None:
         self.cfg, self.fleet, self.say = cfg, fleet, say
@@ -415,7 +425,7 @@ class Runner:
         # once at enrolment for the owner's photos, on every device profile alike.
         bank = torch.from_numpy(embed(self.model, fleet.bank))
         self.teachers = [teacher_for(self.model, d.data, fleet.bank, bank) for d in fleet.devices]
-        self._int8: tuple[torch.nn.Module, list, list[str], list[str]] | None = None  # built for the int8 arms
+        self._int8: Int8Profile | None = None  # built for the int8 arms
 
     def _put(self, *parts: dict[str, np.ndarray]) -> torch.nn.Module:
         set_tensors(self.model, self.version0)
@@ -427,14 +437,16 @@ class Runner:
         """(shared, personal) names of the fp32 profile or of the int8-trunk one (only its fp32 tail trains)."""
         if not int8:
             return self.shared, self.personal
-        return self._int8_model()[2:]
+        profile = self._int8_profile()
+        return profile.shared, profile.personal
 
     def put(self, int8: bool, device: int, *parts: dict[str, np.ndarray]) -> torch.nn.Module:
         """Device `device`'s model with these tensors over version 0: the fp32 net, or the int8-trunk profile
         (this device's own int8 trunk under the fp32 tail)."""
         if not int8:
             return self._put(*parts)
-        model, trunks, _, _ = self._int8_model()
+        profile = self._int8_profile()
+        model, trunks = profile.model, profile.trunks
         if trunks[device] is None:
             from model_zoo.export import quantize_trunk
 
@@ -447,12 +459,11 @@ class Runner:
             set_tensors(model, tensors)
         return model
 
-    def _int8_model(self):
+    def _int8_profile(self) -> Int8Profile:
         if self._int8 is None:
             model = build_model(trainable=INT8_PROFILE["trainable"])
-            shared, personal = part_names(model, "scale_shift", INT8_PROFILE["personal"])
-            shared = [n for n in shared if n.startswith("tail.")]  # the int8 trunk's own affines cannot train
-            self._int8 = (model, [None] * len(self.fleet.devices), shared, personal)
+            self._int8 = Int8Profile(model, [None] * len(self.fleet.devices),
+                                     *part_names(model, "scale_shift", INT8_PROFILE["personal"]))
         return self._int8
 
     def _curve_point(self, round_number: int, load_device, losses: list[float]) -> dict:

@@ -82,9 +82,10 @@ def build_model(weights_dir=None, trainable: str = "all") -> FaceApiResNet:
 
 
 def part_names(model: nn.Module, shared: str, personal: str) -> tuple[list[str], list[str]]:
-    """(shared, personal) parameter names: disjoint; the personal part takes its stage's scale/shift too."""
+    """(shared, personal) parameter names: disjoint; the personal part takes its stage's scale/shift too. Only the
+    tail trains: a frozen trunk (an int8 one on a device) has nothing to share."""
     prefixes = _PERSONAL_PREFIXES[personal]
-    names = [n for n, _ in model.named_parameters()]
+    names = [n for n, _ in model.tail.named_parameters(prefix="tail")]
     personal_names = [n for n in names if n.startswith(prefixes)] if prefixes else []
     shared_names = ([n for n in names if n.endswith(("scale_weight", "scale_bias")) and n not in personal_names]
                     if shared == "scale_shift" else [])
@@ -139,12 +140,16 @@ class Teacher:
     enrolment: torch.Tensor  # [E, 128]
     bank_images: np.ndarray  # uint8 [B, 112, 112, 3] public faces, clean
     bank: torch.Tensor  # [B, 128]
+    prototypes: torch.Tensor  # [members, 128]: each member's mean enrolment descriptor (one row for one owner)
 
 
 def teacher_for(version0: FaceApiResNet, data: DeviceData, bank_images: np.ndarray,
                 bank: torch.Tensor | None = None) -> Teacher:
     bank = torch.from_numpy(embed(version0, bank_images)) if bank is None else bank
-    return Teacher(torch.from_numpy(embed(version0, data.enrolment)), bank_images, bank)
+    enrolment = torch.from_numpy(embed(version0, data.enrolment))
+    people = torch.from_numpy(data.people()[0])
+    prototypes = torch.stack([enrolment[people == k].mean(0) for k in range(int(people.max()) + 1)])
+    return Teacher(enrolment, bank_images, bank, prototypes)
 
 
 def _similarity_matching(out: torch.Tensor, targets: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
@@ -200,11 +205,8 @@ def adapt(model: FaceApiResNet, names: list[str], reference: dict[str, np.ndarra
         batch = np.concatenate([capture_frames(clean, d.camera, rng), d.frames[f], d.enrolment, strangers])
         out = raw_descriptors(model, batch)
         n, m = cfg.batch, len(d.enrolment)
-        # Each member's prototype: version 0's mean descriptor of their enrolment (one row for a one-owner device).
-        enrolment_people, frame_people = d.people()
-        people = torch.from_numpy(enrolment_people)
-        prototypes = torch.stack([t.enrolment[people == k].mean(0) for k in range(int(people.max()) + 1)])
-        frame_targets = prototypes[torch.from_numpy(frame_people[f])]
+        prototypes = t.prototypes
+        frame_targets = prototypes[torch.from_numpy(d.people()[1][f])]  # each frame's own member
         strangers = out[2 * n + m:]
         # A mirrored face's descriptor is close to the original's: the teacher of a flipped photo is its own.
         terms = {
