@@ -263,6 +263,12 @@ class AggregatorConfig:
         for name in TrainSettings.SET_BY_AGGREGATOR:
             require(getattr(self.train, name) == getattr(TrainSettings(), name), f"train.{name}",
                     "is announced from the aggregator's own fields (update_codec, update_topk, download_codec, model)")
+        if self.train.method == "camera":  # devices adapt face-api's scales and shifts and keep a personal part
+            options = self.model.options
+            require(self.model.arch == "faceapi-resnet" and options.get("shared") == "scale_shift", "train.method",
+                    "camera needs model: {arch: faceapi-resnet, options: {shared: scale_shift, ...}}")
+            require(self.bn_statistics == "averaged", "bn_statistics",
+                    "measured has nothing to measure with train.method camera (face-api has no BatchNorm)")
         require(self.rounds >= 1, "rounds", "must be >= 1")
         require(self.min_clients >= 1, "min_clients", "must be >= 1")
         require(self.round_timeout_s > 0, "round_timeout_s", "must be > 0")

@@ -210,7 +210,8 @@ class RoundEngine:
         return RoundAnnouncement(
             round=self.model_version, model_version=self.model_version, state="finished",
             announce_id=secrets.token_hex(16), deadline=time.time(), min_clients=self.config.min_clients,
-            train=TrainSettings(),
+            # The model the final version is of: a device re-embeds its unlock enrolment with it.
+            train=self.models.train_settings,
             federation=self.federation,  # no expiry: a device that comes back late still learns the end
         )
 

@@ -17,7 +17,7 @@ import numpy as np
 from edge_agent import refusals
 from edge_agent.config import AgentConfig
 from edge_agent.train_window import may_train, read_device
-from edge_agent.trainer import LocalTrainer, TrainingDiverged
+from edge_agent.trainer import CannotTrain, LocalTrainer
 from fedwire.chunking import CompletedTransfer, Reassembler, build_transfer
 from fedwire.codec import encode_tensors, sha256_hex
 from fedwire.compression import (
@@ -322,9 +322,9 @@ class EdgeAgent:
             return
         from edge_agent.unlock.reembed import reembed_enrolment
 
-        try:
-            reembed_enrolment(self.config.unlock.store_dir(self.config.state_dir), ann.train.model,
-                              model.tensors, model.version)
+        try:  # the device's own model: the global one, or with its personal part (train.method camera)
+            reembed_enrolment(self.config.unlock.store_dir(self.config.state_dir),
+                              lambda: self.trainer.deployed(ann.train.model, model.tensors), model.version)
         except (OSError, ValueError) as exc:  # unlock keeps its old templates; training goes on
             log.warning("could not re-embed the unlock enrolment with model v%d: %s", model.version, exc)
 
@@ -409,7 +409,7 @@ class EdgeAgent:
         start = time.time()
         try:
             outcome = self.trainer.train_round(ann.round, self.global_model.tensors, settings, progress=self.progress)
-        except TrainingDiverged as exc:  # nothing was stored: the next round starts from the last good head
+        except CannotTrain as exc:  # nothing was stored: the next round starts from the last good head
             self._refuse(f"round {ann.round}: no update sent: {exc}", "idle", ann.round)
             return
         result = outcome.result
@@ -438,7 +438,11 @@ class EdgeAgent:
         """Statistics phase (bn_statistics: measured): BatchNorm statistics of the new global model on our images."""
         self._set_status("training", ann.round, detail="measuring BatchNorm statistics")
         start = time.time()
-        statistics = self.trainer.measure_statistics(self.global_model.tensors, ann.train.model)
+        try:
+            statistics = self.trainer.measure_statistics(self.global_model.tensors, ann.train.model)
+        except CannotTrain as exc:
+            self._refuse(f"round {ann.round}: no BatchNorm statistics sent: {exc}", "idle", ann.round)
+            return
         problem = refusals.first_bad_tensor(statistics)
         if problem is not None:
             self._refuse(f"round {ann.round}: no BatchNorm statistics sent: {problem}", "idle", ann.round)

@@ -203,17 +203,13 @@ def _run(args: argparse.Namespace) -> int:
     import torch
 
     from edge_agent.agent import EdgeAgent
-    from edge_agent.trainer import LocalTrainer
-    from model_zoo.data import load_dataset
 
     torch.set_num_threads(config.device.threads)
     try:
-        dataset = load_dataset(config.data)
+        trainer = _trainer(config)
     except (ValueError, FileNotFoundError) as exc:
         print(f"facefed-agent: cannot load data from {config.data}: {exc}", file=sys.stderr)
         return 2
-    trainer = LocalTrainer(dataset, config.state_dir, config.device.batch_size, config.augment, config.seed,
-                           config.device.trunk_precision, config.device.threads)
     try:
         EdgeAgent(config, trainer, progress=args.progress).run()
     except KeyboardInterrupt:
@@ -222,6 +218,20 @@ def _run(args: argparse.Namespace) -> int:
         print(f"facefed-agent: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _trainer(config):
+    """The trainer the config asks for: camera adaptation (camera_training set) or a classifier head."""
+    if config.camera_training is not None:
+        from edge_agent.camera_trainer import CameraTrainer, load_camera_data
+
+        data = load_camera_data(config.data, config.camera_training, config.unlock.store_dir(config.state_dir))
+        return CameraTrainer(data, config.state_dir, config.seed, config.device.trunk_precision, config.device.threads)
+    from edge_agent.trainer import LocalTrainer
+    from model_zoo.data import load_dataset
+
+    return LocalTrainer(load_dataset(config.data), config.state_dir, config.device.batch_size, config.augment,
+                        config.seed, config.device.trunk_precision, config.device.threads)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from fedwire.mqtt import parse_broker_url
 from fedwire.topics import Topics, validate_device_id
 from edge_agent.unlock.decision import THRESHOLD_RANGES
 from firmware_configs import profile_path
+from model_zoo.camera import parse_camera
 from model_zoo.vision import DEFAULT_DETECTOR, DEFAULT_LANDMARKS
 
 DEFAULT_BROKER = "mqtt://127.0.0.1:1883"
@@ -97,6 +98,10 @@ class UnlockSettings:
     relock_after_s: float = 2.0  # locked again once the owner has not been verified this long
     liveness: Literal["off", "blink", "motion"] = "blink"
     reembed_after_round: bool = True  # re-embed the enrolment with each new global model (the agent does it)
+    # Camera training's owner frames: each unlock keeps the chips of its matching frames in frames/<name>/, at
+    # most keep_frames per person (0: none kept). frames None: <store>/frames.
+    keep_frames: int = 0
+    frames: Path | None = None
 
     def check(self) -> None:
         require(self.model is None or self.model.is_file(), "model", f"no such file: {self.model}")
@@ -110,9 +115,35 @@ class UnlockSettings:
         require(1 <= self.lockout_failures <= 100, "lockout_failures", "must be in [1, 100]")
         require(0 <= self.lockout_s <= 86400, "lockout_s", "must be in [0, 86400]")
         require(0 <= self.relock_after_s <= 3600, "relock_after_s", "must be in [0, 3600]")
+        require(0 <= self.keep_frames <= 100000, "keep_frames", "must be in [0, 100000]")
 
     def store_dir(self, state_dir: Path) -> Path:
         return self.store if self.store is not None else state_dir / "unlock"
+
+    def frames_dir(self, store_dir: Path) -> Path:
+        return self.frames if self.frames is not None else Path(store_dir) / "frames"
+
+
+@dataclass
+class CameraTrainingSettings:
+    """What a device needs for train.method "camera" (edge_agent.camera_trainer) besides `data`, which then holds
+    its camera frames of its owner(s): ArcFace-aligned 112x112 crops, a folder per person named as enrolled."""
+
+    bank: Path  # the public face bank shipped with the model: aligned crops, a folder per identity
+    enrolment: Path | None = None  # the owners' clean enrolment photos, a folder per person; None: unlock's store
+    # What the device knows of its camera, for synthetic pairs: a domain and overrides as `facefed experiment
+    # --camera` takes them ("corridor", "door-night,face_px=32", ...); "clean" for no camera model.
+    camera: str = "corridor"
+    bank_per_identity: int = 4  # bank photos per identity used
+
+    def check(self) -> None:
+        require(self.bank.is_dir(), "bank", f"no such directory: {self.bank}")
+        require(self.enrolment is None or self.enrolment.is_dir(), "enrolment", f"no such directory: {self.enrolment}")
+        require(self.bank_per_identity >= 1, "bank_per_identity", "must be >= 1")
+        try:
+            parse_camera(self.camera)
+        except ValueError as exc:
+            raise ConfigError("camera", str(exc)) from None
 
 
 @dataclass
@@ -134,6 +165,8 @@ class AgentConfig:
     max_clock_skew_s: float = 6 * 3600.0
     tls: TlsConfig = field(default_factory=TlsConfig)  # files for an mqtts:// broker
     unlock: UnlockSettings = field(default_factory=UnlockSettings)  # face unlock on this device
+    # Set: this device trains method "camera" (its owner's unlock in its own camera), not a classifier head.
+    camera_training: CameraTrainingSettings | None = None
 
     def check(self) -> None:
         try:

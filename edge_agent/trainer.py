@@ -39,7 +39,11 @@ class RoundResult:
     result: TrainResult
 
 
-class TrainingDiverged(ValueError):
+class CannotTrain(ValueError):
+    """This round cannot be trained here (nothing was stored): the agent sends no update and says why."""
+
+
+class TrainingDiverged(CannotTrain):
     """Local training produced a non-finite loss, model or head; nothing of it was kept."""
 
 
@@ -71,6 +75,9 @@ class LocalTrainer:
                     progress: bool = False) -> RoundResult:
         """Train on the announced settings. A loss, backbone or head that is not finite raises TrainingDiverged
         before anything is stored: the head on disk stays the last good one."""
+        if settings.method != "arcface":
+            raise CannotTrain(f"this device trains train.method arcface; the round asks for {settings.method} "
+                              f"(a camera_training section in the agent's config)")
         model_spec = settings.model
         backbone = self._backbone_for(model_spec)
         load_shared_tensors(backbone, global_tensors)
@@ -118,6 +125,11 @@ class LocalTrainer:
         backbone = self._backbone_for(model_spec)
         load_shared_tensors(backbone, global_tensors)
         return measure_batchnorm_statistics(backbone, self.dataset.images, self.batch_size, self.seed)
+
+    def deployed(self, model_spec: dict[str, Any], global_tensors: dict[str, np.ndarray]
+                 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """(spec, tensors) of the model this device runs: the global model itself (the head is for training)."""
+        return model_spec, global_tensors
 
     def unload(self) -> None:
         """Free the backbone and its trunk features until the next round rebuilds them (what a device short of

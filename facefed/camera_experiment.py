@@ -25,7 +25,6 @@ bytes_per_round is what each accepted upload put on the wire, from the aggregato
 from __future__ import annotations
 
 import json
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -36,20 +35,19 @@ import torch
 
 from aggregator.config import AggregatorConfig, ModelConfig
 from aggregator.models import train_settings
-from edge_agent.trainer import RoundResult, TrainingDiverged
+from edge_agent.camera_trainer import CameraData, CameraTrainer
 from facefed.inprocess import Device as InProcessDevice
 from facefed.inprocess import run_inprocess
 from facefed.over_broker import run_over_broker
-from fedwire.messages import TrainSettings
-from model_zoo.backbones import PRETRAINED_FACEAPI, model_score
+from fedwire.messages import CameraLossWeights, CameraTraining, TrainSettings
+from model_zoo.backbones import PRETRAINED_FACEAPI, FaceApiResNet, build_backbone, model_score
 from model_zoo.camera import CameraSpec, capture_frames, draw_device_camera, parse_camera
-from model_zoo.camera_adapt import (AdaptConfig, AdaptDiverged, DeviceData, Teacher, adapt, build_model, embed,
-                                    get_tensors, part_names, set_tensors, teacher_for)
-from model_zoo.checkpoint import save_checkpoint, spec_of
+from model_zoo.camera_adapt import (AdaptConfig, DeviceData, Teacher, adapt, build_model, embed, get_tensors,
+                                    part_names, set_tensors, teacher_for)
+from model_zoo.checkpoint import load_shared_tensors, save_checkpoint, shared_tensors, spec_of
 from model_zoo.checkpoint_file import BackboneSpec
 from model_zoo.data import FaceDataset, detect_layout, load_datasets, shared_datasets_root
 from model_zoo.metrics import far_key, gallery_pair_scores, report_from_scores
-from model_zoo.train import TrainResult
 
 ARMS = ("version0", "local", "fedavg", "fedavg_personal", "pooled", "version0_int8", "fedavg_personal_int8")
 # The int8-trunk device profile: a device that runs face-api's trunk in int8 (model_zoo.export.quantize_trunk,
@@ -333,7 +331,7 @@ class ArmResult:
     curve: list[dict]
     bytes_per_round: int | None
     device_cpu_seconds_per_round: float | None
-    global_tensors: dict[str, np.ndarray] | None = None  # what goes to DIR/models/<arm>.safetensors
+    model: torch.nn.Module | None = None  # what goes to DIR/models/<arm>.safetensors
 
     def summary(self) -> dict:
         ev = self.evaluation
@@ -347,38 +345,6 @@ class ArmResult:
                 "device_cpu_seconds_per_round": self.device_cpu_seconds_per_round,
                 "pairs": {k: {"genuine": v["genuine_pairs"], "impostor": v["impostor_pairs"]} for k, v in ev.items()},
                 "curve": self.curve}
-
-
-class CameraDeviceTrainer:
-    """One device of a federated arm, as an EdgeAgent or the in-process driver drives it (LocalTrainer's surface):
-    each round it trains the announced shared part and its own personal part, which never leaves it."""
-
-    def __init__(self, runner: Runner, index: int, cfg: AdaptConfig, personal: bool, int8: bool = False) -> None:
-        self.runner, self.index, self.cfg, self.int8 = runner, index, cfg, int8
-        shared, personal_names = runner.parts(int8)
-        self.shared = shared
-        self.names = shared + (personal_names if personal else [])
-        self.personal = {n: runner.version0[n].copy() for n in personal_names} if personal else {}
-        self.num_samples = len(runner.fleet.devices[index].data.frames)  # the n_k it claims
-        self.losses: list[float] = []
-        self.cpu_seconds: list[float] = []
-
-    def train_round(self, round_number: int, global_tensors: dict[str, np.ndarray],
-                    settings: TrainSettings, progress: bool = False) -> RoundResult:
-        runner = self.runner
-        with runner.lock:  # the devices share the runner's one model: agents in threads take turns
-            model = runner.put(self.int8, self.index, global_tensors, self.personal)
-            try:
-                stats = adapt(model, self.names, runner.version0, runner.fleet.devices[self.index].data,
-                              runner.teachers[self.index], self.cfg, runner._rng(round_number, self.index))
-            except AdaptDiverged as exc:
-                raise TrainingDiverged(str(exc)) from None
-            if self.personal:
-                self.personal = get_tensors(model, list(self.personal))
-            shared = get_tensors(model, self.shared)
-        self.losses.append(stats.loss)
-        self.cpu_seconds.append(stats.cpu_seconds)
-        return RoundResult(shared, TrainResult(stats.loss, 0.0, self.num_samples, stats.cpu_seconds, 1))
 
 
 @dataclass
@@ -404,28 +370,16 @@ class CameraModels:
         """Nothing to export per round: the arm's final model goes to DIR/models/<arm>.safetensors."""
 
 
-@dataclass
-class Int8Profile:
-    """The int8-trunk device profile's one model, each device's int8 trunk (quantized on first use) and its parts."""
-
-    model: torch.nn.Module
-    trunks: list  # per device: its Int8Trunk, or None until it first trains or is scored
-    shared: list[str]
-    personal: list[str]
-
-
 class Runner:
     def __init__(self, cfg: CameraExperimentConfig, fleet: Fleet, say: Callable[[str], None]) -> None:
         self.cfg, self.fleet, self.say = cfg, fleet, say
-        self.lock = threading.Lock()  # held while a device trains or the fleet is scored on the one model
         self.model = build_model()
         self.version0 = {n: p.detach().numpy().copy() for n, p in self.model.named_parameters()}
         self.shared, self.personal = part_names(self.model, "scale_shift", cfg.personal)
         # Version 0's descriptors (the teachers) come from the fp32 model: shipped with it for the bank, computed
         # once at enrolment for the owner's photos, on every device profile alike.
-        bank = torch.from_numpy(embed(self.model, fleet.bank))
-        self.teachers = [teacher_for(self.model, d.data, fleet.bank, bank) for d in fleet.devices]
-        self._int8: Int8Profile | None = None  # built for the int8 arms
+        self.bank = torch.from_numpy(embed(self.model, fleet.bank))
+        self.teachers = [teacher_for(self.model, d.data, fleet.bank, self.bank) for d in fleet.devices]
 
     def _put(self, *parts: dict[str, np.ndarray]) -> torch.nn.Module:
         set_tensors(self.model, self.version0)
@@ -433,38 +387,29 @@ class Runner:
             set_tensors(self.model, tensors)
         return self.model
 
-    def parts(self, int8: bool) -> tuple[list[str], list[str]]:
-        """(shared, personal) names of the fp32 profile or of the int8-trunk one (only its fp32 tail trains)."""
-        if not int8:
-            return self.shared, self.personal
-        profile = self._int8_profile()
-        return profile.shared, profile.personal
+    def announced(self, int8: bool) -> tuple[dict, TrainSettings]:
+        """(the net's options, the train: section) a federation of this profile announces: train.method camera.
+        The personal part is named even for fedavg (whose devices do not personalise), so that both arms share
+        the same scales and shifts."""
+        cfg = self.cfg
+        options = {"trainable": INT8_PROFILE["trainable"] if int8 else "all", "shared": "scale_shift",
+                   "personal": INT8_PROFILE["personal"] if int8 else cfg.personal}
+        training = CameraTraining(steps=cfg.steps, batch=cfg.batch, lr=cfg.lr, l2sp=cfg.l2sp,
+                                  personal_lr=INT8_PROFILE["personal_lr"] if int8 else cfg.personal_lr,
+                                  weights=CameraLossWeights(*cfg.weights))
+        return options, TrainSettings(method="camera", camera=training)
 
-    def put(self, int8: bool, device: int, *parts: dict[str, np.ndarray]) -> torch.nn.Module:
-        """Device `device`'s model with these tensors over version 0: the fp32 net, or the int8-trunk profile
-        (this device's own int8 trunk under the fp32 tail)."""
-        if not int8:
-            return self._put(*parts)
-        profile = self._int8_profile()
-        model, trunks = profile.model, profile.trunks
-        if trunks[device] is None:
-            from model_zoo.export import quantize_trunk
+    def int8_parts(self) -> tuple[list[str], list[str]]:
+        """(shared, personal) names of the int8-trunk profile: only its fp32 tail trains."""
+        return build_model(trainable=INT8_PROFILE["trainable"]).parts(INT8_PROFILE["personal"])
 
-            data = self.fleet.devices[device].data
-            quantize_trunk(model, np.concatenate([data.enrolment, data.frames]))  # calibrated on its own images
-            trunks[device] = model.trunk_runtime
-        model.trunk_runtime = trunks[device]
-        set_tensors(model, {n: self.version0[n] for n, _ in model.tail.named_parameters(prefix="tail")})
-        for tensors in parts:
-            set_tensors(model, tensors)
-        return model
-
-    def _int8_profile(self) -> Int8Profile:
-        if self._int8 is None:
-            model = build_model(trainable=INT8_PROFILE["trainable"])
-            self._int8 = Int8Profile(model, [None] * len(self.fleet.devices),
-                                     *part_names(model, "scale_shift", INT8_PROFILE["personal"]))
-        return self._int8
+    def trainers(self, arm: str, int8: bool, personalise: bool) -> list[CameraTrainer]:
+        """The edge agent's CameraTrainer for each device, on its data (state under DIR/devices/<arm>/)."""
+        return [CameraTrainer(CameraData(dev.data, dev.owners, self.fleet.bank, self.bank),
+                              self.cfg.out / "devices" / arm / f"camera-{i}" / "state", self.cfg.seed,
+                              "int8" if int8 else "fp32", personalise=personalise,
+                              draws=lambda r, i=i: self._rng(r, i))
+                for i, dev in enumerate(self.fleet.devices)]
 
     def _curve_point(self, round_number: int, load_device, losses: list[float]) -> dict:
         owner = evaluate_fleet(self.fleet, load_device, unseen=False)["owner"]
@@ -474,9 +419,20 @@ class Runner:
                  f"{owner['tar_at_far_1e-3']:.2f}, loss {point['train_loss']:.3f}")
         return point
 
-    def version0_arm(self, int8: bool = False) -> ArmResult:
-        return ArmResult("version0_int8" if int8 else "version0",
-                         evaluate_fleet(self.fleet, lambda i: self.put(int8, i)), [], 0, 0.0)
+    def version0_arm(self) -> ArmResult:
+        return ArmResult("version0", evaluate_fleet(self.fleet, lambda i: self._put()), [], 0, 0.0)
+
+    def version0_int8(self) -> ArmResult:
+        """Version 0 on the int8-trunk profile: each device's int8 trunk, calibrated on its own images."""
+        options = self.announced(int8=True)[0]
+        spec = {"arch": FaceApiResNet.arch, **options}
+        initial = shared_tensors(build_backbone(FaceApiResNet.arch, **options))
+        trainers = self.trainers("version0_int8", int8=True, personalise=False)
+        result = ArmResult("version0_int8", evaluate_fleet(self.fleet, lambda i: trainers[i].own_model(spec, initial)),
+                           [], 0, 0.0)
+        for trainer in trainers:
+            trainer.unload()
+        return result
 
     def local(self) -> ArmResult:
         cfg = self.cfg.adapt_config()
@@ -496,42 +452,44 @@ class Runner:
                          float(np.mean(cpu)))
 
     def federated(self, personal: bool, int8: bool = False) -> ArmResult:
+        """A federated arm with train.method camera: each device is the edge agent's CameraTrainer on its data."""
         name = ("fedavg_personal" if personal else "fedavg") + ("_int8" if int8 else "")
-        cfg = self.cfg.adapt_config(personal=self.cfg.personal if personal else "none")
-        if int8:
-            cfg = replace(cfg, personal=INT8_PROFILE["personal"], personal_lr=INT8_PROFILE["personal_lr"])
-        trainers = [CameraDeviceTrainer(self, i, cfg, personal, int8) for i in range(len(self.fleet.devices))]
+        cfg = self.cfg
+        options, train = self.announced(int8)
+        engine_cfg = AggregatorConfig(state_dir=cfg.out / "rounds" / name, rounds=cfg.rounds,
+                                      min_clients=len(self.fleet.devices), round_timeout_s=3600.0,
+                                      model=ModelConfig(arch=FaceApiResNet.arch, options=options), train=train)
+        settings = train_settings(engine_cfg)
+        trainers = self.trainers(name, int8, personalise=personal)
         devices = [InProcessDevice(f"camera-{i}", trainer) for i, trainer in enumerate(trainers)]
-        shared_names = self.parts(int8)[0]
         curve: list[dict] = []
 
         def load_device(shared: dict[str, np.ndarray]) -> Callable[[int], torch.nn.Module]:
-            return lambda i: self.put(int8, i, shared, trainers[i].personal)
+            return lambda i: trainers[i].own_model(settings.model, shared)
 
         def on_round(round_number: int, shared: dict[str, np.ndarray]) -> dict[str, float]:
             if round_number == 0:  # version 0: its own arm
                 return {}
-            losses = [t.losses[-1] for t in trainers if len(t.losses) == round_number]
-            with self.lock:
-                curve.append(self._curve_point(round_number, load_device(shared), losses))
+            losses = [t.rounds[-1].loss for t in trainers if len(t.rounds) == round_number]
+            curve.append(self._curve_point(round_number, load_device(shared), losses))
             return {"owner_camera_eer": curve[-1]["owner_camera_eer"]}
 
-        model = self.put(int8, 0)
-        engine_cfg = AggregatorConfig(state_dir=self.cfg.out / "rounds" / name, rounds=self.cfg.rounds,
-                                      min_clients=len(devices), round_timeout_s=3600.0,
-                                      model=ModelConfig(arch="faceapi-resnet", options=dict(model.arch_kwargs)))
-        hooks = CameraModels(spec_of(model), train_settings(engine_cfg),
-                             {n: self.version0[n].copy() for n in shared_names}, on_round)
-        if self.cfg.transport == "mqtt":
-            engine = run_over_broker(engine_cfg, devices, hooks, self.cfg.out / "devices" / name)
+        model = build_backbone(FaceApiResNet.arch, **options)
+        hooks = CameraModels(spec_of(model), settings, shared_tensors(model), on_round)
+        if cfg.transport == "mqtt":
+            engine = run_over_broker(engine_cfg, devices, hooks, cfg.out / "devices" / name)
         else:
             engine = run_inprocess(engine_cfg, devices, hooks)
         shared = engine.global_tensors
+        load_shared_tensors(model, shared)  # the arm's checkpoint: what a new device starts from
         # what each accepted upload put on the wire, as the aggregator's journal counts it
         rounds = engine.state.read_log()[1:]
         sent = sum(r["bytes_up"] for r in rounds) / sum(r["clients"] for r in rounds)
-        return ArmResult(name, evaluate_fleet(self.fleet, load_device(shared)), curve, int(round(sent)),
-                         float(np.mean([s for t in trainers for s in t.cpu_seconds])), shared)
+        result = ArmResult(name, evaluate_fleet(self.fleet, load_device(shared)), curve, int(round(sent)),
+                           float(np.mean([s.cpu_seconds for t in trainers for s in t.rounds])), model)
+        for trainer in trainers:
+            trainer.unload()
+        return result
 
     def pooled(self) -> ArmResult:
         devices = len(self.fleet.devices)
@@ -549,7 +507,10 @@ class Runner:
             stats = adapt(self.model, names, self.version0, None, None, cfg, self._rng(r, 0), sample)
             state = get_tensors(self.model, names)
             curve.append(self._curve_point(r, lambda i: self._put(state), [stats.loss]))
-        return ArmResult("pooled", evaluate_fleet(self.fleet, lambda i: self._put(state)), curve, None, None, state)
+        checkpoint = build_model()
+        set_tensors(checkpoint, state)
+        return ArmResult("pooled", evaluate_fleet(self.fleet, lambda i: self._put(state)), curve, None, None,
+                         checkpoint)
 
     def _rng(self, round_number: int, device: int) -> np.random.Generator:
         # Every arm draws the same batches for a (round, device): arms differ by what they train, not by luck.
@@ -558,16 +519,8 @@ class Runner:
     def run(self, arm: str) -> ArmResult:
         return {"version0": self.version0_arm, "local": self.local, "fedavg": lambda: self.federated(False),
                 "fedavg_personal": lambda: self.federated(True), "pooled": self.pooled,
-                "version0_int8": lambda: self.version0_arm(int8=True),
+                "version0_int8": self.version0_int8,
                 "fedavg_personal_int8": lambda: self.federated(True, int8=True)}[arm]()
-
-    def checkpoint_model(self, arm: str, tensors: dict[str, np.ndarray]) -> torch.nn.Module:
-        """The arm's model to save: fp32 throughout (an int8 trunk is machine-local, like its calibration)."""
-        if arm.endswith("_int8"):
-            model = self.put(True, 0, tensors)
-            model.trunk_runtime = None
-            return model
-        return self._put(tensors)
 
 
 # --- the experiment -----------------------------------------------------------------------------------
@@ -590,7 +543,7 @@ def run_camera_experiment(cfg: CameraExperimentConfig, say: Callable[[str], None
                          **({"int8_profile": {**INT8_PROFILE, **{f"{part}_floats": int(sum(runner.version0[n].size
                                                                                           for n in names))
                                                                  for part, names in zip(("shared", "personal"),
-                                                                                        runner.parts(True))}}}
+                                                                                        runner.int8_parts())}}}
                             if any(a.endswith("_int8") for a in cfg.arms) else {})},
                "arms": {}}
     (cfg.out / "models").mkdir()
@@ -603,8 +556,8 @@ def run_camera_experiment(cfg: CameraExperimentConfig, say: Callable[[str], None
         say(f"{arm}: owner camera EER {s['owner_camera_eer']:.3f} (TAR@1e-3 {s['owner_tar_at_far_1e-3']:.2f}), "
             f"unseen clean {s['unseen_clean_eer']:.3f}, camera {s['unseen_camera_eer']:.3f}, "
             f"{s['seconds']:.0f} s")
-        if result.global_tensors is not None:
-            save_checkpoint(cfg.out / "models" / f"{arm}.safetensors", runner.checkpoint_model(arm, result.global_tensors),
+        if result.model is not None:
+            save_checkpoint(cfg.out / "models" / f"{arm}.safetensors", result.model,
                             {"arm": arm, "experiment": "camera", "seed": cfg.seed, "camera": cfg.camera})
     results["setup"]["seconds"] = time.time() - start
     (cfg.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")

@@ -346,11 +346,48 @@ def _check_manifest_consistency(m: TransferManifest) -> None:
 
 UPLOAD_CODECS = ("safetensors", "int8-delta", "topk-int8-delta")  # train.codec; see compression.py
 DOWNLOAD_CODECS = ("safetensors", "int8-delta")  # train.download_codec
+# train.method: "arcface", a classifier head over the device's labelled people (edge_agent.trainer); "camera",
+# one owner's camera adaptation of the face-api descriptor (model_zoo.camera_adapt, edge_agent.camera_trainer).
+TRAIN_METHODS = ("arcface", "camera")
 
 
 def _require(condition: bool, name: str, reason: str) -> None:
     if not condition:
         raise ProtocolError(name, reason)
+
+
+@dataclass(frozen=True)
+class CameraLossWeights:
+    """The camera-adaptation loss terms' weights (model_zoo.camera_adapt says what each term is)."""
+
+    pairs: float = 1.0
+    align: float = 2.0
+    clean: float = 0.5
+    bank: float = 1.0
+    push: float = 1.0
+    spread: float = 10.0  # small in value (a squared distance mismatch): it needs the weight to matter
+
+
+@dataclass(frozen=True)
+class CameraTraining:
+    """train.camera: how devices adapt with method "camera" (model_zoo.camera_adapt.AdaptConfig takes its
+    defaults from here: one set for the experiment, the aggregator and the devices)."""
+
+    steps: int = 8  # Adam steps per round
+    batch: int = 8  # images per loss term per step
+    lr: float = 1e-2  # scale/shift: values near 1 and 0, large steps are fine
+    personal_lr: float = 2e-5  # the personal part's conv and projection weights: pretrained, easily wrecked
+    l2sp: float = 1e-2  # pull of every trained tensor towards version 0
+    weights: CameraLossWeights = field(default_factory=CameraLossWeights)
+
+    def check(self) -> None:
+        _require(1 <= self.steps <= 10000, "camera.steps", "must be in [1, 10000]")
+        _require(1 <= self.batch <= 1024, "camera.batch", "must be in [1, 1024]")
+        _require(0 < self.lr <= 1, "camera.lr", "must be in (0, 1]")
+        _require(0 < self.personal_lr <= 1, "camera.personal_lr", "must be in (0, 1]")
+        _require(0 <= self.l2sp <= 1e5, "camera.l2sp", "must be in [0, 1e5]")
+        for name, value in dataclasses.asdict(self.weights).items():
+            _require(0 <= value <= 1e4, f"camera.weights.{name}", "must be in [0, 1e4]")
 
 
 @dataclass
@@ -374,6 +411,8 @@ class TrainSettings:
     # anchor_seed, join every head as negatives (0: off). See model_zoo/losses/anchors.py.
     negative_anchors: int = 0
     anchor_seed: int = 0
+    method: str = "arcface"  # TRAIN_METHODS
+    camera: CameraTraining = field(default_factory=CameraTraining)  # method "camera" only
     # Filled in by the aggregator from its own fields (update_codec, update_topk, download_codec, model), never
     # from aggregator.yaml's train: section (AggregatorConfig.check refuses them there).
     codec: str = "safetensors"  # how devices send updates (PROTOCOL.md 5.1)
@@ -390,6 +429,8 @@ class TrainSettings:
         _require(0 <= self.negative_anchors <= 65536, "negative_anchors", "must be in [0, 65536] (0 = off)")
         _require(self.anchor_seed >= 0, "anchor_seed", "must be >= 0")
         _require(0 <= self.margin < 1.5, "margin", "must be in [0, 1.5) radians")
+        _require(self.method in TRAIN_METHODS, "method", f"{self.method!r} is not one of {list(TRAIN_METHODS)}")
+        self.camera.check()
         _require(0 < self.lr <= 10, "lr", "must be in (0, 10]")
         _require(0 <= self.momentum < 1, "momentum", "must be in [0, 1)")
         _require(self.weight_decay >= 0, "weight_decay", "must be >= 0")
@@ -414,8 +455,11 @@ class TrainSettings:
         return settings
 
     def to_dict(self) -> dict[str, Any]:
-        """The wire object; codec_topk and download_codec only where set, as earlier versions sent them."""
+        """The wire object; codec_topk, download_codec, method and camera only where set, as earlier versions
+        sent them (an agent that predates a field refuses it)."""
         obj = dataclasses.asdict(self)
+        if obj["method"] == "arcface":
+            del obj["method"], obj["camera"]
         if obj["codec_topk"] is None:
             del obj["codec_topk"]
         if obj["download_codec"] == "safetensors":

@@ -29,6 +29,7 @@ shrinking as 1 - cos did in the issue's scratch experiment.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,29 +38,36 @@ import numpy as np
 import torch
 from torch import nn
 
+from fedwire.messages import CameraLossWeights, CameraTraining
+
 from .backbones import FaceApiResNet
+from .backbones.faceapi_resnet import PERSONAL_PARTS
 from .camera import CameraSpec, capture_frames
 from .data import to_model_input
 
 SHARED_PARTS = ("scale_shift", "none")
-PERSONAL_PARTS = ("last", "projection", "none")
-LOSS_TERMS = ("pairs", "align", "clean", "bank", "push", "spread")  # the order of AdaptConfig.weights
-_PERSONAL_PREFIXES = {"last": ("tail.conv256_down_out.", "tail.projection."), "projection": ("tail.projection.",),
-                      "none": ()}
+LOSS_TERMS = tuple(f.name for f in dataclasses.fields(CameraLossWeights))  # the order of AdaptConfig.weights
+_ANNOUNCED = CameraTraining()
 
 
 @dataclass(frozen=True)
 class AdaptConfig:
     shared: str = "scale_shift"
     personal: str = "last"
-    steps: int = 8  # optimiser steps per round
-    batch: int = 8  # images per loss term per step
-    lr: float = 1e-2  # scale/shift (and any shared part): values near 1 and 0, large steps are fine
-    personal_lr: float = 2e-5  # conv weights of the personal stage: small, pretrained, easily wrecked
-    # pairs, align, clean, bank, push, spread; spread is small in value (a squared distance mismatch) and needs
-    # the weight to matter
-    weights: tuple[float, ...] = (1.0, 2.0, 0.5, 1.0, 1.0, 10.0)
-    l2sp: float = 1e-2
+    # The rest as a federation announces it (fedwire.messages.CameraTraining, the one home of their defaults).
+    steps: int = _ANNOUNCED.steps  # optimiser steps per round
+    batch: int = _ANNOUNCED.batch  # images per loss term per step
+    lr: float = _ANNOUNCED.lr  # scale/shift (and any shared part)
+    personal_lr: float = _ANNOUNCED.personal_lr  # conv and projection weights of the personal part
+    weights: tuple[float, ...] = dataclasses.astuple(_ANNOUNCED.weights)  # in LOSS_TERMS order
+    l2sp: float = _ANNOUNCED.l2sp
+
+    @classmethod
+    def announced(cls, training: CameraTraining, personal: str) -> AdaptConfig:
+        """The trainer's settings for a round of method "camera" on a net whose personal part is `personal`."""
+        return cls(personal=personal, steps=training.steps, batch=training.batch, lr=training.lr,
+                   personal_lr=training.personal_lr, weights=dataclasses.astuple(training.weights),
+                   l2sp=training.l2sp).check()
 
     def check(self) -> AdaptConfig:
         if self.shared not in SHARED_PARTS:
@@ -81,15 +89,10 @@ def build_model(weights_dir=None, trainable: str = "all") -> FaceApiResNet:
     return FaceApiResNet(trainable=trainable, weights_dir=weights_dir)
 
 
-def part_names(model: nn.Module, shared: str, personal: str) -> tuple[list[str], list[str]]:
-    """(shared, personal) parameter names: disjoint; the personal part takes its stage's scale/shift too. Only the
-    tail trains: a frozen trunk (an int8 one on a device) has nothing to share."""
-    prefixes = _PERSONAL_PREFIXES[personal]
-    names = [n for n, _ in model.tail.named_parameters(prefix="tail")]
-    personal_names = [n for n in names if n.startswith(prefixes)] if prefixes else []
-    shared_names = ([n for n in names if n.endswith(("scale_weight", "scale_bias")) and n not in personal_names]
-                    if shared == "scale_shift" else [])
-    return shared_names, personal_names
+def part_names(model: FaceApiResNet, shared: str, personal: str) -> tuple[list[str], list[str]]:
+    """(shared, personal) parameter names (FaceApiResNet.parts); shared "none": nothing shared."""
+    shared_names, personal_names = model.parts(personal)
+    return (shared_names if shared == "scale_shift" else []), personal_names
 
 
 def get_tensors(model: nn.Module, names: list[str]) -> dict[str, np.ndarray]:

@@ -5,14 +5,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from .backbones import FrozenTrunk, backbone_spec, build_backbone
+from .backbones import backbone_spec, build_backbone
 from .checkpoint_file import (CHECKPOINT_FORMAT, BackboneSpec, CheckpointError, read_checkpoint, running_statistics,
                               write_checkpoint)
 
 
 def shared_tensors(backbone: nn.Module) -> dict[str, np.ndarray]:
     """The federated payload: float state_dict entries, BN running stats included, integer counters
-    (num_batches_tracked) left out; of a FrozenTrunk backbone only the tail's (every device holds the trunk)."""
+    (num_batches_tracked) left out; of a backbone with a shared_state() (FaceApiResNet) only those: every
+    device holds the frozen trunk and the pretrained weights."""
     return {name: np.ascontiguousarray(t.detach().cpu().numpy()).copy() for name, t in _shared_state(backbone).items()}
 
 
@@ -34,7 +35,7 @@ def load_shared_tensors(backbone: nn.Module, tensors) -> None:
 
 def _shared_state(backbone: nn.Module) -> dict[str, torch.Tensor]:
     # A frozen trunk never changes and comes from the pretrained weights on each machine: it never travels.
-    state = backbone.tail.state_dict(prefix="tail.") if isinstance(backbone, FrozenTrunk) else backbone.state_dict()
+    state = backbone.shared_state() if hasattr(backbone, "shared_state") else backbone.state_dict()
     return {name: t for name, t in state.items() if t.is_floating_point()}
 
 

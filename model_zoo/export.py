@@ -18,6 +18,7 @@ import hashlib
 import logging
 import os
 import tempfile
+import threading
 import warnings
 from dataclasses import dataclass
 from importlib import metadata
@@ -44,6 +45,9 @@ INPUT_NAME, OUTPUT_NAME = "pixels", "embedding"
 # ranges settle well before that, and TFLite calibration runs one image at a time.
 CALIBRATION_LIMIT = 256
 SYNTHETIC_CHECK_IMAGES = 16  # fp32 exports without calibration images are checked on seeded noise
+# torch.onnx.export keeps process-wide state while it runs: one export at a time (devices simulated as threads
+# in one process each quantize their own trunk).
+_ONNX_EXPORT = threading.Lock()
 TOOLS = {"onnx": ("torch", "onnx", "onnxscript", "onnxruntime"), "tflite": ("torch", "litert-torch")}
 
 
@@ -221,7 +225,8 @@ def export_onnx(backbone: nn.Module, path: Path, input_shape: tuple[int, ...] = 
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     # A batch of 2 in the example: torch.export specialises a batch of 1 into a constant.
     example = torch.zeros(2, *input_shape)
-    with warnings.catch_warnings():  # torch.export's own deprecation notice (LeafSpec), not ours to act on
+    # (catch_warnings is process-wide state too: inside the lock)
+    with _ONNX_EXPORT, warnings.catch_warnings():  # torch.export's deprecation notice (LeafSpec), not ours to act on
         warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
         torch.onnx.export(backbone, (example,), str(path), dynamo=True, external_data=False,
                           input_names=[input_name], output_names=[output_name],

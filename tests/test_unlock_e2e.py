@@ -160,3 +160,25 @@ def test_a_static_photo_does_not_pass_the_blink_challenge(tmp_path, enrolled):
     # Without the challenge the same photo unlocks: the refusal above is the liveness check's doing.
     records = run_unlock(tmp_path, enrolled, video, "--liveness", "off")
     assert records[2]["event"] == "unlocked"
+
+
+def test_each_unlock_keeps_the_owners_matching_frames_for_camera_training(tmp_path, enrolled, caplog):
+    store, config = enrolled
+    keeping = tmp_path / "unlock.yaml"
+    frames = tmp_path / "frames"
+    keeping.write_text(config.read_text() + f"  keep_frames: 4\n  frames: {frames}\n")
+    rng = np.random.default_rng(1)
+    stranger = [camera_frame(STRANGER, STRANGER_PHOTOS[i % 2], rng) for i in range(SEGMENT)]
+    video = write_video(tmp_path / "owner-stranger-owner.mp4", owner_segment(rng) + stranger + owner_segment(rng))
+    with caplog.at_level("INFO", logger="facefed.unlock"):
+        assert main(["unlock", "--source", str(video), "--store", str(store), "--config", str(keeping),
+                     "--no-window"]) == 0
+    kept = [m for m in caplog.messages if m.startswith("kept ")]
+    # Two unlocks, each keeping the k matching frames (at least) that led to it; the stranger is never kept.
+    assert len(kept) == 2 and all(int(m.split()[1]) >= 3 for m in kept)
+    assert sorted(p.name for p in frames.iterdir()) == ["owner"]
+    files = sorted((frames / "owner").glob("*.png"))
+    assert len(files) == 4  # the limit: the oldest went first
+    assert all(stat.S_IMODE(f.stat().st_mode) == 0o600 for f in files)
+    assert stat.S_IMODE((frames / "owner").stat().st_mode) == 0o700
+    assert all(cv2.imread(str(f)).shape == (112, 112, 3) for f in files)

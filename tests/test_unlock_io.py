@@ -220,7 +220,11 @@ def test_agent_reembeds_the_enrolment_with_a_new_global_model(tmp_path):
     (tmp_path / "faces").mkdir()
     config = tmp_path / "agent.yaml"
     config.write_text(yaml.safe_dump({"device_id": "cam-01", "data": "faces", "state_dir": "state"}))
-    agent = EdgeAgent(load_agent_config(config), trainer=None)
+    from edge_agent.trainer import LocalTrainer
+    from model_zoo.data import FaceDataset
+
+    no_faces = FaceDataset(np.zeros((0, 112, 112, 3), np.uint8), np.zeros(0, int), [])
+    agent = EdgeAgent(load_agent_config(config), LocalTrainer(no_faces, tmp_path / "state", 8, False, 0))
     store = TemplateStore(tmp_path / "state" / "unlock")
     before = enrolment(model=L2_REF)  # enrolled with the pretrained descriptor, compared by l2
     store.save(before)
@@ -234,6 +238,7 @@ def test_agent_reembeds_the_enrolment_with_a_new_global_model(tmp_path):
     assert after.model.path == str(global_model_path(store.root, 3).resolve())
     assert after.model.score == "cosine"  # a FaceFed checkpoint: re-embedded as its own score wants
     # The same model again changes nothing; a later one replaces the saved checkpoint.
-    assert reembed_enrolment(store.root, {"arch": "mobilefacenet", "embedding_size": 64}, tensors, 3) == 0
-    assert reembed_enrolment(store.root, {"arch": "mobilefacenet", "embedding_size": 64}, tensors, 4) == 1
+    model = lambda: ({"arch": "mobilefacenet", "embedding_size": 64}, tensors)  # noqa: E731
+    assert reembed_enrolment(store.root, lambda: pytest.fail("no model needed: nothing to re-embed"), 3) == 0
+    assert reembed_enrolment(store.root, model, 4) == 1
     assert sorted(p.name for p in store.root.glob("global-v*")) == ["global-v4.safetensors"]

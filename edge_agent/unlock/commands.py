@@ -14,7 +14,7 @@ from model_zoo.vision import DEFAULT_DETECTOR, DEFAULT_LANDMARKS
 from .analyzer import PRETRAINED, FaceAnalyzer, load_model
 from .decision import DecisionRules
 from .liveness import make_challenge
-from .store import StoreError, TemplateStore
+from .store import FrameStore, StoreError, TemplateStore
 
 log = logging.getLogger("facefed.unlock")
 
@@ -107,8 +107,9 @@ def unlock_command(args: argparse.Namespace) -> int:
         lockout_failures=settings.lockout_failures, lockout_s=settings.lockout_s,
         relock_after_s=settings.relock_after_s if args.relock_after is None else args.relock_after)
     liveness = args.liveness or settings.liveness
+    frames = FrameStore(settings.frames_dir(store.root), settings.keep_frames) if settings.keep_frames else None
     session = UnlockSession(analyzer, enrolments, rules, make_challenge(liveness, analyzer.pipeline.landmarks_name),
-                            aligned=args.aligned)
+                            aligned=args.aligned, frames=frames)
     with open_source(args.source, args.fps) as source:
         log.info("unlock on %s with %s: threshold %.3f (%s), %d of %d frames, liveness %s, relock after %.1f s",
                  source.info.description, analyzer.model.label, rules.threshold, rules.score, rules.k, rules.n, liveness,

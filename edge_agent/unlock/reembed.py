@@ -4,6 +4,7 @@ checkpoint so that `unlock` runs the model the templates came from. The chips ne
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -23,15 +24,18 @@ def global_model_path(store_dir: Path, model_version: int) -> Path:
     return Path(store_dir) / f"global-v{model_version}.safetensors"
 
 
-def reembed_enrolment(store_dir: Path, model_spec: dict, tensors: dict[str, np.ndarray], model_version: int) -> int:
-    """Re-embed every enrolment in store_dir with global model `model_version`; returns how many were updated
-    (0 when there is no enrolment or all are already at that version)."""
+def reembed_enrolment(store_dir: Path, model: Callable[[], tuple[dict, dict[str, np.ndarray]]],
+                      model_version: int) -> int:
+    """Re-embed every enrolment in store_dir with the device's model of global version `model_version`, which
+    model() gives as (spec, tensors) only when needed; returns how many were updated (0 when there is no
+    enrolment or all are already at that version)."""
     store = TemplateStore(store_dir)
     if not store.names():
         return 0
     enrolments = [e for e in store.load_all() if e.model_version != model_version]
     if not enrolments:
         return 0
+    model_spec, tensors = model()
     spec = {k: v for k, v in model_spec.items() if k not in MACHINE_LOCAL_KWARGS}
     backbone = build_backbone(spec.pop("arch", "mobilefacenet"), **spec)
     load_shared_tensors(backbone, tensors)

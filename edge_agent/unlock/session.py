@@ -15,13 +15,13 @@ import numpy as np
 from model_zoo.metrics import score_matrix
 
 from .analyzer import FaceAnalyzer
-from .decision import (CHALLENGE_RESET_EVENTS, Decision, DecisionRules, LockState, UnlockStateMachine, Verdict,
-                       frame_verdict)
+from .decision import (CHALLENGE_RESET_EVENTS, Decision, DecisionRules, Event, LockState, UnlockStateMachine,
+                       Verdict, frame_verdict)
 from .geometry import mean_eye_aspect_ratio
 from .liveness import LivenessChallenge
 from .overlay import FaceLabel, VideoOut, Window, annotate
 from .sources import Frame, FrameSource
-from .store import Enrolment
+from .store import Enrolment, FrameStore
 
 log = logging.getLogger("facefed.unlock")
 
@@ -78,8 +78,10 @@ def frame_reason(verdict: Verdict, decision: Decision, best: FaceRecord | None, 
 
 class UnlockSession:
     def __init__(self, analyzer: FaceAnalyzer, enrolments: list[Enrolment], rules: DecisionRules,
-                 challenge: LivenessChallenge, aligned: bool = False) -> None:
-        """aligned: the frames are ArcFace-aligned crops (FaceAnalyzer.analyze_aligned), not camera frames."""
+                 challenge: LivenessChallenge, aligned: bool = False, frames: FrameStore | None = None) -> None:
+        """aligned: the frames are ArcFace-aligned crops (FaceAnalyzer.analyze_aligned), not camera frames.
+        frames: where each unlock keeps the chips of its attempt's frames that matched the person it unlocked
+        for (camera training's owner frames); None keeps nothing."""
         if not enrolments:
             raise ValueError("no enrolled owner to unlock for")
         for enrolment in enrolments:
@@ -102,6 +104,8 @@ class UnlockSession:
         self.challenge = challenge
         self.machine = UnlockStateMachine(rules)
         self.aligned = aligned
+        self.frames = frames
+        self._matched: list[tuple[str, np.ndarray]] = []  # (name, chip) of this attempt's matching frames
 
     def process(self, frame: Frame) -> tuple[FrameRecord, list[FaceLabel]]:
         faces, times = self.analyzer.analyze_aligned(frame.rgb) if self.aligned else self.analyzer.analyze(frame.rgb)
@@ -125,6 +129,8 @@ class UnlockSession:
         decision = self.machine.step(frame.time_s, verdict, live)
         if decision.event in CHALLENGE_RESET_EVENTS:
             self.challenge.reset()
+        self._keep_frames(verdict, decision, records[candidate].name if candidate is not None else None,
+                          faces[candidate].chip if candidate is not None else None)
         stage_ms = {**times.ms, "decide": (time.perf_counter() - start) * 1000.0}
         best = records[candidate] if candidate is not None else None
         record = FrameRecord(
@@ -143,6 +149,22 @@ class UnlockSession:
                      self.rules.n, self.challenge.status, decision.failures)
         labels = [FaceLabel(tuple(f.box), f"{f.name} {f.score:.2f}", f.score >= self.rules.threshold) for f in records]
         return record, labels
+
+
+    def _keep_frames(self, verdict: Verdict, decision: Decision, name: str | None, chip: np.ndarray | None) -> None:
+        """Collect the attempt's matching chips while locked; an unlock hands those of the person it unlocked for
+        to the frame store (that person just proved who they are: k matching frames and the liveness check)."""
+        if self.frames is None:
+            return
+        attempting = decision.state is not LockState.UNLOCKED or decision.event is Event.UNLOCKED
+        if verdict is Verdict.MATCH and attempting:  # not the frames while it stays unlocked
+            self._matched.append((name, chip))
+        if decision.event is Event.UNLOCKED:
+            chips = [c for n, c in self._matched if n == name]
+            held = self.frames.keep(name, chips)
+            log.info("kept %d frame(s) of %s for camera training (%d held)", len(chips), name, held)
+        if decision.event is not None:
+            self._matched = []
 
 
 @dataclass

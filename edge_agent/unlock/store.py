@@ -105,6 +105,33 @@ class TemplateStore:
         return [self.load(name) for name in names]
 
 
+class FrameStore:
+    """Camera frames of enrolled people kept at successful unlocks, for camera training (train.method camera,
+    edge_agent/camera_trainer.py reads <root>/<name>/ as its `data`): each unlock's matched, aligned chips as
+    PNG files, 0600 in 0700 folders like the templates, at most `limit` per person (the oldest go first)."""
+
+    def __init__(self, root: str | Path, limit: int) -> None:
+        self.root, self.limit = Path(root), limit
+
+    def keep(self, name: str, chips: list[np.ndarray]) -> int:
+        """Store these chips of `name`; returns how many frames of them the folder now holds."""
+        import cv2
+
+        folder = self.root / validate_name(name)
+        for path in (self.root, folder):
+            path.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+            os.chmod(path, DIR_MODE)
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%f")
+        for i, chip in enumerate(chips):
+            ok, png = cv2.imencode(".png", cv2.cvtColor(np.ascontiguousarray(chip), cv2.COLOR_RGB2BGR))
+            if ok:
+                _write_private(folder / f"{stamp}-{i:02d}.png", png.tobytes())
+        frames = sorted(folder.glob("*.png"))  # time-stamped names: oldest first
+        for old in frames[:max(0, len(frames) - self.limit)]:
+            old.unlink()
+        return min(len(frames), self.limit)
+
+
 def _write_private(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)

@@ -13,6 +13,13 @@ trained on, with border replication outside the crop, then face-api's normalisat
 - "all":   everything (the trunk is then only the fixed re-framing)
 The rest is the `trunk`: pretrained weights read from `weights_dir` on each machine, frozen
 (requires_grad False) and always in eval mode. Only `tail` tensors are trained, shared and checkpointed.
+
+`shared` says which of the tail's tensors travel (the federated payload, and what a checkpoint holds):
+- "tail": all of them;
+- "scale_shift": camera adaptation (model_zoo.camera_adapt): only the per-channel scales and shifts (dlib's
+  affine layers) outside the `personal` part, a device's own ("last": conv256_down_out and the projection;
+  "projection": the projection alone; "none"). Every other tensor comes from the pretrained weights on each
+  machine, like the trunk, or from the device's own personal part, which never leaves it.
 """
 
 from __future__ import annotations
@@ -43,6 +50,11 @@ STAGES: tuple[tuple[str, ...], ...] = (
     ("conv256_down_out",),
 )
 TRAINABLE_STAGES = {"projection": 0, "last": 1, "last2": 2, "all": len(STAGES)}  # trailing stages trained too
+SHARED_PARTS = ("tail", "scale_shift")
+# A device's personal part under camera adaptation: the tail tensors it keeps (by name prefix).
+PERSONAL_PARTS = {"last": ("tail.conv256_down_out.", "tail.projection."), "projection": ("tail.projection.",),
+                  "none": ()}
+_SCALE_SHIFT = ("scale_weight", "scale_bias")
 
 
 def load_pretrained_net(weights_dir: str | Path | None = None) -> FaceRecognitionNet:
@@ -112,12 +124,22 @@ class Projection(nn.Module):
 class FaceApiResNet(nn.Module):
     arch = "faceapi-resnet"
 
-    def __init__(self, trainable: str = "last", weights_dir: str | None = None) -> None:
+    def __init__(self, trainable: str = "last", weights_dir: str | None = None, shared: str = "tail",
+                 personal: str = "none") -> None:
         super().__init__()
         if trainable not in TRAINABLE_STAGES:
             raise ValueError(f"trainable must be one of {sorted(TRAINABLE_STAGES)}, got {trainable!r}")
-        # Recorded in checkpoints: keep weights_dir None unless every machine has that path.
-        self.arch_kwargs = {"trainable": trainable, "weights_dir": None if weights_dir is None else str(weights_dir)}
+        if shared not in SHARED_PARTS:
+            raise ValueError(f"shared must be one of {', '.join(SHARED_PARTS)}, got {shared!r}")
+        if personal not in PERSONAL_PARTS:
+            raise ValueError(f"personal must be one of {', '.join(PERSONAL_PARTS)}, got {personal!r}")
+        if personal != "none" and shared == "tail":
+            raise ValueError("a personal part needs shared: scale_shift (with shared: tail every tensor travels)")
+        # Recorded in checkpoints: keep weights_dir None unless every machine has that path. shared and personal
+        # only where set, so that specs and checkpoints written before they existed stay as they were.
+        self.arch_kwargs = {"trainable": trainable, "weights_dir": None if weights_dir is None else str(weights_dir),
+                            **({"shared": shared, "personal": personal} if shared != "tail" else {})}
+        self.shared, self.personal = shared, personal
         net = load_pretrained_net(weights_dir)
         blocks: dict[str, nn.Module] = {"stem": Stem(net.stem), **net.layers}
         split = len(STAGES) - TRAINABLE_STAGES[trainable]
@@ -131,6 +153,22 @@ class FaceApiResNet(nn.Module):
         # features. Machine-local, like the trunk's weights: never shared or checkpointed.
         self.trunk_runtime: Callable[[torch.Tensor], torch.Tensor] | None = None
         self.eval()
+
+    def parts(self, personal: str | None = None) -> tuple[list[str], list[str]]:
+        """(shared scale/shift, personal) parameter names of camera adaptation: disjoint; the personal part takes
+        its stage's scale/shift too. Only the tail trains: a frozen trunk (an int8 one) has nothing to share."""
+        prefixes = PERSONAL_PARTS[self.personal if personal is None else personal]
+        names = [n for n, _ in self.tail.named_parameters(prefix="tail")]
+        personal_names = [n for n in names if n.startswith(prefixes)] if prefixes else []
+        return [n for n in names if n.endswith(_SCALE_SHIFT) and n not in personal_names], personal_names
+
+    def shared_state(self) -> dict[str, torch.Tensor]:
+        """The tensors that travel and are checkpointed (`shared`); the trunk comes from each machine's weights."""
+        state = self.tail.state_dict(prefix="tail.")
+        if self.shared == "scale_shift":
+            names = set(self.parts()[0])
+            state = {n: t for n, t in state.items() if n in names}
+        return state
 
     def train(self, mode: bool = True) -> FaceApiResNet:
         super().train(mode)
