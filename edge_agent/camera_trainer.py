@@ -13,6 +13,7 @@ shared part plus personal part, is what unlock runs (deployed()).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -32,8 +33,8 @@ from edge_agent.trainer import CannotTrain, RoundResult, TrainingDiverged
 from fedwire.messages import TrainSettings
 from model_zoo.backbones import MACHINE_LOCAL_KWARGS, FaceApiResNet, build_backbone
 from model_zoo.camera import parse_camera
-from model_zoo.camera_adapt import (AdaptConfig, AdaptDiverged, DeviceData, RoundStats, Teacher, adapt, get_tensors,
-                                    set_tensors, teacher_for)
+from model_zoo.camera_adapt import (AdaptConfig, AdaptDiverged, DeviceData, RoundStats, Teacher, adapt, embed,
+                                    get_tensors, set_tensors, teacher_for)
 from model_zoo.checkpoint import load_shared_tensors, shared_tensors
 from model_zoo.data import load_dataset
 from model_zoo.train import TrainResult
@@ -83,11 +84,16 @@ class CameraTrainer:
     trunk_precision "int8": the announced net's frozen trunk (trainable last, last2 or projection) runs int8,
     calibrated on this device's own images, as its int8 export deploys it. personalise False: the personal part
     stays at version 0 (a device that does not personalise; the camera experiment's fedavg arm). draws: the
-    generator of each round's batches and camera draws (default: from seed and the round)."""
+    generator of each round's batches and camera draws (default: from seed and the round).
 
-    def __init__(self, data: CameraData, state_dir: Path, seed: int, trunk_precision: str = "fp32", threads: int = 1,
-                 personalise: bool = True, draws: Callable[[int], np.random.Generator] | None = None) -> None:
-        self.data = data
+    data: what the device holds, or a callable that reads it afresh each round (an agent's: unlock keeps adding
+    frames). New data rebuilds the net, so version 0's descriptors and an int8 trunk's calibration follow it."""
+
+    def __init__(self, data: CameraData | Callable[[], CameraData], state_dir: Path, seed: int,
+                 trunk_precision: str = "fp32", threads: int = 1, personalise: bool = True,
+                 draws: Callable[[int], np.random.Generator] | None = None) -> None:
+        self._source = data if callable(data) else (lambda: data)
+        self.data: CameraData | None = None  # as last read
         self.state_dir = Path(state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.personal_path = self.state_dir / "camera_personal.safetensors"
@@ -98,10 +104,21 @@ class CameraTrainer:
         self._model_spec: dict[str, Any] | None = None
         self._version0: dict[str, np.ndarray] = {}  # every parameter as built: the pretrained weights
         self._teacher: Teacher | None = None
+        self._bank: tuple[str, torch.Tensor] | None = None  # (sha256 of the bank's pixels, version 0's descriptors)
 
     @property
     def num_samples(self) -> int:
-        return len(self.data.device.frames)
+        """The owner frames it trains on (as last read; 0 before)."""
+        return 0 if self.data is None else len(self.data.device.frames)
+
+    def _load(self) -> CameraData:
+        try:
+            data = self._source()
+        except (ValueError, OSError) as exc:  # no enrolment or no frames yet: this round is skipped, not fatal
+            raise CannotTrain(f"nothing to adapt on yet: {exc}") from None
+        if data is not self.data:
+            self.data, self._model = data, None
+        return data
 
     def train_round(self, round_number: int, global_tensors: dict[str, np.ndarray], settings: TrainSettings,
                     progress: bool = False) -> RoundResult:
@@ -109,6 +126,7 @@ class CameraTrainer:
         if settings.method != "camera":
             raise CannotTrain(f"this device is set up for train.method camera (camera_training in its config); "
                               f"the round asks for {settings.method}")
+        self._load()
         model = self.own_model(settings.model, global_tensors)
         shared_names, personal_names = model.parts()
         personal_names = personal_names if self.personalise else []
@@ -153,6 +171,8 @@ class CameraTrainer:
 
     def own_model(self, model_spec: dict[str, Any], global_tensors: dict[str, np.ndarray]) -> FaceApiResNet:
         """This device's net in place: version 0, the global shared part over it, then its personal part."""
+        if self.data is None:
+            self._load()
         model = self._model_for(model_spec)
         set_tensors(model, self._version0)
         load_shared_tensors(model, global_tensors)
@@ -173,7 +193,7 @@ class CameraTrainer:
             model = build_backbone(FaceApiResNet.arch, **kwargs)
             self._version0 = get_tensors(model, [n for n, _ in model.named_parameters()])
             # Version 0's descriptors are the fp32 net's on every device profile, as shipped with the bank.
-            self._teacher = teacher_for(model, self.data.device, self.data.bank, self.data.bank_descriptors)
+            self._teacher = teacher_for(model, self.data.device, self.data.bank, self._bank_descriptors(model))
             if self.trunk_precision == "int8":
                 if model.arch_kwargs["trainable"] == "all":
                     raise CannotTrain("trunk_precision int8 needs a frozen trunk to run int8: the round announces "
@@ -184,6 +204,15 @@ class CameraTrainer:
                                self.threads)
             self._model, self._model_spec = model, spec
         return self._model
+
+    def _bank_descriptors(self, version0: FaceApiResNet) -> torch.Tensor:
+        """Version 0's descriptors of the bank: as shipped with it, else computed once per bank."""
+        if self.data.bank_descriptors is not None:
+            return self.data.bank_descriptors
+        key = hashlib.sha256(np.ascontiguousarray(self.data.bank).tobytes()).hexdigest()
+        if self._bank is None or self._bank[0] != key:
+            self._bank = (key, torch.from_numpy(embed(version0, self.data.bank)))
+        return self._bank[1]
 
     def _stored_personal(self, names: list[str]) -> dict[str, np.ndarray]:
         """The personal part kept from earlier rounds if it is this net's, readable and finite; else version 0's

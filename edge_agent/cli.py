@@ -59,6 +59,15 @@ def build_parser() -> argparse.ArgumentParser:
     flash.add_argument("--topic-prefix", default="facefed")
     flash.add_argument("--model", type=Path, help="the deployed model to ship (e.g. an int8 .onnx export)")
     flash.add_argument("--wheel", type=Path, help="facefed-edge wheel to ship (default: build from this source)")
+    flash.add_argument("--camera-bank", type=Path,
+                       help="a door or corridor camera (aggregator train.method: camera): ship this public face bank "
+                       "(aligned crops, a folder per identity) and set the device to train on the frames its unlocks "
+                       "keep (docs/camera-domain.md)")
+    flash.add_argument("--camera", default="corridor",
+                       help="with --camera-bank: what the device knows of its camera, a domain with overrides "
+                       "(corridor, door-night, 'corridor,face_px=32'), or clean (default corridor)")
+    flash.add_argument("--keep-frames", type=int, default=200,
+                       help="with --camera-bank: unlock frames kept per person to train on (default 200)")
     flash.add_argument("--target", help="ssh://user@host[:port]: copy the .tar.gz there and run install.sh")
     _add_unlock_parsers(sub)
     sub.add_parser("profiles", help="list the bundled device profiles")
@@ -174,7 +183,8 @@ def _flash(args: argparse.Namespace) -> int:
     from edge_agent.flash import FlashError, FlashRequest, build_bundle, push_over_ssh
 
     request = FlashRequest(profile=args.profile, device_id=args.device_id, broker=args.broker, pki=args.pki,
-                           out=args.out, topic_prefix=args.topic_prefix, model=args.model, wheel=args.wheel)
+                           out=args.out, topic_prefix=args.topic_prefix, model=args.model, wheel=args.wheel,
+                           camera_bank=args.camera_bank, camera=args.camera, keep_frames=args.keep_frames)
     try:
         bundle = build_bundle(request)
         print(f"bundle for {args.device_id} written to {bundle}")
@@ -225,7 +235,9 @@ def _trainer(config):
     if config.camera_training is not None:
         from edge_agent.camera_trainer import CameraTrainer, load_camera_data
 
-        data = load_camera_data(config.data, config.camera_training, config.unlock.store_dir(config.state_dir))
+        def data():  # read afresh each round: unlock keeps adding the owner's frames
+            return load_camera_data(config.data, config.camera_training, config.unlock.store_dir(config.state_dir))
+
         return CameraTrainer(data, config.state_dir, config.seed, config.device.trunk_precision, config.device.threads)
     from edge_agent.trainer import LocalTrainer
     from model_zoo.data import load_dataset

@@ -177,7 +177,8 @@ class AgentConfig:
             parse_broker_url(self.broker)
         except ValueError as exc:
             raise ConfigError("broker", str(exc)) from None
-        require(self.data.is_dir(), "data", f"no such directory: {self.data}")
+        # A camera-training device may start before its first unlock has kept any frame.
+        require(self.data.is_dir() or self.camera_training is not None, "data", f"no such directory: {self.data}")
         require(0 <= self.upload_retries <= 10, "upload_retries", "must be in [0, 10]")
         require(0 <= self.max_clock_skew_s <= 30 * 86400, "max_clock_skew_s", "must be in [0, 30 days] seconds")
         if self.aggregator_key is not None:

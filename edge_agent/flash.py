@@ -8,6 +8,7 @@ Bundle layout (relocatable: agent.yaml's paths are relative to it), the same fol
     keys/aggregator-signing.pub         verifies every global model before it is loaded
     model/                      the current deployed model, if one was given
     faces/                      the owner's labelled faces go here (never leave the device)
+    bank/                       with --camera-bank: the public face bank camera training needs (train.method camera)
     wheels/                     the facefed-edge wheel to install
     facefed-agent.service       systemd unit
     install.sh                  creates a venv, installs the profile's torch and the agent with the profile's extras,
@@ -53,6 +54,11 @@ class FlashRequest:
     topic_prefix: str = "facefed"
     model: Path | None = None
     wheel: Path | None = None  # default: build one from this source tree
+    # A door or corridor camera (train.method camera): the public face bank to ship (aligned crops, a folder per
+    # identity), what the device knows of its camera, and how many unlock frames per person it keeps to train on.
+    camera_bank: Path | None = None
+    camera: str = "corridor"
+    keep_frames: int = 200
 
 
 def build_bundle(request: FlashRequest) -> Path:
@@ -82,6 +88,8 @@ def _write_bundle(request: FlashRequest, device_id: str, profile: DeviceProfile,
     for sub in ("tls", "keys", "faces", "wheels", "model"):
         (root / sub).mkdir(parents=True, exist_ok=True)
     _copy_credentials(request.pki, device_id, root)
+    if request.camera_bank is not None:
+        _copy_bank(request, root / "bank")
     if request.model is not None:
         _copy_model(request.model, root / "model")
     wheel = request.wheel or _build_wheel(root / "wheels")
@@ -111,6 +119,20 @@ def _copy_credentials(pki: Path, device_id: str, root: Path) -> None:
     for target, source in sources.items():
         shutil.copyfile(source, target)
         os.chmod(target, 0o600 if target.suffix == ".key" else 0o644)
+
+
+def _copy_bank(request: FlashRequest, target: Path) -> None:
+    from model_zoo.camera import parse_camera
+
+    try:
+        parse_camera(request.camera)
+    except ValueError as exc:
+        raise FlashError(f"--camera: {exc}") from None
+    if not request.camera_bank.is_dir():
+        raise FlashError(f"no such camera bank folder: {request.camera_bank}")
+    if not 1 <= request.keep_frames <= 100000:
+        raise FlashError(f"--keep-frames must be in [1, 100000], got {request.keep_frames}")
+    shutil.copytree(request.camera_bank, target, dirs_exist_ok=True)
 
 
 def _copy_model(model: Path, target: Path) -> None:
@@ -145,6 +167,10 @@ def _agent_yaml(request: FlashRequest, device_id: str) -> str:
         "aggregator_key": "keys/aggregator-signing.pub",
         "tls": {"ca_cert": "tls/ca.crt", "certfile": "tls/device.crt", "keyfile": "tls/device.key"},
     }
+    if request.camera_bank is not None:  # camera training: it trains on the frames its unlocks keep
+        config["data"] = "state/unlock/frames"
+        config["unlock"] = {"keep_frames": request.keep_frames}
+        config["camera_training"] = {"bank": "bank", "camera": request.camera}
     return "# Written by `facefed-agent flash`; paths are relative to this file.\n" + yaml.safe_dump(config, sort_keys=False)
 
 

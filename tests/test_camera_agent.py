@@ -110,3 +110,28 @@ def test_agent_config_for_camera_training_fails_at_start_with_the_field(tmp_path
                                         "camera_training": section}))
         with pytest.raises(ConfigError, match=field):
             load_agent_config(path)
+
+
+def test_a_device_without_frames_yet_skips_rounds_until_unlock_has_kept_some(tmp_path):
+    from aggregator.models import train_settings
+    from edge_agent.trainer import CannotTrain
+    from model_zoo.backbones import build_backbone
+
+    celeb = load_dataset(CELEB)
+    save_folders(celeb.subset(np.flatnonzero(celeb.labels == 3)[:2]), tmp_path / "bank")
+    photos = celeb.images[celeb.labels == 0][:9]
+    home = tmp_path / "door-0"
+    path, _ = _device(home, celeb.identities[0], photos, tmp_path / "bank", np.random.default_rng(0))
+    frames = home / "data"
+    frames.rename(home / "later")  # a freshly flashed device: enrolled, no unlock yet
+    trainer = _trainer(load_agent_config(path))  # the config loads: its frames folder may not exist yet
+    settings = train_settings(_aggregator_config(tmp_path / "aggregator", train={"method": "camera", "camera": {
+        "steps": 1, "batch": 2}}))
+    initial = shared_tensors(build_backbone("faceapi-resnet", **CAMERA_MODEL["options"]))
+    with pytest.raises(CannotTrain, match="nothing to adapt on yet"):
+        trainer.train_round(1, initial, settings)
+    assert trainer.num_samples == 0
+    (home / "later").rename(frames)  # unlock has kept frames since: the next round reads them
+    result = trainer.train_round(2, initial, settings)
+    assert trainer.num_samples == result.result.num_samples == 6
+    assert sorted(result.tensors) == sorted(initial)

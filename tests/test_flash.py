@@ -69,3 +69,24 @@ def test_flashed_device_installs_and_trains_a_signed_round(hardened_broker, tmp_
     assert rounds[-1]["round"] == 1 and rounds[-1]["client_ids"] == ["cam-a"]
     assert "refused" not in agent.stderr  # every model it loaded was signed by the aggregator
     assert (prefix / "state" / "head.safetensors").exists()
+
+
+def test_a_camera_bundle_ships_the_bank_and_trains_on_the_frames_unlock_keeps(hardened_broker, tmp_path):
+    from edge_agent.config import load_agent_config
+
+    bank = tmp_path / "bank" / "person-a"
+    bank.mkdir(parents=True)
+    (bank / "0.png").write_bytes(b"not checked here")
+    wheel = tmp_path / "facefed_edge-0.0.0-py3-none-any.whl"
+    wheel.write_bytes(b"stands in for the wheel")
+    root = build_bundle(FlashRequest("rpi4", "cam-a", hardened_broker.url, hardened_broker.pki, tmp_path / "out",
+                                     wheel=wheel, camera_bank=tmp_path / "bank", camera="door-night,face_px=32",
+                                     keep_frames=50))
+    assert (root / "bank" / "person-a" / "0.png").is_file()
+    config = load_agent_config(root / "agent.yaml")  # validates: the frames folder need not exist yet
+    assert config.camera_training.bank == root / "bank" and config.camera_training.camera == "door-night,face_px=32"
+    assert config.unlock.keep_frames == 50
+    assert config.data == config.unlock.frames_dir(config.unlock.store_dir(config.state_dir))
+    with pytest.raises(FlashError, match="--camera"):
+        build_bundle(FlashRequest("rpi4", "cam-a", hardened_broker.url, hardened_broker.pki, tmp_path / "bad",
+                                  wheel=wheel, camera_bank=tmp_path / "bank", camera="corridor,jpeg=500"))
