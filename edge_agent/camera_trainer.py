@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,11 +24,11 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file
 
 from edge_agent.config import CameraTrainingSettings
 from edge_agent.refusals import first_bad_tensor
-from edge_agent.trainer import CannotTrain, RoundResult, TrainingDiverged
+from edge_agent.trainer import CannotTrain, RoundResult, TrainingDiverged, save_private
 from fedwire.messages import TrainSettings
 from model_zoo.backbones import MACHINE_LOCAL_KWARGS, FaceApiResNet, build_backbone
 from model_zoo.camera import parse_camera
@@ -130,7 +129,7 @@ class CameraTrainer:
         model = self.own_model(settings.model, global_tensors)
         shared_names, personal_names = model.parts()
         personal_names = personal_names if self.personalise else []
-        cfg = AdaptConfig.announced(settings.camera, model.personal)
+        cfg = AdaptConfig.announced(settings.camera)
         try:
             stats = adapt(model, shared_names + personal_names, self._version0, self.data.device, self._teacher, cfg,
                           self.draws(round_number))
@@ -142,16 +141,11 @@ class CameraTrainer:
         if problem is not None:
             raise TrainingDiverged(f"camera adaptation diverged: {problem}")
         if personal:
-            self._save_personal(personal)
+            save_private(self.personal_path, personal, {"model": self._model_spec, "members": self.data.members})
         self.rounds.append(stats)
         log.info("round %d: camera adaptation, %d steps, loss %.4f (%s)", round_number, cfg.steps, stats.loss,
                  ", ".join(f"{k} {v:.3f}" for k, v in stats.terms.items()))
         return RoundResult(tensors, TrainResult(stats.loss, 0.0, self.num_samples, stats.cpu_seconds, 1))
-
-    def prepare(self, settings: TrainSettings) -> None:
-        """Build the net and version 0's descriptors of the enrolment and the bank ahead of the first round."""
-        if settings.method == "camera":
-            self._model_for(settings.model)
 
     def measure_statistics(self, global_tensors: dict[str, np.ndarray], model_spec: dict[str, Any]):
         raise CannotTrain("the face-api descriptor has no BatchNorm statistics to measure")
@@ -237,13 +231,3 @@ class CameraTrainer:
         log.warning("kept personal part %s %s: discarded, version 0's is used", self.personal_path, problem)
         self.personal_path.unlink(missing_ok=True)
         return fallback
-
-    def _save_personal(self, personal: dict[str, np.ndarray]) -> None:
-        # Written before its metadata, atomically, readable by this device's user only.
-        tmp = self.personal_path.with_suffix(".tmp")
-        save_file({k: np.ascontiguousarray(v) for k, v in personal.items()}, str(tmp))
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, self.personal_path)
-        meta_tmp = self.personal_path.with_suffix(".json.tmp")
-        meta_tmp.write_text(json.dumps({"model": self._model_spec, "members": self.data.members}))
-        os.replace(meta_tmp, self.personal_path.with_suffix(".json"))

@@ -30,7 +30,7 @@ from urllib.parse import urlparse
 
 import yaml
 
-from edge_agent.config import DeviceProfile
+from edge_agent.config import CameraTrainingSettings, DeviceProfile, UnlockSettings
 from fedwire.config import ConfigError, parse_config
 from fedwire.pki_layout import aggregator_files, ca_files, device_files
 from fedwire.topics import validate_device_id
@@ -122,16 +122,13 @@ def _copy_credentials(pki: Path, device_id: str, root: Path) -> None:
 
 
 def _copy_bank(request: FlashRequest, target: Path) -> None:
-    from model_zoo.camera import parse_camera
-
+    """Ship the bank, once the camera settings pass the checks the agent's config makes at start."""
+    options = {"bank": "--camera-bank", "camera": "--camera", "keep_frames": "--keep-frames"}
     try:
-        parse_camera(request.camera)
-    except ValueError as exc:
-        raise FlashError(f"--camera: {exc}") from None
-    if not request.camera_bank.is_dir():
-        raise FlashError(f"no such camera bank folder: {request.camera_bank}")
-    if not 1 <= request.keep_frames <= 100000:
-        raise FlashError(f"--keep-frames must be in [1, 100000], got {request.keep_frames}")
+        CameraTrainingSettings(bank=request.camera_bank, camera=request.camera).check()
+        UnlockSettings(keep_frames=request.keep_frames).check()
+    except ConfigError as exc:
+        raise FlashError(f"{options.get(exc.field, exc.field)}: {exc.reason}") from None
     shutil.copytree(request.camera_bank, target, dirs_exist_ok=True)
 
 

@@ -19,7 +19,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.numpy import load_file as load_numpy_file
 from safetensors.numpy import save_file as save_numpy_file
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from edge_agent.refusals import first_bad_tensor
 from fedwire.messages import TrainSettings
@@ -255,16 +255,22 @@ class LocalTrainer:
 
     def _save_head(self, head: ArcFaceHead, embedding_size: int) -> None:
         # The head stays on the device: written here, never published. Never stored non-finite (checked by the
-        # caller), and written before its metadata so a crash between the two leaves a head that is re-checked.
-        state = {k: v.detach().contiguous() for k, v in head.state_dict().items()}
-        tmp = self.head_path.with_suffix(".tmp")
-        save_file(state, str(tmp))
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, self.head_path)
-        meta = {"identities": self.dataset.identities, "embedding_size": embedding_size}
-        meta_tmp = self.head_path.with_suffix(".json.tmp")
-        meta_tmp.write_text(json.dumps(meta))
-        os.replace(meta_tmp, self.head_path.with_suffix(".json"))
+        # caller).
+        save_private(self.head_path, _numpy(head.state_dict()),
+                     {"identities": self.dataset.identities, "embedding_size": embedding_size})
+
+
+def save_private(path: Path, tensors: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
+    """What a device keeps to itself (a head, a personal part): the tensors at path, readable by its user only,
+    then meta at path.json, each written whole; tensors first, so a crash between the two leaves tensors whose
+    metadata is re-checked on the next load."""
+    tmp = path.with_suffix(".tmp")
+    save_numpy_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp))
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, path)
+    meta_tmp = path.with_suffix(".json.tmp")
+    meta_tmp.write_text(json.dumps(meta))
+    os.replace(meta_tmp, path.with_suffix(".json"))
 
 
 def _numpy(state: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:

@@ -18,7 +18,7 @@ pooled (one model on every device's data, steps = devices x steps, each step dra
 upper bound nobody may do); version0_int8 and fedavg_personal_int8, the int8-trunk device profile
 (INT8_PROFILE). The federated arms run over the real MQTT path by default (facefed.over_broker: the
 aggregator service and an EdgeAgent per device on an embedded broker, each device training with its
-CameraDeviceTrainer); `transport: inprocess` runs the same rounds on the round engine alone (facefed.inprocess).
+the edge agent's CameraTrainer, announced as train.method camera); `transport: inprocess` runs the same rounds on the round engine alone (facefed.inprocess).
 bytes_per_round is what each accepted upload put on the wire, from the aggregator's journal.
 """
 
@@ -41,9 +41,10 @@ from facefed.inprocess import run_inprocess
 from facefed.over_broker import run_over_broker
 from fedwire.messages import CameraLossWeights, CameraTraining, TrainSettings
 from model_zoo.backbones import PRETRAINED_FACEAPI, FaceApiResNet, build_backbone, model_score
+from model_zoo.backbones.faceapi_resnet import PERSONAL_PARTS
 from model_zoo.camera import CameraSpec, capture_frames, draw_device_camera, parse_camera
 from model_zoo.camera_adapt import (AdaptConfig, DeviceData, Teacher, adapt, build_model, embed, get_tensors,
-                                    part_names, set_tensors, teacher_for)
+                                    set_tensors, teacher_for)
 from model_zoo.checkpoint import load_shared_tensors, save_checkpoint, shared_tensors, spec_of
 from model_zoo.checkpoint_file import BackboneSpec
 from model_zoo.data import FaceDataset, detect_layout, load_datasets, shared_datasets_root
@@ -121,6 +122,8 @@ class CameraExperimentConfig:
         unknown = sorted(set(self.arms) - set(ARMS))
         if unknown:
             raise CameraExperimentError(f"unknown arms {unknown}; known: {', '.join(ARMS)}")
+        if self.personal not in PERSONAL_PARTS:
+            raise CameraExperimentError(f"personal must be one of {', '.join(PERSONAL_PARTS)}, got {self.personal!r}")
         try:  # the trainer's settings fail here, with their field, not after the fleet is built
             self.adapt_config()
         except ValueError as exc:
@@ -131,9 +134,8 @@ class CameraExperimentConfig:
             raise CameraExperimentError(f"--out {self.out} is not empty")
         return self
 
-    def adapt_config(self, personal: str | None = None, shared: str = "scale_shift") -> AdaptConfig:
-        return AdaptConfig(shared=shared, personal=self.personal if personal is None else personal,
-                           steps=self.steps, batch=self.batch, lr=self.lr, personal_lr=self.personal_lr,
+    def adapt_config(self) -> AdaptConfig:
+        return AdaptConfig(steps=self.steps, batch=self.batch, lr=self.lr, personal_lr=self.personal_lr,
                            weights=tuple(self.weights), l2sp=self.l2sp).check()
 
 
@@ -375,7 +377,7 @@ class Runner:
         self.cfg, self.fleet, self.say = cfg, fleet, say
         self.model = build_model()
         self.version0 = {n: p.detach().numpy().copy() for n, p in self.model.named_parameters()}
-        self.shared, self.personal = part_names(self.model, "scale_shift", cfg.personal)
+        self.shared, self.personal = self.model.parts(cfg.personal)
         # Version 0's descriptors (the teachers) come from the fp32 model: shipped with it for the bank, computed
         # once at enrolment for the owner's photos, on every device profile alike.
         self.bank = torch.from_numpy(embed(self.model, fleet.bank))

@@ -41,20 +41,18 @@ from torch import nn
 from fedwire.messages import CameraLossWeights, CameraTraining
 
 from .backbones import FaceApiResNet
-from .backbones.faceapi_resnet import PERSONAL_PARTS
 from .camera import CameraSpec, capture_frames
 from .data import to_model_input
 
-SHARED_PARTS = ("scale_shift", "none")
 LOSS_TERMS = tuple(f.name for f in dataclasses.fields(CameraLossWeights))  # the order of AdaptConfig.weights
 _ANNOUNCED = CameraTraining()
 
 
 @dataclass(frozen=True)
 class AdaptConfig:
-    shared: str = "scale_shift"
-    personal: str = "last"
-    # The rest as a federation announces it (fedwire.messages.CameraTraining, the one home of their defaults).
+    """adapt()'s step sizes and loss weights (which tensors it trains: its `names`, from FaceApiResNet.parts).
+    Defaults as a federation announces them (fedwire.messages.CameraTraining, the one home of their values)."""
+
     steps: int = _ANNOUNCED.steps  # optimiser steps per round
     batch: int = _ANNOUNCED.batch  # images per loss term per step
     lr: float = _ANNOUNCED.lr  # scale/shift (and any shared part)
@@ -63,17 +61,13 @@ class AdaptConfig:
     l2sp: float = _ANNOUNCED.l2sp
 
     @classmethod
-    def announced(cls, training: CameraTraining, personal: str) -> AdaptConfig:
-        """The trainer's settings for a round of method "camera" on a net whose personal part is `personal`."""
-        return cls(personal=personal, steps=training.steps, batch=training.batch, lr=training.lr,
+    def announced(cls, training: CameraTraining) -> AdaptConfig:
+        """The trainer's settings for a round of method "camera"."""
+        return cls(steps=training.steps, batch=training.batch, lr=training.lr,
                    personal_lr=training.personal_lr, weights=dataclasses.astuple(training.weights),
                    l2sp=training.l2sp).check()
 
     def check(self) -> AdaptConfig:
-        if self.shared not in SHARED_PARTS:
-            raise ValueError(f"shared must be one of {', '.join(SHARED_PARTS)}, got {self.shared!r}")
-        if self.personal not in PERSONAL_PARTS:
-            raise ValueError(f"personal must be one of {', '.join(PERSONAL_PARTS)}, got {self.personal!r}")
         for name in ("steps", "batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -87,12 +81,6 @@ class AdaptConfig:
 def build_model(weights_dir=None, trainable: str = "all") -> FaceApiResNet:
     """The whole net trainable; "last" for a device whose trunk runs int8 (only the tail can adapt)."""
     return FaceApiResNet(trainable=trainable, weights_dir=weights_dir)
-
-
-def part_names(model: FaceApiResNet, shared: str, personal: str) -> tuple[list[str], list[str]]:
-    """(shared, personal) parameter names (FaceApiResNet.parts); shared "none": nothing shared."""
-    shared_names, personal_names = model.parts(personal)
-    return (shared_names if shared == "scale_shift" else []), personal_names
 
 
 def get_tensors(model: nn.Module, names: list[str]) -> dict[str, np.ndarray]:

@@ -9,7 +9,7 @@ import torch
 
 import facefed.cli
 from model_zoo.camera import DOMAINS, capture_frames
-from model_zoo.camera_adapt import AdaptConfig, DeviceData, adapt, build_model, embed, get_tensors, part_names, teacher_for
+from model_zoo.camera_adapt import AdaptConfig, DeviceData, adapt, build_model, embed, get_tensors, teacher_for
 from model_zoo.checkpoint import load_checkpoint
 from model_zoo.data import load_dataset, save_folders, shared_dataset_dir
 from model_zoo.faceapi import default_models_dir
@@ -40,7 +40,7 @@ def test_one_owner_trainer_pulls_owner_frames_in_without_collapse(celeb_small):
     data = DeviceData(owner[:3], capture_frames(owner[3:9], DOMAINS["corridor"], rng), DOMAINS["corridor"])
     others = celeb_small.images[celeb_small.labels > 0][::12]  # one photo of each of 7 other people
     teacher = teacher_for(model, data, others)
-    shared, personal = part_names(model, "scale_shift", "last")
+    shared, personal = model.parts("last")
     assert shared and personal and not set(shared) & set(personal)
     before_frames, before_others = embed(model, data.frames), embed(model, others)
     stats = adapt(model, shared + personal, version0, data, teacher, AdaptConfig(steps=12, batch=4), rng)
@@ -165,7 +165,7 @@ def test_a_household_device_scores_each_member_against_their_own_enrolment_and_t
         return float(np.linalg.norm(embed(model, dev.data.frames) - prototypes[people[1]], axis=1).mean())
 
     before = distance_to_own_prototype()
-    shared, personal = part_names(model, "scale_shift", "last")
+    shared, personal = model.parts("last")
     adapt(model, shared + personal, version0, dev.data, teacher, AdaptConfig(steps=12, batch=4),
           np.random.default_rng(0))
     assert distance_to_own_prototype() < before
