@@ -43,6 +43,7 @@ from fedwire.messages import CameraLossWeights, CameraTraining, TrainSettings
 from model_zoo.backbones import PRETRAINED_FACEAPI, FaceApiResNet, build_backbone, model_score
 from model_zoo.backbones.faceapi_resnet import PERSONAL_PARTS
 from model_zoo.camera import CameraSpec, capture_frames, draw_device_camera, parse_camera
+from model_zoo.camera_measure import measure_camera
 from model_zoo.camera_adapt import (AdaptConfig, DeviceData, Teacher, adapt, build_model, embed, get_tensors,
                                     set_tensors, teacher_for)
 from model_zoo.checkpoint import load_shared_tensors, save_checkpoint, shared_tensors, spec_of
@@ -55,10 +56,12 @@ ARMS = ("version0", "local", "fedavg", "fedavg_personal", "pooled", "version0_in
 # calibrated on its own images, as the int8 export deploys) cannot adapt inside it; it adapts the fp32 stage
 # after it: that stage's scale/shift shared, the projection personal (with the projection's step size).
 INT8_PROFILE = {"trainable": "last", "personal": "projection", "personal_lr": 1e-4}
-# What a device knows of its own camera, for its synthetic pairs: "own", the camera it has (measured on its
-# frames; exact in this simulation); "domain", only the domain's nominal camera; "none", no camera model
-# (its synthetic pairs and strangers stay clean: only its owner's frames show it the camera).
-CAMERA_MODELS = ("own", "domain", "none")
+# What a device knows of its own camera, for its synthetic pairs: "own", the camera it has (exact: what no
+# real device knows); "measured", the camera it measures on its frames and enrolment
+# (model_zoo.camera_measure, as an agent with camera_training.camera "measured" does); "domain", only the
+# domain's nominal camera; "none", no camera model (its synthetic pairs and strangers stay clean: only its
+# owner's frames show it the camera).
+CAMERA_MODELS = ("own", "measured", "domain", "none")
 # mqtt: the aggregator service and an EdgeAgent per device on a real broker (facefed.over_broker); inprocess:
 # the round engine alone with the same trainers (facefed.inprocess), the same figures without the wire.
 TRANSPORTS = ("mqtt", "inprocess")
@@ -246,10 +249,11 @@ def build_fleet(cfg: CameraExperimentConfig, say: Callable[[str], None] = print)
             train_idx, test_idx = frame_sources(idx[cfg.enrol:], cfg)
             frames.append(capture_frames(dataset.images[train_idx], camera, rng))
             test.append(capture_frames(dataset.images[test_idx], camera, rng))
-        known = {"own": camera, "domain": domain, "none": CameraSpec()}[cfg.camera_model]
+        enrol, frames = np.concatenate(enrol), np.concatenate(frames)
+        known = (measure_camera(frames, enrol) if cfg.camera_model == "measured" else
+                 {"own": camera, "domain": domain, "none": CameraSpec()}[cfg.camera_model])
         member = np.arange(len(members))
-        data = DeviceData(np.concatenate(enrol), np.concatenate(frames), known, np.repeat(member, cfg.enrol),
-                          np.repeat(member, cfg.train_frames))
+        data = DeviceData(enrol, frames, known, np.repeat(member, cfg.enrol), np.repeat(member, cfg.train_frames))
         names = [dataset.identities[p] for p in members]
         devices.append(Device(names, data, np.concatenate(test), np.repeat(names, cfg.test_frames),
                               capture_frames(unseen_probes_arr, camera, rng), np.asarray(unseen_names), camera))

@@ -253,9 +253,10 @@ def _add_experiment_parser(sub) -> None:
                      "--rounds, --seed, --methods, --out)")
     exp.add_argument("--camera", help="camera presets: the device cameras' domain, e.g. corridor (default), "
                      "door-night, or corridor,face_px=24 (fields: grey, gamma, face_px, noise, jpeg, blur)")
-    exp.add_argument("--camera-model", choices=["own", "domain", "none"],
+    exp.add_argument("--camera-model", choices=["own", "measured", "domain", "none"],
                      help="camera presets: what each device knows of its camera for its synthetic pairs: its own "
-                     "(default), only the domain's nominal one, or none (only its owner's frames show it)")
+                     "exactly (default), the one it measures on its frames and enrolment, only the domain's "
+                     "nominal one, or none (only its owner's frames show it)")
     exp.add_argument("--household", help="camera presets: people per device, 1 (one owner, default) or a range "
                      "such as 2-5 (household devices; each member's frames against their own enrolment)")
     exp.add_argument("--transport", choices=["mqtt", "inprocess"],

@@ -127,10 +127,12 @@ def test_camera_model_is_what_the_device_knows_not_the_camera_it_has(celeb_small
                                         enrol=2, train_frames=2, test_frames=2, unseen_probes=2, bank_per_identity=2,
                                         camera_model=model).check()
         fleets[model] = ce.build_fleet(cfg, say=lambda line: None)
-    own, domain, none = (fleets[m].devices for m in ("own", "domain", "none"))
-    for a, b, c in zip(own, domain, none):
-        assert a.camera == b.camera == c.camera == a.data.camera != parse_camera("corridor")  # drawn per device
+    own, measured, domain, none = (fleets[m].devices for m in ("own", "measured", "domain", "none"))
+    for a, m, b, c in zip(own, measured, domain, none):
+        assert a.camera == m.camera == b.camera == c.camera == a.data.camera != parse_camera("corridor")  # per device
         assert b.data.camera == parse_camera("corridor") and c.data.camera == CameraSpec()
+        assert m.data.camera.grey and 0 < m.data.camera.face_px < 60  # measured on its 2 frames: grey and small
+        np.testing.assert_array_equal(a.data.frames, m.data.frames)
         np.testing.assert_array_equal(a.test_frames, c.test_frames)  # the same frames: only the knowledge differs
     with pytest.raises(ce.CameraExperimentError, match="camera_model"):
         ce.CameraExperimentConfig(data=[tmp_path / "fleet"], out=tmp_path / "bad", bank=[tmp_path / "bank"],
