@@ -1,7 +1,6 @@
 """The one-owner camera trainer and the camera experiment's plumbing (face-api weights and celeb-dev needed)."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
