@@ -3,7 +3,8 @@
 What the device reads (edge_agent.config.CameraTrainingSettings; docs/camera-domain.md says why a real device
 has each): its camera frames of its owner(s) (`data`, a folder per person), their clean enrolment photos (the
 unlock store's enrolled chips unless a folder is named), the public face bank shipped with the model, and what
-it knows of its camera (a named domain, or "clean" for nothing).
+it knows of its camera: measured on those frames and photos ("measured"), a named domain, or "clean" for
+nothing.
 
 Each round the announced shared part (per-channel scales and shifts, FaceApiResNet shared: scale_shift) comes
 in, model_zoo.camera_adapt.adapt trains it with this device's personal part, and the shared part goes out. The
@@ -32,6 +33,7 @@ from edge_agent.trainer import CannotTrain, RoundResult, TrainingDiverged, save_
 from fedwire.messages import TrainSettings
 from model_zoo.backbones import MACHINE_LOCAL_KWARGS, FaceApiResNet, build_backbone
 from model_zoo.camera import parse_camera
+from model_zoo.camera_measure import MEASURED, measure_camera
 from model_zoo.camera_adapt import (AdaptConfig, AdaptDiverged, DeviceData, RoundStats, Teacher, adapt, embed,
                                     get_tensors, set_tensors, teacher_for)
 from model_zoo.checkpoint import load_shared_tensors, shared_tensors
@@ -71,7 +73,14 @@ def load_camera_data(frames_dir: Path, settings: CameraTrainingSettings, store_d
     keep = np.concatenate([np.flatnonzero(bank_set.labels == k)[:settings.bank_per_identity]
                            for k in range(bank_set.num_classes)])
     member_of_frame = np.array([members.index(frames.identities[label]) for label in frames.labels])
-    device = DeviceData(np.concatenate([enrolment[m] for m in members]), frames.images, parse_camera(settings.camera),
+    photos = np.concatenate([enrolment[m] for m in members])
+    if settings.camera == MEASURED:
+        camera = measure_camera(frames.images, photos)
+        log.info("camera measured on %d frames and %d enrolment photos: %s", len(frames.images), len(photos),
+                 camera.describe())
+    else:
+        camera = parse_camera(settings.camera)
+    device = DeviceData(photos, frames.images, camera,
                         np.concatenate([np.full(len(enrolment[m]), i) for i, m in enumerate(members)]),
                         member_of_frame)
     return CameraData(device, members, bank_set.images[keep])

@@ -63,9 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a door or corridor camera (aggregator train.method: camera): ship this public face bank "
                        "(aligned crops, a folder per identity) and set the device to train on the frames its unlocks "
                        "keep (docs/camera-domain.md)")
-    flash.add_argument("--camera", default="corridor",
-                       help="with --camera-bank: what the device knows of its camera, a domain with overrides "
-                       "(corridor, door-night, 'corridor,face_px=32'), or clean (default corridor)")
+    flash.add_argument("--camera", default="measured",
+                       help="with --camera-bank: what the device knows of its camera: measured (on the frames its "
+                       "unlocks keep, against the enrolment), a domain with overrides (corridor, door-night, "
+                       "'corridor,face_px=32'), or clean (default measured)")
     flash.add_argument("--keep-frames", type=int, default=200,
                        help="with --camera-bank: unlock frames kept per person to train on (default 200)")
     flash.add_argument("--target", help="ssh://user@host[:port]: copy the .tar.gz there and run install.sh")

@@ -19,6 +19,7 @@ from fedwire.topics import Topics, validate_device_id
 from edge_agent.unlock.decision import THRESHOLD_RANGES
 from firmware_configs import profile_path
 from model_zoo.camera import parse_camera
+from model_zoo.camera_measure import MEASURED
 from model_zoo.vision import DEFAULT_DETECTOR, DEFAULT_LANDMARKS
 
 DEFAULT_BROKER = "mqtt://127.0.0.1:1883"
@@ -131,9 +132,10 @@ class CameraTrainingSettings:
 
     bank: Path  # the public face bank shipped with the model: aligned crops, a folder per identity
     enrolment: Path | None = None  # the owners' clean enrolment photos, a folder per person; None: unlock's store
-    # What the device knows of its camera, for synthetic pairs: a domain and overrides as `facefed experiment
+    # What the device knows of its camera, for synthetic pairs: "measured" (on its frames and enrolment,
+    # model_zoo.camera_measure, each time they change), or a domain and overrides as `facefed experiment
     # --camera` takes them ("corridor", "door-night,face_px=32", ...); "clean" for no camera model.
-    camera: str = "corridor"
+    camera: str = MEASURED
     bank_per_identity: int = 4  # bank photos per identity used
 
     def check(self) -> None:
@@ -141,9 +143,10 @@ class CameraTrainingSettings:
         require(self.enrolment is None or self.enrolment.is_dir(), "enrolment", f"no such directory: {self.enrolment}")
         require(self.bank_per_identity >= 1, "bank_per_identity", "must be >= 1")
         try:
-            parse_camera(self.camera)
+            if self.camera != MEASURED:
+                parse_camera(self.camera)
         except ValueError as exc:
-            raise ConfigError("camera", str(exc)) from None
+            raise ConfigError("camera", f"{exc} (or {MEASURED!r})") from None
 
 
 @dataclass

@@ -35,6 +35,7 @@ from fedwire.config import ConfigError, parse_config
 from fedwire.pki_layout import aggregator_files, ca_files, device_files
 from fedwire.topics import validate_device_id
 from firmware_configs import profile_path
+from model_zoo.camera_measure import MEASURED
 
 # Inference runtime of the profile -> the extras the device installs.
 BACKEND_EXTRAS = {"torch": "agent", "onnx": "agent,onnx", "tflite": "agent,tflite"}
@@ -57,7 +58,7 @@ class FlashRequest:
     # A door or corridor camera (train.method camera): the public face bank to ship (aligned crops, a folder per
     # identity), what the device knows of its camera, and how many unlock frames per person it keeps to train on.
     camera_bank: Path | None = None
-    camera: str = "corridor"
+    camera: str = MEASURED
     keep_frames: int = 200
 
 

@@ -26,6 +26,7 @@ import numpy as np
 
 from .camera import CameraSpec, capture_frames
 
+MEASURED = "measured"  # a device config's camera when the device measures it (edge_agent CameraTrainingSettings)
 _LUMA = np.array([0.299, 0.587, 0.114], np.float32)
 # Immerkaer's noise operator: zero on planes and ramps; on white noise of sigma its response has sigma 6 sigma.
 _NOISE_KERNEL = np.array([[1, -2, 1], [-2, 4, -2], [1, -2, 1]], np.float32)

@@ -35,7 +35,8 @@ def _aggregator_config(state_dir: Path, **overrides) -> AggregatorConfig:
     return parse_config(AggregatorConfig, yaml.safe_load(yaml.safe_dump(raw)))
 
 
-def _device(home: Path, owner: str, photos: np.ndarray, bank: Path, rng) -> tuple[Path, np.ndarray]:
+def _device(home: Path, owner: str, photos: np.ndarray, bank: Path, rng, camera: str = "corridor"
+            ) -> tuple[Path, np.ndarray]:
     """A device's home as an operator sets it up: the owner enrolled for unlock (templates of version 0), camera
     frames of the owner in data/<owner>/, agent.yaml with a camera_training section. Returns (agent.yaml,
     the enrolled chips)."""
@@ -45,7 +46,7 @@ def _device(home: Path, owner: str, photos: np.ndarray, bank: Path, rng) -> tupl
     TemplateStore(home / "state" / "unlock").save(Enrolment(owner, chips, embedder.embed(chips), ref))
     path = home / "agent.yaml"
     path.write_text(yaml.safe_dump({"device_id": home.name, "data": "data", "state_dir": "state",
-                                    "camera_training": {"bank": str(bank), "camera": "corridor", "bank_per_identity": 2}}))
+                                    "camera_training": {"bank": str(bank), "camera": camera, "bank_per_identity": 2}}))
     return path, chips
 
 
@@ -54,12 +55,16 @@ def test_camera_method_federates_the_shared_part_and_each_device_unlocks_on_its_
     people = [np.flatnonzero(celeb.labels == k)[:9] for k in range(6)]
     save_folders(celeb.subset(np.concatenate([p[:2] for p in people[2:]])), tmp_path / "bank")
     rng = np.random.default_rng(0)
+    # door-0 is told its camera's domain; door-1 measures its camera on its frames and enrolment.
     homes = {f"door-{k}": _device(tmp_path / "fleet" / f"door-{k}", celeb.identities[k], celeb.images[people[k]],
-                                  tmp_path / "bank", rng) for k in range(2)}
+                                  tmp_path / "bank", rng, camera) for k, camera in enumerate(["corridor", "measured"])}
     devices = [Device(device_id, _trainer(load_agent_config(path))) for device_id, (path, _) in homes.items()]
     config = _aggregator_config(tmp_path / "aggregator")
 
     engine = run_over_broker(config, devices, None, tmp_path / "fleet")
+    told, measured = (device.trainer.data.device.camera for device in devices)
+    assert told == DOMAINS["corridor"]
+    assert measured.grey and abs(measured.face_px - 28) <= 4 and measured != told  # from 6 frames of the owner
 
     # What travels is the shared part alone: face-api's per-channel scales and shifts outside the personal stage.
     shared_names, personal_names = FaceApiResNet(trainable="all", shared="scale_shift", personal="last").parts()
