@@ -62,6 +62,10 @@ INT8_PROFILE = {"trainable": "last", "personal": "projection", "personal_lr": 1e
 # domain's nominal camera; "none", no camera model (its synthetic pairs and strangers stay clean: only its
 # owner's frames show it the camera).
 CAMERA_MODELS = ("own", "measured", "domain", "none")
+# Which of its camera frames of the owner a device trains on: "all" of them (what a device has when a PIN
+# fallback right after a rejected face also keeps that attempt's frames); "unlocked", only those version 0
+# matches at the FAR 1e-3 unlock threshold (what successful unlocks alone keep: fewer, and the easy ones).
+OWNER_FRAMES = ("all", "unlocked")
 # mqtt: the aggregator service and an EdgeAgent per device on a real broker (facefed.over_broker); inprocess:
 # the round engine alone with the same trainers (facefed.inprocess), the same figures without the wire.
 TRANSPORTS = ("mqtt", "inprocess")
@@ -100,6 +104,7 @@ class CameraExperimentConfig:
     bank_per_identity: int = 4
     arms: tuple[str, ...] = ARMS
     camera_model: str = "own"  # CAMERA_MODELS
+    owner_frames: str = "all"  # OWNER_FRAMES
     household: str = "1"  # people per device: "1" (one owner) or a range such as "2-5" (household devices)
     # The people kept off every device (identity names as loaded); empty: a quarter of them, drawn by the seed.
     unseen: tuple[str, ...] = ()
@@ -119,6 +124,9 @@ class CameraExperimentConfig:
         if self.camera_model not in CAMERA_MODELS:
             raise CameraExperimentError(f"camera_model must be one of {', '.join(CAMERA_MODELS)}, "
                                         f"got {self.camera_model!r}")
+        if self.owner_frames not in OWNER_FRAMES:
+            raise CameraExperimentError(f"owner_frames must be one of {', '.join(OWNER_FRAMES)}, "
+                                        f"got {self.owner_frames!r}")
         parse_household(self.household)
         if self.transport not in TRANSPORTS:
             raise CameraExperimentError(f"transport must be one of {', '.join(TRANSPORTS)}, got {self.transport!r}")
@@ -257,8 +265,45 @@ def build_fleet(cfg: CameraExperimentConfig, say: Callable[[str], None] = print)
         names = [dataset.identities[p] for p in members]
         devices.append(Device(names, data, np.concatenate(test), np.repeat(names, cfg.test_frames),
                               capture_frames(unseen_probes_arr, camera, rng), np.asarray(unseen_names), camera))
-    return Fleet(devices, np.concatenate(unseen_gallery), np.asarray(unseen_gallery_names), unseen_probes_arr,
-                 np.asarray(unseen_names), bank, domain)
+    fleet = Fleet(devices, np.concatenate(unseen_gallery), np.asarray(unseen_gallery_names), unseen_probes_arr,
+                  np.asarray(unseen_names), bank, domain)
+    if cfg.owner_frames == "unlocked":
+        fleet = frames_unlock_keeps(fleet, cfg.camera_model == "measured", say)
+    return fleet
+
+
+def frames_unlock_keeps(fleet: Fleet, measured: bool, say: Callable[[str], None] = print) -> Fleet:
+    """The fleet with each device's training frames cut to those unlock alone would keep: version 0's raw-L2
+    score of the frame against its member's template (the mean enrolment descriptor, as unlock compares) at or
+    above the threshold that admits at most 0.1 % of the fleet's impostor frames (unlock's FAR 1e-3). An
+    upper bound on what unlock keeps: it also needs k matching frames in an attempt. measured: the device
+    measures its camera again on the frames it keeps."""
+    version0 = build_model()
+
+    def scores(device: Device, images: np.ndarray, members: np.ndarray) -> np.ndarray:
+        people = device.data.people()[0]
+        templates = np.stack([embed(version0, device.data.enrolment[people == k]).mean(0)
+                              for k in range(len(device.owners))])
+        return -np.linalg.norm(embed(version0, images) - templates[members], axis=1)
+
+    impostors = np.concatenate([np.max([scores(d, d.impostor_frames, np.full(len(d.impostor_frames), k))
+                                        for k in range(len(d.owners))], axis=0) for d in fleet.devices])
+    threshold = np.sort(impostors)[::-1][int(np.floor(1e-3 * len(impostors)))]  # unlock accepts score > this
+    devices = []
+    for device in fleet.devices:
+        keep = scores(device, device.data.frames, device.data.people()[1]) > threshold
+        frames = device.data.frames[keep]
+        data = replace(device.data, frames=frames, frame_people=None if device.data.frame_people is None
+                       else device.data.frame_people[keep],
+                       camera=measure_camera(frames, device.data.enrolment) if measured else device.data.camera)
+        devices.append(replace(device, data=data))
+    kept = [len(d.data.frames) for d in devices]
+    say(f"owner frames as unlock keeps them (version 0 raw L2 >= {-threshold:.3f}, FAR 1e-3): "
+        f"{sum(kept)} of {sum(len(d.data.frames) for d in fleet.devices)}, {min(kept)}-{max(kept)} per device")
+    if min(kept) == 0:
+        raise CameraExperimentError("a device keeps no frame of its owner at the unlock threshold: it could not "
+                                    "train; give it more frames (train_frames)")
+    return replace(fleet, devices=devices)
 
 
 def frame_sources(photos: np.ndarray, cfg: CameraExperimentConfig) -> tuple[np.ndarray, np.ndarray]:
@@ -541,7 +586,8 @@ def run_camera_experiment(cfg: CameraExperimentConfig, say: Callable[[str], None
     results = {"setup": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()
                             if k not in ("data", "out", "bank")},
                          "data": [str(d) for d in cfg.data], "bank": [str(b) for b in cfg.bank],
-                         "devices": [{"owners": d.owners, "camera": asdict(d.camera), "camera_model": asdict(d.data.camera)}
+                         "devices": [{"owners": d.owners, "camera": asdict(d.camera), "camera_model": asdict(d.data.camera),
+                                      "train_frames": len(d.data.frames)}
                                      for d in fleet.devices],
                          "unseen_people": sorted(set(fleet.unseen_names.tolist())),
                          "shared_floats": int(sum(runner.version0[n].size for n in runner.shared)),
@@ -583,6 +629,7 @@ def report_markdown(results: dict, fleet: Fleet) -> str:
     setup = results["setup"]
     lines = [f"# Camera-domain experiment ({setup['preset'] or 'custom'}, seed {setup['seed']})", "",
              f"Camera: {setup['camera']} ({fleet.domain.describe()}); devices' camera model: {setup['camera_model']}; "
+             f"owner frames: {setup['owner_frames']}; "
              f"{len(fleet.devices)} devices, "
              f"{'one owner each' if setup['household'] == '1' else 'households of ' + setup['household'] + ' people'}; "
              f"{len(setup['unseen_people'])} people on no device; {setup['rounds']} rounds x {setup['steps']} steps "
@@ -627,7 +674,7 @@ def main(args) -> int:
     try:
         arms = tuple(a.strip() for a in args.methods.split(",")) if args.methods else None
         cfg = preset_config(args.preset, args.out, data=args.data, camera=args.camera, rounds=args.rounds,
-                            seed=args.seed, arms=arms, camera_model=args.camera_model,
+                            seed=args.seed, arms=arms, camera_model=args.camera_model, owner_frames=args.owner_frames,
                             transport=args.transport, household=args.household).check()
     except (CameraExperimentError, ValueError) as exc:
         print(f"facefed experiment: {exc}", file=sys.stderr)

@@ -257,6 +257,10 @@ def _add_experiment_parser(sub) -> None:
                      help="camera presets: what each device knows of its camera for its synthetic pairs: its own "
                      "exactly (default), the one it measures on its frames and enrolment, only the domain's "
                      "nominal one, or none (only its owner's frames show it)")
+    exp.add_argument("--owner-frames", choices=["all", "unlocked"],
+                     help="camera presets: which camera frames of its owner a device trains on: all (default; what "
+                     "PIN fallbacks after rejected faces add up to) or unlocked (only those version 0 matches at "
+                     "the FAR 1e-3 unlock threshold: what successful unlocks alone keep)")
     exp.add_argument("--household", help="camera presets: people per device, 1 (one owner, default) or a range "
                      "such as 2-5 (household devices; each member's frames against their own enrolment)")
     exp.add_argument("--transport", choices=["mqtt", "inprocess"],
@@ -314,7 +318,7 @@ def _experiment(args: argparse.Namespace) -> int:
 
         return camera_main(args)
     camera_only = [flag for flag, value in (("--camera", args.camera), ("--camera-model", args.camera_model),
-                                            ("--transport", args.transport), ("--household", args.household))
+                                            ("--owner-frames", args.owner_frames), ("--transport", args.transport), ("--household", args.household))
                    if value is not None]
     if camera_only:
         print(f"facefed experiment: {', '.join(camera_only)} apply to the camera presets only "

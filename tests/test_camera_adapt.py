@@ -138,6 +138,34 @@ def test_camera_model_is_what_the_device_knows_not_the_camera_it_has(celeb_small
                                   camera_model="exact").check()
 
 
+def test_unlocked_owner_frames_are_the_frames_version0_accepts_at_far_1e_3(celeb_small, tmp_path):
+    import facefed.camera_experiment as ce
+
+    save_folders(celeb_small.subset(np.flatnonzero(celeb_small.labels < 6)), tmp_path / "fleet")
+    save_folders(celeb_small.subset(np.flatnonzero(celeb_small.labels >= 6)), tmp_path / "bank")
+    fleets = {}
+    for frames in ce.OWNER_FRAMES:
+        cfg = ce.CameraExperimentConfig(data=[tmp_path / "fleet"], out=tmp_path / frames, bank=[tmp_path / "bank"],
+                                        camera="door-night", enrol=2, train_frames=8, test_frames=2,
+                                        unseen_probes=2, bank_per_identity=2, owner_frames=frames).check()
+        fleets[frames] = ce.build_fleet(cfg, say=lambda line: None)
+    version0 = build_model()
+    kept_total = 0
+    for every, kept in zip(fleets["all"].devices, fleets["unlocked"].devices):
+        np.testing.assert_array_equal(every.test_frames, kept.test_frames)  # the same fleet, fewer training frames
+        template = embed(version0, every.data.enrolment).mean(0)
+        distances = np.linalg.norm(embed(version0, every.data.frames) - template, axis=1)
+        kept_distances = np.linalg.norm(embed(version0, kept.data.frames) - template, axis=1)
+        assert 0 < len(kept.data.frames) <= len(every.data.frames)
+        # The kept ones are the closest frames: every frame left out is further than every frame kept.
+        left_out = np.setdiff1d(distances.round(5), kept_distances.round(5))
+        assert left_out.size == 0 or left_out.min() > kept_distances.max()
+        kept_total += len(kept.data.frames)
+    assert kept_total < sum(len(d.data.frames) for d in fleets["all"].devices)
+    with pytest.raises(ce.CameraExperimentError, match="owner_frames"):
+        ce.CameraExperimentConfig(data=[tmp_path / "fleet"], out=tmp_path / "bad", owner_frames="some").check()
+
+
 def test_a_household_device_scores_each_member_against_their_own_enrolment_and_trains_towards_it(celeb_small, tmp_path):
     import facefed.camera_experiment as ce
 
