@@ -182,3 +182,52 @@ def test_each_unlock_keeps_the_owners_matching_frames_for_camera_training(tmp_pa
     assert all(stat.S_IMODE(f.stat().st_mode) == 0o600 for f in files)
     assert stat.S_IMODE((frames / "owner").stat().st_mode) == 0o700
     assert all(cv2.imread(str(f)).shape == (112, 112, 3) for f in files)
+
+
+def test_a_fallback_after_a_rejected_face_keeps_that_attempts_near_misses(tmp_path, enrolled, int8_model, caplog):
+    from edge_agent.unlock.analyzer import FaceAnalyzer, load_model
+    from edge_agent.unlock.decision import DecisionRules
+    from edge_agent.unlock.liveness import make_challenge
+    from edge_agent.unlock.session import FALLBACK_WINDOW_S, UnlockSession
+    from edge_agent.unlock.sources import Frame
+    from edge_agent.unlock.store import FrameStore, TemplateStore
+    from model_zoo.metrics import score_matrix
+    from model_zoo.pipeline import FacePipeline
+    from model_zoo.vision import DEFAULT_DETECTOR, DEFAULT_LANDMARKS
+
+    store, _ = enrolled
+    embedder, ref = load_model(int8_model)
+    analyzer = FaceAnalyzer(embedder, ref, FacePipeline(detector=DEFAULT_DETECTOR, landmarks=DEFAULT_LANDMARKS))
+    enrolments = TemplateStore(store).load_all()
+    rng = np.random.default_rng(2)
+    owner = [camera_frame(OWNER, OWNER_OPEN[i % 2], rng) for i in range(6)]
+    stranger = [camera_frame(STRANGER, STRANGER_PHOTOS[i % 2], rng) for i in range(6)]
+    template = enrolments[0].template()[None]
+
+    def scores(frames):
+        return [float(score_matrix(template, analyzer.analyze(f)[0][0].embedding[None], ref.score)[0, 0])
+                for f in frames]
+
+    owner_scores, stranger_scores = scores(owner), scores(stranger)
+    # A threshold just above this owner's scores in these frames: each is a near miss, as a dark camera makes them.
+    rules = DecisionRules(threshold=max(owner_scores) + 0.01, score=ref.score, k=3, n=5, timeout_s=0.5, lockout_failures=10)
+    assert max(stranger_scores) < rules.threshold - rules.multi_face_margin  # the stranger is no near miss
+
+    def attempt(frames, start, kept_dir):
+        session = UnlockSession(analyzer, enrolments, rules, make_challenge("off"), frames=FrameStore(kept_dir, 50))
+        for i, rgb in enumerate(frames):
+            session.process(Frame(i, start + i / FPS, rgb))
+        return session, start + len(frames) / FPS
+
+    with caplog.at_level("INFO", logger="facefed.unlock"):
+        session, end = attempt(owner, 0.0, tmp_path / "owner")
+        assert session.owner_confirmed("owner", end + 5.0) >= 4  # the attempt's frames past its start
+        assert session.owner_confirmed("owner", end + 6.0) == 0  # one confirmation, one attempt
+        files = sorted((tmp_path / "owner" / "owner").glob("*.png"))
+        assert len(files) >= 4 and all(stat.S_IMODE(f.stat().st_mode) == 0o600 for f in files)
+        late, end = attempt(owner, 0.0, tmp_path / "late")
+        assert late.owner_confirmed("owner", end + FALLBACK_WINDOW_S + 1.0) == 0  # too long after the failure
+        strange, end = attempt(stranger, 0.0, tmp_path / "stranger")
+        assert strange.owner_confirmed("owner", end + 1.0) == 0  # a stranger's rejected face is never the owner's
+    assert not (tmp_path / "late").exists() and not (tmp_path / "stranger").exists()
+    assert any("after a fallback" in m for m in caplog.messages)

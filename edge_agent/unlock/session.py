@@ -25,6 +25,13 @@ from .store import Enrolment, FrameStore
 
 log = logging.getLogger("facefed.unlock")
 
+# A fallback (the device's PIN or passcode) confirms the person of the rejected attempt just before it: within
+# this long after the attempt failed, and only its near misses (a single face scoring within
+# DecisionRules.multi_face_margin below the threshold: on camera-quick fleets 76-87 % of the owner's rejected
+# frames and 3-14 % of strangers' frames; BENCHMARKS.md), at most FALLBACK_FRAMES of them, the latest.
+FALLBACK_WINDOW_S = 30.0
+FALLBACK_FRAMES = 10
+
 
 @dataclass
 class FaceRecord:
@@ -106,6 +113,8 @@ class UnlockSession:
         self.aligned = aligned
         self.frames = frames
         self._matched: list[tuple[str, np.ndarray]] = []  # (name, chip) of this attempt's matching frames
+        self._near_misses: list[tuple[str, np.ndarray]] = []  # this attempt's single faces just below the threshold
+        self._rejected: tuple[float, list[tuple[str, np.ndarray]]] | None = None  # (failed at, near misses)
 
     def process(self, frame: Frame) -> tuple[FrameRecord, list[FaceLabel]]:
         faces, times = self.analyzer.analyze_aligned(frame.rgb) if self.aligned else self.analyzer.analyze(frame.rgb)
@@ -129,7 +138,8 @@ class UnlockSession:
         decision = self.machine.step(frame.time_s, verdict, live)
         if decision.event in CHALLENGE_RESET_EVENTS:
             self.challenge.reset()
-        self._keep_frames(verdict, decision, records[candidate].name if candidate is not None else None,
+        self._keep_frames(frame.time_s, verdict, decision, records[candidate] if len(faces) == 1 else None,
+                          records[candidate].name if candidate is not None else None,
                           faces[candidate].chip if candidate is not None else None)
         stage_ms = {**times.ms, "decide": (time.perf_counter() - start) * 1000.0}
         best = records[candidate] if candidate is not None else None
@@ -151,20 +161,45 @@ class UnlockSession:
         return record, labels
 
 
-    def _keep_frames(self, verdict: Verdict, decision: Decision, name: str | None, chip: np.ndarray | None) -> None:
+    def _keep_frames(self, t: float, verdict: Verdict, decision: Decision, single: FaceRecord | None,
+                     name: str | None, chip: np.ndarray | None) -> None:
         """Collect the attempt's matching chips while locked; an unlock hands those of the person it unlocked for
-        to the frame store (that person just proved who they are: k matching frames and the liveness check)."""
+        to the frame store (that person just proved who they are: k matching frames and the liveness check).
+        A failed attempt's near misses wait FALLBACK_WINDOW_S for owner_confirmed."""
         if self.frames is None:
             return
         attempting = decision.state is not LockState.UNLOCKED or decision.event is Event.UNLOCKED
         if verdict is Verdict.MATCH and attempting:  # not the frames while it stays unlocked
             self._matched.append((name, chip))
+        elif (verdict is Verdict.NO_MATCH and single is not None and decision.state is LockState.LOCKED
+              and single.score >= self.rules.threshold - self.rules.multi_face_margin):
+            self._near_misses.append((name, chip))
         if decision.event is Event.UNLOCKED:
             chips = [c for n, c in self._matched if n == name]
             held = self.frames.keep(name, chips)
             log.info("kept %d frame(s) of %s for camera training (%d held)", len(chips), name, held)
         if decision.event is not None:
-            self._matched = []
+            failed = decision.event in (Event.ATTEMPT_FAILED, Event.LOCKED_OUT) and self._near_misses
+            self._rejected = (t, self._near_misses) if failed else None
+            self._matched, self._near_misses = [], []
+
+    def owner_confirmed(self, name: str, t: float) -> int:
+        """The device's own fallback (its PIN or passcode, checked outside this kit) confirmed `name` at time t
+        (the frames' clock): the near misses of the attempt that failed just before, whose closest template is
+        `name`, are kept for camera training like an unlock's frames (the hard frames successful unlocks never
+        keep). Returns how many were kept: 0 with no frame store, no failed attempt within FALLBACK_WINDOW_S
+        before t, or none of its near misses closest to `name`."""
+        if self.frames is None or self._rejected is None or name not in self.names:
+            return 0
+        failed_at, near_misses = self._rejected
+        self._rejected = None
+        if not 0.0 <= t - failed_at <= FALLBACK_WINDOW_S:
+            return 0
+        chips = [c for n, c in near_misses if n == name][-FALLBACK_FRAMES:]
+        if chips:
+            held = self.frames.keep(name, chips)
+            log.info("kept %d frame(s) of %s after a fallback confirmed them (%d held)", len(chips), name, held)
+        return len(chips)
 
 
 @dataclass
