@@ -36,6 +36,7 @@ import torch
 from aggregator.config import AggregatorConfig, ModelConfig
 from aggregator.models import train_settings
 from edge_agent.camera_trainer import CameraData, CameraTrainer
+from edge_agent.unlock.calibration import mean_template
 from facefed.inprocess import Device as InProcessDevice
 from facefed.inprocess import run_inprocess
 from facefed.over_broker import run_over_broker
@@ -49,7 +50,7 @@ from model_zoo.camera_adapt import (AdaptConfig, DeviceData, Teacher, adapt, bui
 from model_zoo.checkpoint import load_shared_tensors, save_checkpoint, shared_tensors, spec_of
 from model_zoo.checkpoint_file import BackboneSpec
 from model_zoo.data import FaceDataset, detect_layout, load_datasets, shared_datasets_root
-from model_zoo.metrics import far_key, gallery_pair_scores, report_from_scores
+from model_zoo.metrics import far_key, gallery_pair_scores, report_from_scores, score_matrix
 
 ARMS = ("version0", "local", "fedavg", "fedavg_personal", "pooled", "version0_int8", "fedavg_personal_int8")
 # The int8-trunk device profile: a device that runs face-api's trunk in int8 (model_zoo.export.quantize_trunk,
@@ -273,32 +274,35 @@ def build_fleet(cfg: CameraExperimentConfig, say: Callable[[str], None] = print)
 
 
 def frames_unlock_keeps(fleet: Fleet, measured: bool, say: Callable[[str], None] = print) -> Fleet:
-    """The fleet with each device's training frames cut to those unlock alone would keep: version 0's raw-L2
-    score of the frame against its member's template (the mean enrolment descriptor, as unlock compares) at or
-    above the threshold that admits at most 0.1 % of the fleet's impostor frames (unlock's FAR 1e-3). An
-    upper bound on what unlock keeps: it also needs k matching frames in an attempt. measured: the device
-    measures its camera again on the frames it keeps."""
+    """The fleet with each device's training frames cut to those unlock alone would keep: version 0's score of
+    the frame against its member's template, as unlock compares them (model_score's unlock score, the
+    template edge_agent's unlock makes), above the threshold that admits at most 0.1 % of the fleet's
+    impostor frames (unlock's FAR 1e-3). An upper bound on what unlock keeps: it also needs k matching frames
+    in an attempt. measured: the device measures its camera again on the frames it keeps."""
     version0 = build_model()
+    score = model_score(version0, "unlock")
 
-    def scores(device: Device, images: np.ndarray, members: np.ndarray) -> np.ndarray:
+    def templates(device: Device) -> np.ndarray:
         people = device.data.people()[0]
-        templates = np.stack([embed(version0, device.data.enrolment[people == k]).mean(0)
-                              for k in range(len(device.owners))])
-        return -np.linalg.norm(embed(version0, images) - templates[members], axis=1)
+        return np.stack([mean_template(embed(version0, device.data.enrolment[people == k]), score)
+                         for k in range(len(device.owners))])
 
-    impostors = np.concatenate([np.max([scores(d, d.impostor_frames, np.full(len(d.impostor_frames), k))
-                                        for k in range(len(d.owners))], axis=0) for d in fleet.devices])
+    def scores(device: Device, images: np.ndarray) -> np.ndarray:  # [images, members]
+        return score_matrix(templates(device), embed(version0, images), score)
+
+    impostors = np.concatenate([scores(d, d.impostor_frames).max(axis=1) for d in fleet.devices])
     threshold = np.sort(impostors)[::-1][int(np.floor(1e-3 * len(impostors)))]  # unlock accepts score > this
     devices = []
     for device in fleet.devices:
-        keep = scores(device, device.data.frames, device.data.people()[1]) > threshold
+        members = device.data.people()[1]
+        keep = scores(device, device.data.frames)[np.arange(len(members)), members] > threshold
         frames = device.data.frames[keep]
         data = replace(device.data, frames=frames, frame_people=None if device.data.frame_people is None
                        else device.data.frame_people[keep],
                        camera=measure_camera(frames, device.data.enrolment) if measured else device.data.camera)
         devices.append(replace(device, data=data))
     kept = [len(d.data.frames) for d in devices]
-    say(f"owner frames as unlock keeps them (version 0 raw L2 >= {-threshold:.3f}, FAR 1e-3): "
+    say(f"owner frames as unlock keeps them (version 0 {score} score > {threshold:.3f}, FAR 1e-3): "
         f"{sum(kept)} of {sum(len(d.data.frames) for d in fleet.devices)}, {min(kept)}-{max(kept)} per device")
     if min(kept) == 0:
         raise CameraExperimentError("a device keeps no frame of its owner at the unlock threshold: it could not "

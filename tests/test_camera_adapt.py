@@ -140,6 +140,8 @@ def test_camera_model_is_what_the_device_knows_not_the_camera_it_has(celeb_small
 
 def test_unlocked_owner_frames_are_the_frames_version0_accepts_at_far_1e_3(celeb_small, tmp_path):
     import facefed.camera_experiment as ce
+    from edge_agent.unlock.calibration import mean_template
+    from model_zoo.metrics import score_matrix
 
     save_folders(celeb_small.subset(np.flatnonzero(celeb_small.labels < 6)), tmp_path / "fleet")
     save_folders(celeb_small.subset(np.flatnonzero(celeb_small.labels >= 6)), tmp_path / "bank")
@@ -153,13 +155,14 @@ def test_unlocked_owner_frames_are_the_frames_version0_accepts_at_far_1e_3(celeb
     kept_total = 0
     for every, kept in zip(fleets["all"].devices, fleets["unlocked"].devices):
         np.testing.assert_array_equal(every.test_frames, kept.test_frames)  # the same fleet, fewer training frames
-        template = embed(version0, every.data.enrolment).mean(0)
-        distances = np.linalg.norm(embed(version0, every.data.frames) - template, axis=1)
-        kept_distances = np.linalg.norm(embed(version0, kept.data.frames) - template, axis=1)
+        # Scored as unlock scores the pretrained descriptor: cosine to the normalised mean template.
+        template = mean_template(embed(version0, every.data.enrolment), "cosine")
+        similarity = score_matrix(template[None], embed(version0, every.data.frames))[:, 0]
+        kept_similarity = score_matrix(template[None], embed(version0, kept.data.frames))[:, 0]
         assert 0 < len(kept.data.frames) <= len(every.data.frames)
-        # The kept ones are the closest frames: every frame left out is further than every frame kept.
-        left_out = np.setdiff1d(distances.round(5), kept_distances.round(5))
-        assert left_out.size == 0 or left_out.min() > kept_distances.max()
+        # The kept ones are the most alike: every frame left out scores below every frame kept.
+        left_out = np.setdiff1d(similarity.round(5), kept_similarity.round(5))
+        assert left_out.size == 0 or left_out.max() < kept_similarity.min()
         kept_total += len(kept.data.frames)
     assert kept_total < sum(len(d.data.frames) for d in fleets["all"].devices)
     with pytest.raises(ce.CameraExperimentError, match="owner_frames"):
