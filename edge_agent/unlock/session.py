@@ -26,9 +26,11 @@ from .store import Enrolment, FrameStore
 log = logging.getLogger("facefed.unlock")
 
 # A fallback (the device's PIN or passcode) confirms the person of the rejected attempt just before it: within
-# this long after the attempt failed, and only its near misses (a single face scoring within
-# DecisionRules.multi_face_margin below the threshold: on camera-quick fleets 76-87 % of the owner's rejected
-# frames and 3-14 % of strangers' frames; BENCHMARKS.md), at most FALLBACK_FRAMES of them, the latest.
+# FALLBACK_WINDOW_S after the attempt failed, and only its near misses, at most FALLBACK_FRAMES of them, the
+# latest. A near miss is a single face scoring at most FALLBACK_MARGINS[score] below the threshold: on the
+# camera-quick fleets (bench/unlock_frames.py) cosine 0.02 takes 56-74 % of the owner's rejected frames and
+# 1-8 % of strangers' frames; the multi-face margin (0.05) would take 18-38 % of strangers'.
+FALLBACK_MARGINS = {"cosine": 0.02, "l2": 0.07}
 FALLBACK_WINDOW_S = 30.0
 FALLBACK_FRAMES = 10
 
@@ -172,7 +174,7 @@ class UnlockSession:
         if verdict is Verdict.MATCH and attempting:  # not the frames while it stays unlocked
             self._matched.append((name, chip))
         elif (verdict is Verdict.NO_MATCH and single is not None and decision.state is LockState.LOCKED
-              and single.score >= self.rules.threshold - self.rules.multi_face_margin):
+              and single.score >= self.rules.threshold - FALLBACK_MARGINS[self.rules.score]):
             self._near_misses.append((name, chip))
         if decision.event is Event.UNLOCKED:
             chips = [c for n, c in self._matched if n == name]
@@ -185,9 +187,9 @@ class UnlockSession:
 
     def owner_confirmed(self, name: str, t: float) -> int:
         """The device's own fallback (its PIN or passcode, checked outside this kit) confirmed `name` at time t
-        (the frames' clock): the near misses of the attempt that failed just before, whose closest template is
-        `name`, are kept for camera training like an unlock's frames (the hard frames successful unlocks never
-        keep). Returns how many were kept: 0 with no frame store, no failed attempt within FALLBACK_WINDOW_S
+        (the frames' clock): the near misses (FALLBACK_MARGINS) of the attempt that failed just before, whose
+        closest template is `name`, are kept for camera training like an unlock's frames (the hard frames
+        successful unlocks never keep). Returns how many were kept: 0 with no frame store, no failed attempt within FALLBACK_WINDOW_S
         before t, or none of its near misses closest to `name`."""
         if self.frames is None or self._rejected is None or name not in self.names:
             return 0
